@@ -1,0 +1,113 @@
+"""Load and validate the use case's JSONL data files; every error names the file, line and field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lifecycle_dagster.ml.errors import InputError
+from lifecycle_dagster.ml.usecase import UseCase, read_text
+
+TASK_FIELDS = ("id",)  # plus the use case's input and target fields
+PREFERENCE_FIELDS = ("id", "prompt", "chosen", "rejected")
+
+
+@dataclass
+class Split:
+    """One validated data file."""
+
+    path: Path
+    rows: list[dict]
+    sha256: str
+    stats: dict = field(default_factory=dict)
+
+
+def load_jsonl(path: Path, fields: tuple[str, ...], *, max_chars: int, min_rows: int = 1) -> Split:
+    """Read a JSONL file whose rows are objects with non-empty string ``fields``.
+
+    Rejects non-UTF-8 bytes, empty files, invalid JSON lines, missing or mistyped fields, empty or
+    over-long values, and duplicate ids or duplicate rows, each with the line and field at fault.
+    """
+    path = Path(path)
+    text = read_text(path)
+    rows: list[dict] = []
+    ids: dict[str, int] = {}
+    contents: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(path, f"invalid JSON: {exc.msg} (column {exc.colno})",
+                             line=lineno) from None
+        if not isinstance(row, dict):
+            raise InputError(path, f"expected a JSON object, got {type(row).__name__}",
+                             line=lineno)
+        for name in fields:
+            if name not in row:
+                raise InputError(path, "missing", line=lineno, field=name)
+            value = row[name]
+            if not isinstance(value, str):
+                raise InputError(path, f"expected a string, got {type(value).__name__}",
+                                 line=lineno, field=name)
+            if not value.strip():
+                raise InputError(path, "empty", line=lineno, field=name)
+            if len(value) > max_chars:
+                raise InputError(path, f"{len(value)} characters, more than the {max_chars} allowed",
+                                 line=lineno, field=name)
+        if row["id"] in ids:
+            raise InputError(path, f"duplicate id '{row['id']}' (first on line {ids[row['id']]})",
+                             line=lineno, field="id")
+        ids[row["id"]] = lineno
+        key = json.dumps([row[f] for f in fields if f != "id"])
+        if key in contents:
+            raise InputError(path, f"duplicate row (same content as line {contents[key]})",
+                             line=lineno)
+        contents[key] = lineno
+        rows.append({name: row[name] for name in fields})
+    if len(rows) < min_rows:
+        raise InputError(path, f"{len(rows)} rows, fewer than the {min_rows} required")
+    lengths = {name: [len(r[name]) for r in rows] for name in fields if name != "id"}
+    stats = {"rows": len(rows)}
+    for name, values in lengths.items():
+        stats[f"{name}_chars_mean"] = round(sum(values) / len(values), 1)
+        stats[f"{name}_chars_max"] = max(values)
+    return Split(path=path, rows=rows, sha256=hashlib.sha256(text.encode()).hexdigest(),
+                 stats=stats)
+
+
+def load_task_data(uc: UseCase) -> dict[str, Split]:
+    fields = ("id", uc.task.input_field, uc.task.target_field)
+    return {
+        name: load_jsonl(getattr(uc.data, name), fields, max_chars=uc.data.max_chars,
+                         min_rows=uc.data.min_rows)
+        for name in ("train", "eval")
+    }
+
+
+def load_preference_data(uc: UseCase) -> dict[str, Split]:
+    return {
+        name: load_jsonl(getattr(uc.data, f"preferences_{name}"), PREFERENCE_FIELDS,
+                         max_chars=uc.data.max_chars, min_rows=uc.data.min_rows)
+        for name in ("train", "eval")
+    }
+
+
+def overlap(a: list[dict], b: list[dict], key: str) -> int:
+    """Rows of ``b`` whose ``key`` also occurs in ``a`` (train/eval leakage)."""
+    seen = {row[key] for row in a}
+    return sum(1 for row in b if row[key] in seen)
+
+
+def format_prompt(uc: UseCase, text: str, examples: list[dict] | None = None) -> str:
+    """The query for one input, with optional in-context examples (few-shot) before it."""
+    task = uc.task
+    shots = ""
+    for ex in examples or []:
+        shots += task.prompt_template.format(instruction=task.instruction,
+                                             input=ex[task.input_field])
+        shots += f" {ex[task.target_field]}\n\n"
+    return shots + task.prompt_template.format(instruction=task.instruction, input=text)

@@ -1,0 +1,153 @@
+"""Task metrics: batched greedy generation, ROUGE-L, perplexity and reward-model scores."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from lifecycle_dagster.ml.progress import Log
+
+
+def clean_completion(text: str) -> str:
+    """The first line of a completion: a summary is one sentence, what follows is not judged."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+             batch_size: int = 16, log: Log | None = None, stage: str = "generate") -> list[str]:
+    """Greedy completions, left-padded batches, longest prompts first so batches pad little."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
+                                       skip_special_tokens=True)
+        for i, text in zip(idx, texts):
+            out[i] = clean_completion(text)
+        if log:
+            log(f"{stage}: {min(start + batch_size, len(order))}/{len(order)} generated")
+    return out
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
+def perplexity(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
+               batch_size: int = 16) -> float:
+    """exp(mean NLL) of the reference completions given their prompts (completion tokens only)."""
+    import torch
+
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        ids, labels = [], []
+        for p, t in zip(prompts[start:start + batch_size], targets[start:start + batch_size]):
+            p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+            t_ids = tokenizer(" " + t, add_special_tokens=False)["input_ids"]
+            t_ids = t_ids + [tokenizer.eos_token_id]
+            ids.append(p_ids + t_ids)
+            labels.append([-100] * len(p_ids) + t_ids)
+        width = max(len(x) for x in ids)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
+        attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+        lab = torch.tensor([x + [-100] * (width - len(x)) for x in labels], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attn).logits.float()
+        logits = logits[:, logits.shape[1] - input_ids.shape[1]:]  # prompt tuning prepends tokens
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tgt = lab[:, 1:]
+        mask = tgt != -100
+        nll = -logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        total_nll += nll[mask].sum().item()
+        total_tokens += int(mask.sum().item())
+    return math.exp(total_nll / max(1, total_tokens))
+
+
+class RewardScorer:
+    """Scores ``prompt + completion`` with a sequence-classification reward model.
+
+    The text is built exactly as trl's RewardTrainer builds it in training (prompt, completion, EOS),
+    so scores at evaluation and during alignment mean what they meant to the reward model.
+    """
+
+    def __init__(self, path, runtime, batch_size: int = 32):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        from lifecycle_dagster.ml.models import LOAD_KW, load_tokenizer
+
+        self.tokenizer = load_tokenizer(path, padding_side="right")
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True, **LOAD_KW
+        ).to(runtime.device).eval()
+        self.batch_size = batch_size
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        import torch
+
+        eos = self.tokenizer.eos_token
+        texts = [f"{p} {clean_completion(c)}{eos}" for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        device = next(self.model.parameters()).device
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt",
+                                 padding=True, add_special_tokens=False, truncation=True,
+                                 max_length=1024).to(device)
+            with torch.no_grad():
+                scores.extend(self.model(**enc).logits[:, 0].float().tolist())
+        return scores
+
+
+@dataclass
+class EvalResult:
+    rouge_l: float
+    perplexity: float | None
+    mean_reward: float | None
+    predictions: list[str] = field(default_factory=list)
+    per_example: list[dict] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"rouge_l": self.rouge_l}
+        if self.perplexity is not None:
+            out["perplexity"] = self.perplexity
+        if self.mean_reward is not None:
+            out["mean_reward"] = self.mean_reward
+        return out
+
+
+def evaluate_model(model, tokenizer, prompts: Sequence[str], references: Sequence[str], *,
+                   max_new_tokens: int, batch_size: int,
+                   reward: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
+                   with_perplexity: bool = True, ids: Sequence[str] | None = None,
+                   log: Log | None = None, stage: str = "evaluate") -> EvalResult:
+    preds = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, log=log, stage=stage)
+    rouge = rouge_l(preds, references)
+    rewards = reward(prompts, preds) if reward is not None else None
+    ppl = perplexity(model, tokenizer, prompts, references, batch_size=batch_size) \
+        if with_perplexity else None
+    ids = ids or [str(i) for i in range(len(prompts))]
+    rows = [{"id": i, "prediction": p, "reference": r, "rouge_l": round(s, 4),
+             **({"reward": round(rewards[k], 4)} if rewards else {})}
+            for k, (i, p, r, s) in enumerate(zip(ids, preds, references, rouge))]
+    return EvalResult(
+        rouge_l=sum(rouge) / len(rouge), perplexity=ppl,
+        mean_reward=sum(rewards) / len(rewards) if rewards else None,
+        predictions=preds, per_example=rows,
+    )

@@ -1,0 +1,56 @@
+"""Progress of long steps (step/total, elapsed, ETA) and the loss history they produce."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Progress:
+    """Reports ``stage: step/total, loss, elapsed, ETA`` at most every ``every`` seconds."""
+
+    stage: str
+    total: int
+    log: Log | None = None
+    every: float = 5.0
+    history: list[dict] = field(default_factory=list)
+    _start: float = field(default_factory=time.monotonic)
+    _last: float = 0.0
+
+    def update(self, step: int, **metrics: float) -> None:
+        if metrics:
+            self.history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+        now = time.monotonic()
+        if self.log is None or (now - self._last < self.every and step < self.total):
+            return
+        self._last = now
+        elapsed = now - self._start
+        eta = elapsed / step * (self.total - step) if step else float("nan")
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self.log(f"{self.stage}: step {step}/{self.total}"
+                 f"{', ' + shown if shown else ''}, elapsed {elapsed:.0f}s, ETA {eta:.0f}s")
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        return [(h["step"], h[key]) for h in self.history if key in h]
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._start
+
+
+def hf_callback(progress: Progress):
+    """A transformers TrainerCallback feeding a Progress from the trainer's logs."""
+    from transformers import TrainerCallback
+
+    class _Callback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = {k: v for k, v in (logs or {}).items()
+                    if isinstance(v, (int, float)) and k not in ("epoch", "step")}
+            if logs:
+                progress.update(state.global_step, **logs)
+
+    return _Callback()

@@ -1,0 +1,78 @@
+"""Reward modelling with trl's RewardTrainer: a scalar head scoring prompt + response."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lifecycle_dagster.ml.progress import Log, Progress, hf_callback
+from lifecycle_dagster.ml.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class RewardMethodConfig:
+    max_steps: int = 60
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    max_length: int = 512
+    seed: int = 0
+
+
+@dataclass
+class RewardResult:
+    path: Path
+    loss_start: float
+    loss_end: float
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train_reward_model(base_model: Path, pairs: list[dict], out_dir: Path,
+                       config: RewardMethodConfig, runtime: Runtime,
+                       log: Log | None = None) -> RewardResult:
+    """Train on ``{"prompt", "chosen", "rejected"}`` records (Bradley-Terry pairwise loss)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from lifecycle_dagster.ml.models import LOAD_KW, load_tokenizer
+    from lifecycle_dagster.ml.sft import _quiet
+
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(base_model, padding_side="right")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_model, num_labels=1, dtype=torch.float32, use_safetensors=True, **LOAD_KW)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    progress = Progress("reward", config.max_steps, log)
+    with tempfile.TemporaryDirectory(prefix="reward-") as scratch:
+        args = RewardConfig(
+            output_dir=scratch, max_steps=config.max_steps, learning_rate=config.learning_rate,
+            per_device_train_batch_size=config.batch_size, lr_scheduler_type="cosine",
+            warmup_steps=max(1, config.max_steps // 20), logging_steps=1, save_strategy="no",
+            report_to="none", seed=config.seed, bf16=runtime.bf16,
+            use_cpu=runtime.device == "cpu", max_length=config.max_length, disable_tqdm=True,
+        )
+        trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                                processing_class=tokenizer, callbacks=[hf_callback(progress)])
+        _quiet(trainer)
+        trainer.train()
+    trainer.model.eval()
+    trainer.model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    losses = [v for _, v in progress.series("loss")]
+    k = max(1, len(losses) // 10)
+    return RewardResult(path=Path(out_dir), loss_start=sum(losses[:k]) / k,
+                        loss_end=sum(losses[-k:]) / k, loss_curve=progress.series("loss"),
+                        seconds=progress.elapsed)
+
+
+def pairwise_accuracy(scorer, pairs: list[dict]) -> tuple[float, float]:
+    """Share of held-out pairs where chosen outscores rejected, and the mean margin."""
+    prompts = [p["prompt"] for p in pairs]
+    chosen = scorer(prompts, [p["chosen"] for p in pairs])
+    rejected = scorer(prompts, [p["rejected"] for p in pairs])
+    wins = [c > r for c, r in zip(chosen, rejected)]
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return sum(wins) / len(wins), sum(margins) / len(margins)

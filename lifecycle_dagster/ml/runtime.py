@@ -1,0 +1,48 @@
+"""Where and how compute runs: device, dtype and thread counts, picked at run time."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str
+    dtype: str  # "float32" or "bfloat16"
+    torch_threads: int
+    ort_threads: int
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == "bfloat16"
+
+    def describe(self) -> str:
+        return f"{self.device} ({self.dtype}, torch threads {self.torch_threads})"
+
+
+def select_runtime(device: str = "auto", torch_threads: int | None = None,
+                   ort_threads: int | None = None) -> Runtime:
+    """CUDA when present (bf16 where supported), Apple MPS next, else CPU; threads set explicitly.
+
+    On small hosts torch and onnxruntime threads fight each other, so both counts are set here and
+    applied once (torch.set_num_threads) rather than left to each library's default.
+    """
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("compute.device is 'cuda' but no CUDA device is available")
+    dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    cores = os.cpu_count() or 1
+    torch_threads = torch_threads or cores
+    ort_threads = ort_threads or cores
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    return Runtime(device=device, dtype=dtype, torch_threads=torch_threads, ort_threads=ort_threads)

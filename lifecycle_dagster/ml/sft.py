@@ -1,0 +1,135 @@
+"""Supervised fine-tuning with trl's SFTTrainer: LoRA, prompt tuning or full fine-tuning."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lifecycle_dagster.ml.progress import Log, Progress, hf_callback
+from lifecycle_dagster.ml.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class SFTMethodConfig:
+    method: Literal["prompt_tuning", "lora", "full"] = "lora"
+    max_steps: int = 60
+    learning_rate: float = 2e-3
+    batch_size: int = 8
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    num_virtual_tokens: int = 16
+    max_length: int = 512
+    seed: int = 0
+
+
+@dataclass
+class SFTResult:
+    path: Path
+    method: str
+    is_adapter: bool
+    trainable_parameters: int
+    total_parameters: int
+    loss_start: float
+    loss_end: float
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_parameters / max(1, self.total_parameters)
+
+
+def peft_config_for(config: SFTMethodConfig, tokenizer):
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
+
+    if config.method == "lora":
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.lora_r,
+                          lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.target_modules)
+    if config.method == "prompt_tuning":
+        return PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text="Summarise the dialogue in one sentence.",
+            tokenizer_name_or_path=tokenizer.name_or_path,
+        )
+    return None
+
+
+def train_sft(base_model: Path, records: list[dict], out_dir: Path, config: SFTMethodConfig,
+              runtime: Runtime, log: Log | None = None) -> SFTResult:
+    """Fine-tune on prompt/completion records; writes an adapter (LoRA, prompt tuning) or a model.
+
+    Loss is on completion tokens only (trl's default for prompt-completion data).
+    """
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(base_model, padding_side="right")
+    model = load_causal_lm(base_model, runtime)
+    model.train()
+    total = sum(p.numel() for p in model.parameters())
+    progress = Progress(f"sft[{config.method}]", config.max_steps, log)
+    with tempfile.TemporaryDirectory(prefix="sft-") as scratch:
+        args = SFTConfig(
+            output_dir=scratch, max_steps=config.max_steps, learning_rate=config.learning_rate,
+            per_device_train_batch_size=config.batch_size, lr_scheduler_type="cosine",
+            warmup_steps=max(1, config.max_steps // 20), logging_steps=1, save_strategy="no",
+            report_to="none", seed=config.seed, bf16=runtime.bf16,
+            use_cpu=runtime.device == "cpu", max_length=config.max_length,
+            disable_tqdm=True, dataloader_num_workers=0,
+        )
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(records),
+            processing_class=tokenizer, peft_config=peft_config_for(config, tokenizer),
+            callbacks=[hf_callback(progress)],
+        )
+        _quiet(trainer)
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        trainer.train()
+        trained = trainer.model
+    trained.eval()
+    trained.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    losses = [v for _, v in progress.series("loss")]
+    k = max(1, len(losses) // 10)
+    return SFTResult(
+        path=Path(out_dir), method=config.method, is_adapter=config.method != "full",
+        trainable_parameters=trainable, total_parameters=total,
+        loss_start=sum(losses[:k]) / k, loss_end=sum(losses[-k:]) / k,
+        loss_curve=progress.series("loss"), seconds=progress.elapsed,
+    )
+
+
+def load_sft_model(base_model: Path, sft_dir: Path, runtime: Runtime, merge: bool = False):
+    """The fine-tuned model: the base with the adapter on top, or the fully fine-tuned weights."""
+    from lifecycle_dagster.ml.models import load_causal_lm
+
+    if (Path(sft_dir) / "adapter_config.json").exists():
+        model = load_causal_lm(base_model, runtime, adapter=sft_dir)
+        if merge and hasattr(model, "merge_and_unload") and _is_lora(sft_dir):
+            model = model.merge_and_unload()
+        return model
+    return load_causal_lm(sft_dir, runtime)
+
+
+def _is_lora(sft_dir: Path) -> bool:
+    import json
+
+    return json.loads((Path(sft_dir) / "adapter_config.json").read_text()).get("peft_type") == "LORA"
+
+
+def _quiet(trainer) -> None:
+    """Progress goes through our own reporter; drop the trainer's print-every-log callback."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)

@@ -1,0 +1,382 @@
+"""The use case: one narrowly scoped task, its data, its model, its methods and its thresholds.
+
+A use case is a YAML file validated by pydantic. A profile is a named preset that points at a use case
+and overrides some of its values (the ``tiny`` profile shrinks everything so the whole lifecycle runs
+in minutes on two CPU cores). Every validation error names the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lifecycle_dagster.ml.errors import InputError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PROFILES_DIR = PACKAGE_ROOT / "profiles"
+USECASES_DIR = PACKAGE_ROOT / "usecases"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(_Strict):
+    type: Literal["summarisation"] = "summarisation"
+    instruction: str = Field(min_length=1, description="What the model is asked to do.")
+    prompt_template: str = Field(
+        default="{instruction}\n\nDialogue:\n{input}\n\nSummary:",
+        description="Template of one query; {instruction} and {input} are filled in.",
+    )
+    input_field: str = "dialogue"
+    target_field: str = "summary"
+
+    @model_validator(mode="after")
+    def _template_has_input(self) -> TaskSpec:
+        if "{input}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {input}")
+        return self
+
+
+class DataSpec(_Strict):
+    train: Path
+    eval: Path
+    preferences_train: Path
+    preferences_eval: Path
+    max_chars: int = Field(4000, gt=0, description="Longest accepted text field, in characters.")
+    min_rows: int = Field(8, gt=0, description="Fewest rows a split may have.")
+
+
+class ScratchSpec(_Strict):
+    """A small Llama-architecture model pre-trained by the pipeline on the use case's corpus."""
+
+    vocab_size: int = Field(1024, ge=260)
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(192, gt=0)
+    context_length: int = Field(512, ge=64)
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(3e-3, gt=0)
+    seed: int = 0
+
+
+class BaseModelSpec(_Strict):
+    source: Literal["scratch", "local", "gguf", "hub"] = "scratch"
+    path: str | None = Field(None, description="Local HF directory, GGUF file, or hub id.")
+    revision: str | None = None
+    scratch: ScratchSpec = ScratchSpec()
+
+    @model_validator(mode="after")
+    def _path_given(self) -> BaseModelSpec:
+        if self.source != "scratch" and not self.path:
+            raise ValueError(f"source '{self.source}' needs a path")
+        return self
+
+
+class PromptingSpec(_Strict):
+    shots: list[int] = Field(default_factory=lambda: [0, 1, 3])
+    max_new_tokens: int = Field(32, gt=0)
+
+
+class AdaptationSpec(_Strict):
+    method: Literal["prompt_tuning", "lora", "full"] = "lora"
+    max_steps: int = Field(60, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    num_virtual_tokens: int = Field(16, gt=0)
+    seed: int = 0
+
+
+class RewardSpec(_Strict):
+    source: Literal["train", "existing"] = "train"
+    path: str | None = Field(None, description="An existing reward model directory.")
+    max_steps: int = Field(60, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_given(self) -> RewardSpec:
+        if self.source == "existing" and not self.path:
+            raise ValueError("source 'existing' needs a path")
+        return self
+
+
+class AlignmentSpec(_Strict):
+    method: Literal["grpo", "rloo", "dpo"] = "grpo"
+    max_steps: int = Field(20, gt=0)
+    learning_rate: float = Field(5e-4, gt=0)
+    beta: float = Field(0.04, ge=0, description="Weight of the KL term to the SFT reference.")
+    batch_size: int = Field(8, gt=0, description="Prompts per step (GRPO: completions per step).")
+    num_generations: int = Field(4, ge=2)
+    max_completion_length: int = Field(24, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class Threshold(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def describe(self) -> str:
+        parts = []
+        if self.min is not None:
+            parts.append(f">= {self.min:g}")
+        if self.max is not None:
+            parts.append(f"<= {self.max:g}")
+        return " and ".join(parts) or "any"
+
+
+class EvaluationSpec(_Strict):
+    max_examples: int | None = Field(None, gt=0, description="Cap on eval examples (None: all).")
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    thresholds: dict[Literal["rouge_l", "mean_reward", "perplexity"], Threshold] = Field(
+        default_factory=dict
+    )
+
+
+class CompressionSpec(_Strict):
+    quantization: Literal["none", "int8"] = "int8"
+    check_prompts: int = Field(4, gt=0, description="Eval prompts used by the faithfulness check.")
+    logits_atol: float = Field(1e-3, gt=0, description="fp32 export: max |logit difference|.")
+    min_token_agreement: float = Field(
+        0.9, ge=0, le=1, description="Quantised export: share of greedy tokens equal to PyTorch's."
+    )
+    max_new_tokens: int = Field(16, gt=0)
+
+
+class ReadaptationSpec(_Strict):
+    max_attempts: int = Field(3, gt=0, description="Attempts in all, the first one included.")
+    ladder: list[dict[str, Any]] = Field(
+        default_factory=lambda: [
+            {"method": "lora", "lora_r": 16, "max_steps_factor": 2},
+            {"method": "full", "max_steps_factor": 2},
+        ],
+        description="Adaptation overrides per escalation, in order.",
+    )
+
+
+class ComputeSpec(_Strict):
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    torch_threads: int | None = Field(None, gt=0)
+    ort_threads: int | None = Field(None, gt=0)
+    budget_minutes: float = Field(30, gt=0, description="Wall-time budget for one lifecycle run.")
+
+
+class UseCase(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    description: str = ""
+    task: TaskSpec
+    data: DataSpec
+    base_model: BaseModelSpec = BaseModelSpec()
+    prompting: PromptingSpec = PromptingSpec()
+    adaptation: AdaptationSpec = AdaptationSpec()
+    reward: RewardSpec = RewardSpec()
+    alignment: AlignmentSpec = AlignmentSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    compression: CompressionSpec = CompressionSpec()
+    readaptation: ReadaptationSpec = ReadaptationSpec()
+    compute: ComputeSpec = ComputeSpec()
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def read_text(path: Path) -> str:
+    """Read a UTF-8 text file; non-UTF-8 bytes and empty files are input errors with a line."""
+    if not path.exists():
+        raise InputError(path, "file not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InputError(path, f"not UTF-8 (byte 0x{raw[exc.start]:02x})", line=line) from None
+    if not text.strip():
+        raise InputError(path, "file is empty")
+    return text
+
+
+def _line_index(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map each key path of a composed YAML document to its 1-based line."""
+    out = {prefix: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, key.value)
+            out[path] = key.start_mark.line + 1
+            for sub, line in _line_index(value, path).items():
+                out.setdefault(sub, line)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out.update(_line_index(item, (*prefix, i)))
+    return out
+
+
+def _load_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
+    text = read_text(path)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise InputError(path, f"invalid YAML: {getattr(exc, 'problem', exc)}",
+                         line=mark.line + 1 if mark else None) from None
+    if not isinstance(data, dict):
+        raise InputError(path, "expected a mapping at the top level", line=1)
+    return data, _line_index(node) if node is not None else {}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int | None:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def _validate(raw: dict, sources: list[tuple[Path, dict[tuple, int], dict]]) -> UseCase:
+    try:
+        return UseCase.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-after"))
+        # The error belongs to the last file that set this field (an override wins).
+        path, lines = sources[0][0], sources[0][1]
+        for src_path, src_lines, src_raw in sources:
+            if _has_path(src_raw, loc):
+                path, lines = src_path, src_lines
+        field = ".".join(str(p) for p in loc) or None
+        raise InputError(path, err["msg"], line=_nearest_line(lines, loc), field=field) from None
+
+
+def _has_path(raw: Any, loc: tuple) -> bool:
+    node = raw
+    for part in loc[:-1] if loc else ():
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return False
+    return not loc or (isinstance(node, dict) and loc[-1] in node) or isinstance(node, list)
+
+
+def _resolve_paths(raw: dict, base_dir: Path) -> dict:
+    raw = copy.deepcopy(raw)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "eval", "preferences_train", "preferences_eval"):
+            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                data[key] = str((base_dir / data[key]).resolve())
+    for section in ("base_model", "reward"):
+        spec = raw.get(section)
+        if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+            candidate = base_dir / spec["path"]
+            if spec.get("source") in ("local", "gguf", "existing") or candidate.exists():
+                spec["path"] = str(candidate.resolve())
+    return raw
+
+
+def profile_path(profile: str) -> Path:
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    candidate = PROFILES_DIR / f"{profile}.yaml"
+    if not candidate.exists():
+        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+        raise InputError(candidate, f"unknown profile '{profile}' (known: {known})")
+    return candidate
+
+
+def load_use_case(
+    use_case_file: str | Path | None = None,
+    *,
+    profile: str | None = None,
+    overrides: dict | None = None,
+) -> UseCase:
+    """Resolve a use case: a profile's base use case, the given file over it, then overrides.
+
+    ``use_case_file`` may be a complete use case or a partial one layered over the profile's.
+    """
+    layers: list[tuple[Path, dict[tuple, int], dict]] = []
+    if profile:
+        ppath = profile_path(profile)
+        pdata, plines = _load_yaml(ppath)
+        base_ref = pdata.get("use_case")
+        if not isinstance(base_ref, str):
+            raise InputError(ppath, "a profile names its use case", line=1, field="use_case")
+        base_path = (ppath.parent / base_ref).resolve()
+        bdata, blines = _load_yaml(base_path)
+        layers.append((base_path, blines, _resolve_paths(bdata, base_path.parent)))
+        over = pdata.get("overrides") or {}
+        if not isinstance(over, dict):
+            raise InputError(ppath, "expected a mapping", line=plines.get(("overrides",)),
+                             field="overrides")
+        over_lines = {k[1:]: v for k, v in plines.items() if k[:1] == ("overrides",)}
+        layers.append((ppath, over_lines, _resolve_paths(over, ppath.parent)))
+    if use_case_file is not None:
+        upath = Path(use_case_file).resolve()
+        udata, ulines = _load_yaml(upath)
+        layers.append((upath, ulines, _resolve_paths(udata, upath.parent)))
+    if not layers:
+        raise ValueError("load_use_case needs a use-case file or a profile")
+    if overrides:
+        layers.append((Path("<run config overrides>"), {}, overrides))
+    merged: dict = {}
+    for _, _, data in layers:
+        merged = _deep_merge(merged, data)
+    use_case = _validate(merged, layers)
+    _check_sources_exist(use_case, layers)
+    return use_case
+
+
+def _check_sources_exist(uc: UseCase, layers: list[tuple[Path, dict[tuple, int], dict]]) -> None:
+    def fail(loc: tuple, message: str) -> None:
+        path, lines = layers[0][0], layers[0][1]
+        for src_path, src_lines, src_raw in layers:
+            if _has_path(src_raw, loc):
+                path, lines = src_path, src_lines
+        raise InputError(path, message, line=_nearest_line(lines, loc), field=".".join(loc))
+
+    for key in ("train", "eval", "preferences_train", "preferences_eval"):
+        if not getattr(uc.data, key).exists():
+            fail(("data", key), f"data file not found: {getattr(uc.data, key)}")
+    bm = uc.base_model
+    if bm.source == "local" and not (Path(bm.path) / "config.json").exists():
+        fail(("base_model", "path"), f"no HF model directory (config.json) at {bm.path}")
+    if bm.source == "gguf" and not Path(bm.path).is_file():
+        fail(("base_model", "path"), f"GGUF file not found: {bm.path}")
+    if uc.reward.source == "existing" and not (Path(uc.reward.path) / "config.json").exists():
+        fail(("reward", "path"), f"no reward model directory (config.json) at {uc.reward.path}")
