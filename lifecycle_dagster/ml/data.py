@@ -111,3 +111,21 @@ def format_prompt(uc: UseCase, text: str, examples: list[dict] | None = None) ->
                                              input=ex[task.input_field])
         shots += f" {ex[task.target_field]}\n\n"
     return shots + task.prompt_template.format(instruction=task.instruction, input=text)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a JSONL file already validated (a dataset artifact)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def sft_records(uc: UseCase, rows: list[dict]) -> list[dict]:
+    """Prompt/completion records for supervised fine-tuning."""
+    return [{"prompt": format_prompt(uc, r[uc.task.input_field]),
+             "completion": " " + r[uc.task.target_field]} for r in rows]
+
+
+def preference_records(uc: UseCase, rows: list[dict]) -> list[dict]:
+    """Prompt/chosen/rejected records in the task's prompt format (reward model, DPO)."""
+    return [{"prompt": format_prompt(uc, r["prompt"]), "chosen": " " + r["chosen"],
+             "rejected": " " + r["rejected"]} for r in rows]

@@ -162,12 +162,22 @@ class CompressionSpec(_Strict):
     max_new_tokens: int = Field(16, gt=0)
 
 
+class LadderStep(_Strict):
+    """One rung of the re-adaptation ladder: what changes in adaptation for the next attempt."""
+
+    method: Literal["prompt_tuning", "lora", "full"] | None = None
+    max_steps: int | None = Field(None, gt=0)
+    max_steps_factor: float | None = Field(None, gt=0, description="Times the last attempt's steps.")
+    learning_rate: float | None = Field(None, gt=0)
+    lora_r: int | None = Field(None, gt=0)
+
+
 class ReadaptationSpec(_Strict):
     max_attempts: int = Field(3, gt=0, description="Attempts in all, the first one included.")
-    ladder: list[dict[str, Any]] = Field(
+    ladder: list[LadderStep] = Field(
         default_factory=lambda: [
-            {"method": "lora", "lora_r": 16, "max_steps_factor": 2},
-            {"method": "full", "max_steps_factor": 2},
+            LadderStep(method="lora", lora_r=16, max_steps_factor=2),
+            LadderStep(method="full", max_steps_factor=2),
         ],
         description="Adaptation overrides per escalation, in order.",
     )

@@ -1,0 +1,146 @@
+"""What every lifecycle asset does around its ``ml/`` call: inputs, MLflow run, metadata."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+
+from lifecycle_dagster.ml.artifacts import dir_size, read_manifest
+from lifecycle_dagster.ml.usecase import UseCase
+from lifecycle_dagster.resources.artifacts import PATH_KEY, ArtifactStore
+from lifecycle_dagster.resources.mlflow import MlflowTracking, StageRun
+
+ATTEMPT_TAG = "lifecycle/attempt"
+REASON_TAG = "lifecycle/reason"
+PROFILE_TAG = "lifecycle/profile"
+OWNERS = ["team:ml-platform"]
+
+
+def attempt_of(context) -> int:
+    try:
+        return int(context.run.tags.get(ATTEMPT_TAG, "1"))
+    except (AttributeError, ValueError):
+        return 1
+
+
+def load_use_case(context, store: ArtifactStore) -> UseCase:
+    path = store.latest(context.instance, "use_case")
+    return UseCase.model_validate_json((path / "use_case.json").read_text())
+
+
+def upstream(context, store: ArtifactStore, asset: str) -> Path:
+    return store.latest(context.instance, asset)
+
+
+def upstream_metadata(context, asset: str) -> dict:
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
+    if event is None or event.asset_materialization is None:
+        return {}
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def png_markdown(curves: dict[str, list[tuple[int, float]]], title: str, xlabel: str = "step") -> str:
+    """A small line plot as inline markdown (data URI), shown by the Dagster UI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=90)
+    for name, points in curves.items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return f"![{title}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+def md_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in (row[c] for c in cols)]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+@dataclass
+class Stage:
+    """One asset materialization: its log, its MLflow run, its artifact target and timings."""
+
+    context: dg.AssetExecutionContext
+    name: str
+    use_case: UseCase
+    run: StageRun
+    target: Path
+    started: float = field(default_factory=time.monotonic)
+
+    def log(self, message: str) -> None:
+        self.context.log.info(message)
+
+    def result(self, *, metrics: dict | None = None, metadata: dict | None = None,
+               check_results: list | None = None) -> dg.MaterializeResult:
+        """Record metrics in MLflow and build the materialization (path, URL, DataVersion)."""
+        manifest = read_manifest(self.target)
+        seconds = time.monotonic() - self.started
+        metrics = {k: v for k, v in (metrics or {}).items() if v is not None}
+        self.run.log_metrics({**metrics, "duration_s": seconds})
+        self.run.set_tags({"artifact.path": str(self.target), "artifact.version": manifest["version"]})
+        meta: dict = {
+            PATH_KEY: dg.MetadataValue.path(str(self.target)),
+            "mlflow_run": dg.MetadataValue.url(self.run.url),
+            "mlflow_run_id": self.run.run_id,
+            "artifact_version": manifest["version"],
+            "artifact_bytes": dir_size(self.target),
+            "duration_s": round(seconds, 2),
+            "attempt": attempt_of(self.context),
+        }
+        for key, value in metrics.items():
+            meta[key] = float(value) if isinstance(value, float) else value
+        meta.update(metadata or {})
+        return dg.MaterializeResult(metadata=meta, check_results=check_results,
+                                    data_version=dg.DataVersion(manifest["version"]))
+
+
+@contextlib.contextmanager
+def stage(context: dg.AssetExecutionContext, name: str, store: ArtifactStore,
+          mlflow: MlflowTracking, use_case: UseCase | None = None,
+          params: dict | None = None) -> Iterator[Stage]:
+    """Open the MLflow run and the artifact target for one asset materialization."""
+    uc = use_case or load_use_case(context, store)
+    tags = {
+        "dagster.run_id": context.run.run_id,
+        "dagster.asset_key": context.asset_key.to_user_string(),
+        "dagster.job": context.job_name,
+        "lifecycle.attempt": str(attempt_of(context)),
+        "lifecycle.use_case": uc.name,
+    }
+    if reason := context.run.tags.get(REASON_TAG):
+        tags["lifecycle.reason"] = reason
+    with mlflow.stage_run(uc.name, name, tags) as run:
+        if params:
+            run.log_params(params)
+        context.log.info(f"{name}: MLflow run {run.url}")
+        yield Stage(context=context, name=name, use_case=uc, run=run,
+                    target=store.target(name, context.run.run_id))
+
+
+def json_md(data) -> dg.MetadataValue:
+    return dg.MetadataValue.json(json.loads(json.dumps(data, default=str)))

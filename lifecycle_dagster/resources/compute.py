@@ -1,0 +1,18 @@
+"""Compute settings as a resource: device and thread counts, resolved at run time on the host."""
+
+from __future__ import annotations
+
+import dagster as dg
+from pydantic import Field
+
+from lifecycle_dagster.ml.runtime import Runtime, select_runtime
+
+
+class Compute(dg.ConfigurableResource):
+    device: str = Field(default="auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")
+    torch_threads: int = Field(default=0, description="torch intra-op threads; 0 = all cores.")
+    ort_threads: int = Field(default=0, description="onnxruntime intra-op threads; 0 = all cores.")
+
+    def runtime(self, use_case_device: str = "auto") -> Runtime:
+        device = self.device if self.device != "auto" else use_case_device
+        return select_runtime(device, self.torch_threads or None, self.ort_threads or None)

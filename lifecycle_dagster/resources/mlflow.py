@@ -1,0 +1,108 @@
+"""MLflow tracking as a Dagster resource: one experiment per use case, one run per materialization.
+
+Uses ``MlflowClient`` with explicit run ids, never the fluent global state, so concurrent steps and
+tests with their own stores do not interfere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from lifecycle_dagster import settings
+
+
+class StageRun:
+    """One MLflow run: params, metrics (with steps), artifacts; ``url`` for Dagster metadata."""
+
+    def __init__(self, client, run_id: str, experiment_id: str, ui_url: str):
+        self.client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.url = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    def log_params(self, params: dict) -> None:
+        for key, value in params.items():
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            self.client.log_param(self.run_id, key, text[:6000])
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        for key, value in metrics.items():
+            if value is not None:
+                self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+
+    def log_curve(self, name: str, points: list[tuple[int, float]]) -> None:
+        for step, value in points:
+            self.client.log_metric(self.run_id, name, float(value), step=int(step))
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_dict(self, data, name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def log_file(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_table(self, rows: list[dict], name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            self.client.log_artifact(self.run_id, str(path))
+
+    def set_tags(self, tags: dict) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """Where stage runs are recorded. Defaults to a sqlite store under the state directory."""
+
+    tracking_uri: str = Field(default="", description="MLflow tracking URI; '' = sqlite in state dir.")
+    ui_url: str = Field(default="http://127.0.0.1:5000", description="Base URL of the MLflow UI.")
+
+    def _uri(self) -> str:
+        return self.tracking_uri or settings.mlflow_uri()
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self._uri())
+
+    def experiment_id(self, name: str) -> str:
+        client = self.client()
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self._uri().startswith("sqlite:"):
+            location = (settings.mlflow_artifacts() / name).as_uri()
+        return client.create_experiment(name, artifact_location=location)
+
+    @contextlib.contextmanager
+    def stage_run(self, experiment: str, stage: str, tags: dict | None = None) -> Iterator[StageRun]:
+        """A run that ends FINISHED, or FAILED if the body raises."""
+        client = self.client()
+        exp_id = self.experiment_id(experiment)
+        run = client.create_run(exp_id, run_name=stage,
+                                tags={"lifecycle.stage": stage, **(tags or {})})
+        stage_run = StageRun(client, run.info.run_id, exp_id, self.ui_url)
+        try:
+            yield stage_run
+        except BaseException:
+            client.set_terminated(run.info.run_id, "FAILED")
+            raise
+        client.set_terminated(run.info.run_id, "FINISHED")
+
+    def runs(self, experiment: str) -> list:
+        client = self.client()
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return []
+        return client.search_runs([exp.experiment_id], max_results=1000)

@@ -1,0 +1,44 @@
+"""Where lifecycle_dagster keeps its state: one directory, ``./.lifecycle`` or ``$LIFECYCLE_HOME``.
+
+Dagster's home, the MLflow store, the artifact store and every library cache live below it; nothing is
+written elsewhere. Importing this module points the Hugging Face and matplotlib caches there too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def state_home() -> Path:
+    return Path(os.environ.get("LIFECYCLE_HOME") or ".lifecycle").resolve()
+
+
+def dagster_home() -> Path:
+    return Path(os.environ.get("DAGSTER_HOME") or state_home() / "dagster").resolve()
+
+
+def artifacts_root() -> Path:
+    return state_home() / "artifacts"
+
+
+def mlflow_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_home() / 'mlflow.db'}"
+
+
+def mlflow_artifacts() -> Path:
+    return state_home() / "mlflow-artifacts"
+
+
+def configure_caches() -> None:
+    cache = state_home() / "cache"
+    for var, sub in (("HF_HOME", "huggingface"), ("MPLCONFIGDIR", "matplotlib"),
+                     ("TRITON_CACHE_DIR", "triton"), ("XDG_CACHE_HOME", "xdg")):
+        os.environ.setdefault(var, str(cache / sub))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+configure_caches()
