@@ -40,13 +40,15 @@ def readaptation_sensor(context: dg.SensorEvaluationContext):
     """Reads the latest evaluation verdict (metadata, not run status: a failed check does not fail
     a run) and requests one escalated adaptation run per failed verdict, up to the attempt cap."""
     cursor = json.loads(context.cursor) if context.cursor else {}
-    event = context.instance.get_latest_materialization_event(dg.AssetKey("evaluation"))
-    if event is None or event.asset_materialization is None:
+    records = context.instance.fetch_materializations(dg.AssetKey("evaluation"), limit=1).records
+    if not records:
         return dg.SkipReason("evaluation has never been materialized")
-    if event.storage_id <= cursor.get("last_storage_id", -1):
-        return dg.SkipReason(f"no new verdict since evaluation event {event.storage_id}")
+    record = records[0]
+    if record.storage_id <= cursor.get("last_storage_id", -1):
+        return dg.SkipReason(f"no new verdict since evaluation event {record.storage_id}")
+    event = record.event_log_entry
     meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
-    cursor["last_storage_id"] = event.storage_id
+    cursor["last_storage_id"] = record.storage_id
     attempt = int(meta.get("attempt", 1))
     verdict = meta.get("verdict", "")
     if verdict == "pass":
@@ -64,7 +66,7 @@ def readaptation_sensor(context: dg.SensorEvaluationContext):
               f"{meta.get('sft_method', '?')}; escalating to {json.dumps(overrides)}")
     context.log.info(reason)
     request = dg.RunRequest(
-        run_key=f"readapt-{event.storage_id}",
+        run_key=f"readapt-{record.storage_id}",
         run_config=dg.RunConfig(ops={"sft_adapter": SFTAdapterConfig(**overrides)}),
         tags={ATTEMPT_TAG: str(escalation["attempt"]), REASON_TAG: reason[:250],
               VERDICT_RUN_TAG: event.run_id},

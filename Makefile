@@ -1,0 +1,50 @@
+# Quick start: `make demo` (set-up, then the main job) and `make test` (set-up, then the tests).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+
+export LIFECYCLE_HOME ?= $(CURDIR)/.lifecycle
+export DAGSTER_HOME   ?= $(LIFECYCLE_HOME)/dagster
+PROFILE ?= tiny
+
+.PHONY: setup demo test lint format ui mlflow-ui clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# Install torch first: with it present, the package's torch>=2.6 pulls nothing more.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	@mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+
+demo: setup
+	$(BIN)/lifecycle run --profile $(PROFILE)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check lifecycle_dagster tests bench
+	$(BIN)/ruff format --check lifecycle_dagster tests bench
+
+format: setup
+	$(BIN)/ruff format lifecycle_dagster tests bench
+	$(BIN)/ruff check --fix lifecycle_dagster tests bench
+
+ui: setup
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(LIFECYCLE_HOME)/mlflow.db \
+		--default-artifact-root $(LIFECYCLE_HOME)/mlflow-artifacts --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(LIFECYCLE_HOME)

@@ -1,0 +1,152 @@
+"""The ``lifecycle`` command: run the lifecycle in the local Dagster instance and summarise it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from lifecycle_dagster import settings
+
+SUMMARY_METRICS = {
+    "use_case": [],
+    "task_dataset": ["train_rows", "eval_rows"],
+    "preference_dataset": ["train_pairs", "eval_pairs"],
+    "base_model": ["parameters", "pretrain_loss_end"],
+    "prompt_baseline": ["zero_shot_rouge_l", "best_rouge_l"],
+    "sft_adapter": ["loss_start", "loss_end", "rouge_l_after"],
+    "reward_model": ["pairwise_accuracy"],
+    "aligned_model": ["reward_before", "reward_after", "mean_kl"],
+    "evaluation": ["rouge_l", "mean_reward", "perplexity", "verdict"],
+    "onnx_model": ["size_ratio", "speedup", "token_agreement"],
+}
+
+
+def prepare_dagster_home() -> Path:
+    """DAGSTER_HOME under the state dir, with the project's dagster.yaml when none is there."""
+    home = settings.dagster_home()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home)
+    template = Path(__file__).resolve().parent.parent / "dagster.yaml"
+    if not (home / "dagster.yaml").exists() and template.exists():
+        shutil.copy(template, home / "dagster.yaml")
+    return home
+
+
+def run_config(profile: str, config_file: str | None, overrides: str | None) -> dict:
+    return {
+        "ops": {"use_case": {"config": {"profile": profile,
+                                        "use_case_file": str(Path(config_file).resolve())
+                                        if config_file else "",
+                                        "overrides": overrides or ""}}},
+        "loggers": {"console": {"config": {"log_level": "INFO"}}},
+    }
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summary_rows(instance, result) -> list[dict]:
+    stats = {s.step_key: s for s in instance.get_run_step_stats(result.run_id)}
+    rows = []
+    materialized = {e.materialization.asset_key.to_user_string(): e.materialization
+                    for e in result.get_asset_materialization_events()}
+    for asset, keys in SUMMARY_METRICS.items():
+        st = stats.get(asset)
+        mat = materialized.get(asset)
+        meta = {k: v.value for k, v in mat.metadata.items()} if mat else {}
+        duration = (st.end_time - st.start_time) if st and st.end_time and st.start_time else None
+        status = st.status.value.lower() if st and st.status else "not run"
+        rows.append({
+            "stage": asset, "status": status,
+            "duration": f"{duration:.1f}s" if duration is not None else "-",
+            "metrics": ", ".join(f"{k}={_fmt(meta[k])}" for k in keys if k in meta) or "-",
+            "artifact": str(meta.get("artifact_path", "-")),
+            "mlflow": str(meta.get("mlflow_run", "-")),
+        })
+    return rows
+
+
+def print_table(rows: list[dict], file=sys.stdout) -> None:
+    cols = ["stage", "status", "duration", "metrics", "artifact"]
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    line = "  ".join(c.ljust(widths[c]) for c in cols)
+    print(line, file=file)
+    print("-" * len(line), file=file)
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols), file=file)
+    urls = [(r["stage"], r["mlflow"]) for r in rows if r["mlflow"] != "-"]
+    if urls:
+        print("\nMLflow runs:", file=file)
+        for stage, url in urls:
+            print(f"  {stage:<20} {url}", file=file)
+
+
+def cmd_run(args) -> int:
+    prepare_dagster_home()
+    import dagster as dg
+
+    from lifecycle_dagster.definitions import defs
+    from lifecycle_dagster.lib.stage import PROFILE_TAG
+    from lifecycle_dagster.ml.errors import InputError
+    from lifecycle_dagster.ml.usecase import load_use_case
+
+    try:  # fail fast, before Dagster starts, on a bad profile or use-case file
+        load_use_case(args.config, profile=args.profile)
+    except InputError as exc:
+        print(f"lifecycle: {exc}", file=sys.stderr)
+        return 2
+    instance = dg.DagsterInstance.get()
+    job = defs().resolve_job_def("lifecycle_job")
+    print(f"lifecycle: profile {args.profile}, state in {settings.state_home()}", flush=True)
+    start = time.monotonic()
+    result = job.execute_in_process(
+        run_config=run_config(args.profile, args.config, args.override), instance=instance,
+        tags={PROFILE_TAG: args.profile}, raise_on_error=False)
+    rows = summary_rows(instance, result)
+    print(f"\nlifecycle run {result.run_id} "
+          f"{'succeeded' if result.success else 'FAILED'} in {time.monotonic() - start:.0f}s\n")
+    print_table(rows)
+    failed_checks = [c for c in result.get_asset_check_evaluations() if not c.passed]
+    for check in failed_checks:
+        print(f"check failed: {check.asset_key.to_user_string()}:{check.check_name}")
+    if not result.success:
+        for event in result.all_events:
+            if event.event_type_value == "STEP_FAILURE":
+                err = event.event_specific_data.error
+                print(f"\n{event.step_key} failed: {err.message.strip()}", file=sys.stderr)
+        return 1
+    return 1 if any(c.severity.value == "ERROR" for c in failed_checks) else 0
+
+
+def cmd_profiles(_args) -> int:
+    from lifecycle_dagster.ml.usecase import PROFILES_DIR
+
+    for path in sorted(PROFILES_DIR.glob("*.yaml")):
+        first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        print(f"{path.stem:<10} {first.lstrip('# ')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lifecycle", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="materialize the whole lifecycle in the local instance")
+    run.add_argument("--profile", default="tiny", help="named preset (see `lifecycle profiles`)")
+    run.add_argument("--config", help="use-case YAML, complete or layered over the profile's")
+    run.add_argument("--override", help="YAML mapping applied last, e.g. '{adaptation: {max_steps: 10}}'")
+    run.set_defaults(func=cmd_run)
+    prof = sub.add_parser("profiles", help="list the named profiles")
+    prof.set_defaults(func=cmd_profiles)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

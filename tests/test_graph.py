@@ -1,0 +1,208 @@
+"""The whole tiny lifecycle, materialized in a temporary Dagster instance with a temporary MLflow
+store; then bad input on top of it, and the re-adaptation loop closed in-process."""
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lifecycle_dagster import settings
+from lifecycle_dagster.definitions import defs
+from lifecycle_dagster.ml.artifacts import verify
+
+ASSETS = ["use_case", "task_dataset", "preference_dataset", "base_model", "prompt_baseline",
+          "sft_adapter", "reward_model", "aligned_model", "evaluation", "onnx_model"]
+
+
+@pytest.fixture(scope="module")
+def definitions():
+    return defs()
+
+
+@pytest.fixture(scope="module")
+def instance(tmp_path_factory):
+    with dg.DagsterInstance.local_temp(str(tmp_path_factory.mktemp("dagster")),
+                                       overrides={"telemetry": {"enabled": False}}) as inst:
+        yield inst
+
+
+@pytest.fixture(scope="module")
+def lifecycle_run(definitions, instance):
+    job = definitions.resolve_job_def("lifecycle_job")
+    result = job.execute_in_process(
+        instance=instance, raise_on_error=False,
+        run_config={"ops": {"use_case": {"config": {"profile": "tiny"}}}})
+    return result
+
+
+def meta(instance, asset: str) -> dict:
+    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def latest_storage_id(instance, asset: str) -> int:
+    return instance.fetch_materializations(dg.AssetKey(asset), limit=1).records[0].storage_id
+
+
+def test_every_asset_materialized_and_every_check_passed(lifecycle_run):
+    assert lifecycle_run.success
+    done = {e.materialization.asset_key.to_user_string()
+            for e in lifecycle_run.get_asset_materialization_events()}
+    assert done == set(ASSETS)
+    checks = {f"{c.asset_key.to_user_string()}:{c.check_name}": c.passed
+              for c in lifecycle_run.get_asset_check_evaluations()}
+    assert len(checks) == 7
+    assert all(checks.values()), checks
+
+
+def test_artifacts_are_complete_and_versioned(lifecycle_run, instance):
+    for asset in ASSETS:
+        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+        m = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+        manifest = verify(Path(m["artifact_path"]))
+        assert event.asset_materialization.tags["dagster/data_version"] == manifest["version"]
+        assert m["mlflow_run"].startswith("http://127.0.0.1:5000/#/experiments/")
+    assert not list(settings.artifacts_root().rglob(".tmp-*"))
+
+
+def test_stages_moved_metrics_the_right_way(lifecycle_run, instance):
+    base = meta(instance, "base_model")
+    assert base["pretrain_loss_end"] < base["pretrain_loss_start"]
+    sft = meta(instance, "sft_adapter")
+    assert sft["loss_end"] < sft["loss_start"]
+    assert sft["rouge_l_after"] > meta(instance, "prompt_baseline")["best_rouge_l"]
+    assert 0 < sft["trainable_fraction"] < 0.5
+    assert meta(instance, "reward_model")["pairwise_accuracy"] >= 0.7
+    summary = json.loads((Path(meta(instance, "evaluation")["artifact_path"])
+                          / "summary.json").read_text())
+    results = summary["results"]
+    assert set(results) == {"base", "prompt_baseline", "sft", "aligned"}
+    assert results["aligned"]["mean_reward"] >= results["sft"]["mean_reward"]
+    assert results["sft"]["rouge_l"] > results["base"]["rouge_l"]
+    assert summary["passed"] is True
+    assert "| model |" in meta(instance, "evaluation")["comparison"]
+
+
+def test_adapter_and_aligned_model_load_and_generate(lifecycle_run, instance, runtime, use_case):
+    from lifecycle_dagster.ml.data import format_prompt
+    from lifecycle_dagster.ml.evaluate import generate
+    from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
+    from lifecycle_dagster.ml.sft import load_sft_model
+
+    base = Path(meta(instance, "base_model")["artifact_path"]) / "model"
+    adapter = Path(meta(instance, "sft_adapter")["artifact_path"]) / "adapter"
+    aligned = Path(meta(instance, "aligned_model")["artifact_path"]) / "model"
+    tok = load_tokenizer(base)
+    prompt = [format_prompt(use_case, "#Person1#: Hi, I need a table for two on Friday at 7 pm.\n"
+                                      "#Person2#: Certainly. Your name?\n#Person1#: Anna.")]
+    for model in (load_sft_model(base, adapter, runtime), load_causal_lm(aligned, runtime)):
+        text = generate(model, tok, prompt, max_new_tokens=16)[0]
+        assert len(text.split()) >= 3, text
+
+
+def test_onnx_artifact_runs_in_onnxruntime_and_matches(lifecycle_run, instance, use_case):
+    from lifecycle_dagster.ml.data import format_prompt
+    from lifecycle_dagster.ml.export import OrtDecoder
+    from lifecycle_dagster.ml.models import load_tokenizer
+
+    m = meta(instance, "onnx_model")
+    assert m["selected_variant"] == "int8"
+    assert m["max_abs_logit_diff_fp32"] < 1e-3
+    assert m["token_agreement"] >= 0.9
+    deploy = Path(m["deploy_path"])
+    tok = load_tokenizer(deploy.parent.parent / "_" if False else
+                         Path(meta(instance, "aligned_model")["artifact_path"]) / "model")
+    ids = tok(format_prompt(use_case, "#Person1#: My router is broken.\n#Person2#: Try "
+                                      "restarting it."), add_special_tokens=False)["input_ids"]
+    tokens, _ = OrtDecoder(deploy, 1).generate(ids, 12)
+    assert tokens and tok.decode(tokens).strip()
+
+
+def test_mlflow_holds_one_run_per_stage_with_metrics(lifecycle_run):
+    client = MlflowClient(settings.mlflow_uri())
+    exp = client.get_experiment_by_name("dialogue_summarisation")
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.`dagster.run_id` = '{lifecycle_run.run_id}'")
+    by_stage = {r.data.tags["lifecycle.stage"]: r for r in runs}
+    assert sorted(by_stage) == sorted(ASSETS) and len(runs) == len(ASSETS)
+    for stage, run in by_stage.items():
+        assert run.info.status == "FINISHED"
+        assert "duration_s" in run.data.metrics, stage
+        assert run.data.tags["dagster.asset_key"] == stage
+    history = client.get_metric_history(by_stage["sft_adapter"].info.run_id, "train_loss")
+    assert len(history) > 10 and history[-1].value < history[0].value
+    assert by_stage["evaluation"].data.metrics["aligned.rouge_l"] > 0
+
+
+def test_bad_data_stops_the_run_before_training_and_keeps_last_good(
+        lifecycle_run, definitions, instance, tmp_path, use_case):
+    good_task = latest_storage_id(instance, "task_dataset")
+    good_base = latest_storage_id(instance, "base_model")
+    data = tmp_path / "data"
+    shutil.copytree(use_case.data.train.parent, data)
+    lines = (data / "train.jsonl").read_text().splitlines()
+    row = json.loads(lines[4])
+    del row["summary"]
+    lines[4] = json.dumps(row)
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    layer = tmp_path / "bad.yaml"
+    layer.write_text(f"data:\n  train: {data / 'train.jsonl'}\n")
+    result = definitions.resolve_job_def("lifecycle_job").execute_in_process(
+        instance=instance, raise_on_error=False,
+        run_config={"ops": {"use_case": {"config": {"profile": "tiny",
+                                                    "use_case_file": str(layer)}}}})
+    assert not result.success
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert [e.step_key for e in failures] == ["task_dataset"]
+    message = failures[0].event_specific_data.error.to_string()
+    assert f"{data / 'train.jsonl'}:5" in message and "field 'summary'" in message
+    ran = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
+    assert not ran & {"base_model", "sft_adapter", "reward_model", "aligned_model"}
+    assert latest_storage_id(instance, "task_dataset") == good_task
+    assert latest_storage_id(instance, "base_model") == good_base
+    verify(Path(meta(instance, "task_dataset")["artifact_path"]))
+    assert not list(settings.artifacts_root().rglob(".tmp-*"))
+    # Restore the good use case for the tests that follow.
+    definitions.resolve_job_def("lifecycle_job").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("use_case"),
+                                                               dg.AssetKey("task_dataset")],
+        run_config={"ops": {"use_case": {"config": {"profile": "tiny"}}}})
+
+
+def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
+        lifecycle_run, definitions, instance):
+    """A threshold the first attempt misses: the sensor asks for the next rung, which meets it."""
+    from lifecycle_dagster.defs.automation.automation import readaptation_sensor
+
+    job = definitions.resolve_job_def("lifecycle_job")
+    job.execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("use_case")],
+        run_config={"ops": {"use_case": {"config": {
+            "profile": "tiny", "overrides": "{evaluation: {thresholds: {rouge_l: {min: 0.4}}}}"}}}})
+    adaptation = definitions.resolve_job_def("adaptation_job")
+    first = adaptation.execute_in_process(instance=instance, raise_on_error=False)
+    assert meta(instance, "evaluation")["verdict"] == "fail"
+    assert not any(e.materialization.asset_key.to_user_string() == "onnx_model"
+                   for e in first.get_asset_materialization_events())
+
+    ctx = dg.build_sensor_context(instance=instance, cursor=None, definitions=definitions)
+    out = readaptation_sensor(ctx)
+    assert len(out.run_requests) == 1
+    request = out.run_requests[0]
+    assert request.tags["lifecycle/attempt"] == "2"
+    ops = request.run_config.to_config_dict()["ops"] if hasattr(request.run_config, "to_config_dict") \
+        else request.run_config["ops"]
+    assert ops["sft_adapter"]["config"]["lora_r"] == 16
+
+    second = adaptation.execute_in_process(instance=instance, run_config=request.run_config,
+                                           tags=request.tags, raise_on_error=False)
+    assert second.success
+    m = meta(instance, "evaluation")
+    assert m["verdict"] == "pass" and m["attempt"] == 2
+    assert meta(instance, "sft_adapter")["lora_r"] == 16
+    again = readaptation_sensor(dg.build_sensor_context(instance=instance, cursor=ctx.cursor,
+                                                        definitions=definitions))
+    assert not again.run_requests

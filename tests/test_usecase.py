@@ -1,0 +1,112 @@
+"""The use case and profile loader: valid input resolves, bad input names file, line and field."""
+
+from pathlib import Path
+
+import pytest
+
+from lifecycle_dagster.ml.errors import InputError
+from lifecycle_dagster.ml.usecase import USECASES_DIR, load_use_case
+
+BASE = USECASES_DIR / "dialogue_summarisation" / "usecase.yaml"
+
+
+def test_tiny_profile_resolves_data_paths_and_overrides(use_case):
+    assert use_case.name == "dialogue_summarisation"
+    assert use_case.base_model.source == "scratch"
+    assert use_case.data.train.is_absolute() and use_case.data.train.exists()
+    assert use_case.evaluation.thresholds["rouge_l"].min == 0.2
+    assert use_case.readaptation.ladder[-1].method == "full"
+
+
+def test_layered_file_and_overrides_win(tmp_path):
+    layer = tmp_path / "layer.yaml"
+    layer.write_text("adaptation:\n  method: full\n  max_steps: 7\n")
+    uc = load_use_case(layer, profile="tiny", overrides={"adaptation": {"max_steps": 9}})
+    assert uc.adaptation.method == "full"
+    assert uc.adaptation.max_steps == 9
+
+
+def _write(tmp_path: Path, text: str | bytes) -> Path:
+    path = tmp_path / "usecase.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def _valid_text() -> str:
+    text = BASE.read_text()
+    return text.replace("data/", str(BASE.parent / "data") + "/")
+
+
+def test_missing_field_names_file_and_field(tmp_path):
+    text = "\n".join(ln for ln in _valid_text().splitlines() if not ln.startswith("name:"))
+    path = _write(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        load_use_case(path)
+    assert err.value.path == str(path)
+    assert err.value.field == "name"
+    assert "Field required" in str(err.value)
+
+
+def test_wrong_type_names_line_and_field(tmp_path):
+    text = _valid_text().replace("max_steps: 60", "max_steps: many", 1)
+    path = _write(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        load_use_case(path)
+    expected_line = next(i for i, ln in enumerate(text.splitlines(), 1) if "max_steps: many" in ln)
+    assert err.value.field == "adaptation.max_steps"
+    assert err.value.line == expected_line
+    assert f"{path}:{expected_line}" in str(err.value)
+
+
+def test_unknown_field_is_rejected(tmp_path):
+    path = _write(tmp_path, _valid_text() + "\nadaptaton_typo: 1\n")
+    with pytest.raises(InputError) as err:
+        load_use_case(path)
+    assert err.value.field == "adaptaton_typo"
+
+
+def test_empty_file(tmp_path):
+    path = _write(tmp_path, "  \n")
+    with pytest.raises(InputError, match="file is empty"):
+        load_use_case(path)
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    path = _write(tmp_path, b"name: x\ndescription: caf\xe9\n")
+    with pytest.raises(InputError) as err:
+        load_use_case(path)
+    assert err.value.line == 2
+    assert "not UTF-8" in str(err.value)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = _write(tmp_path, "name: x\ntask: [unclosed\n")
+    with pytest.raises(InputError) as err:
+        load_use_case(path)
+    assert err.value.line is not None and "invalid YAML" in str(err.value)
+
+
+def test_unknown_model_path_names_field(tmp_path):
+    text = _valid_text().replace("source: scratch",
+                                 f"source: local\n  path: {tmp_path / 'nowhere'}")
+    path = _write(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        load_use_case(path)
+    assert err.value.field == "base_model.path"
+    assert "no HF model directory" in str(err.value)
+
+
+def test_missing_data_file_names_field(tmp_path):
+    text = _valid_text().replace("eval.jsonl", "missing.jsonl", 1)
+    path = _write(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        load_use_case(path)
+    assert err.value.field == "data.eval"
+
+
+def test_unknown_profile():
+    with pytest.raises(InputError, match="unknown profile 'nope'"):
+        load_use_case(profile="nope")
