@@ -113,8 +113,7 @@ def test_onnx_artifact_runs_in_onnxruntime_and_matches(lifecycle_run, instance, 
     assert m["max_abs_logit_diff_fp32"] < 1e-3
     assert m["token_agreement"] >= 0.9
     deploy = Path(m["deploy_path"])
-    tok = load_tokenizer(deploy.parent.parent / "_" if False else
-                         Path(meta(instance, "aligned_model")["artifact_path"]) / "model")
+    tok = load_tokenizer(Path(meta(instance, "aligned_model")["artifact_path"]) / "model")
     ids = tok(format_prompt(use_case, "#Person1#: My router is broken.\n#Person2#: Try "
                                       "restarting it."), add_special_tokens=False)["input_ids"]
     tokens, _ = OrtDecoder(deploy, 1).generate(ids, 12)
@@ -193,9 +192,7 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
     assert len(out.run_requests) == 1
     request = out.run_requests[0]
     assert request.tags["lifecycle/attempt"] == "2"
-    ops = request.run_config.to_config_dict()["ops"] if hasattr(request.run_config, "to_config_dict") \
-        else request.run_config["ops"]
-    assert ops["sft_adapter"]["config"]["lora_r"] == 16
+    assert request.run_config["ops"]["sft_adapter"]["config"]["lora_r"] == 16
 
     second = adaptation.execute_in_process(instance=instance, run_config=request.run_config,
                                            tags=request.tags, raise_on_error=False)
