@@ -38,10 +38,15 @@ def prepare_dagster_home() -> Path:
 
 def run_config(profile: str, config_file: str | None, overrides: str | None) -> dict:
     return {
-        "ops": {"use_case": {"config": {"profile": profile,
-                                        "use_case_file": str(Path(config_file).resolve())
-                                        if config_file else "",
-                                        "overrides": overrides or ""}}},
+        "ops": {
+            "use_case": {
+                "config": {
+                    "profile": profile,
+                    "use_case_file": str(Path(config_file).resolve()) if config_file else "",
+                    "overrides": overrides or "",
+                }
+            }
+        },
         "loggers": {"console": {"config": {"log_level": "INFO"}}},
     }
 
@@ -55,21 +60,26 @@ def _fmt(value) -> str:
 def summary_rows(instance, result) -> list[dict]:
     stats = {s.step_key: s for s in instance.get_run_step_stats(result.run_id)}
     rows = []
-    materialized = {e.materialization.asset_key.to_user_string(): e.materialization
-                    for e in result.get_asset_materialization_events()}
+    materialized = {
+        e.materialization.asset_key.to_user_string(): e.materialization
+        for e in result.get_asset_materialization_events()
+    }
     for asset, keys in SUMMARY_METRICS.items():
         st = stats.get(asset)
         mat = materialized.get(asset)
         meta = {k: v.value for k, v in mat.metadata.items()} if mat else {}
         duration = (st.end_time - st.start_time) if st and st.end_time and st.start_time else None
         status = st.status.value.lower() if st and st.status else "not run"
-        rows.append({
-            "stage": asset, "status": status,
-            "duration": f"{duration:.1f}s" if duration is not None else "-",
-            "metrics": ", ".join(f"{k}={_fmt(meta[k])}" for k in keys if k in meta) or "-",
-            "artifact": str(meta.get("artifact_path", "-")),
-            "mlflow": str(meta.get("mlflow_run", "-")),
-        })
+        rows.append(
+            {
+                "stage": asset,
+                "status": status,
+                "duration": f"{duration:.1f}s" if duration is not None else "-",
+                "metrics": ", ".join(f"{k}={_fmt(meta[k])}" for k in keys if k in meta) or "-",
+                "artifact": str(meta.get("artifact_path", "-")),
+                "mlflow": str(meta.get("mlflow_run", "-")),
+            }
+        )
     return rows
 
 
@@ -107,11 +117,16 @@ def cmd_run(args) -> int:
     print(f"lifecycle: profile {args.profile}, state in {settings.state_home()}", flush=True)
     start = time.monotonic()
     result = job.execute_in_process(
-        run_config=run_config(args.profile, args.config, args.override), instance=instance,
-        tags={PROFILE_TAG: args.profile}, raise_on_error=False)
+        run_config=run_config(args.profile, args.config, args.override),
+        instance=instance,
+        tags={PROFILE_TAG: args.profile},
+        raise_on_error=False,
+    )
     rows = summary_rows(instance, result)
-    print(f"\nlifecycle run {result.run_id} "
-          f"{'succeeded' if result.success else 'FAILED'} in {time.monotonic() - start:.0f}s\n")
+    print(
+        f"\nlifecycle run {result.run_id} "
+        f"{'succeeded' if result.success else 'FAILED'} in {time.monotonic() - start:.0f}s\n"
+    )
     print_table(rows)
     failed_checks = [c for c in result.get_asset_check_evaluations() if not c.passed]
     for check in failed_checks:
@@ -140,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="materialize the whole lifecycle in the local instance")
     run.add_argument("--profile", default="tiny", help="named preset (see `lifecycle profiles`)")
     run.add_argument("--config", help="use-case YAML, complete or layered over the profile's")
-    run.add_argument("--override", help="YAML mapping applied last, e.g. '{adaptation: {max_steps: 10}}'")
+    run.add_argument(
+        "--override", help="YAML mapping applied last, e.g. '{adaptation: {max_steps: 10}}'"
+    )
     run.set_defaults(func=cmd_run)
     prof = sub.add_parser("profiles", help="list the named profiles")
     prof.set_defaults(func=cmd_profiles)

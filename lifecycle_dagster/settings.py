@@ -32,8 +32,12 @@ def mlflow_artifacts() -> Path:
 
 def configure_caches() -> None:
     cache = state_home() / "cache"
-    for var, sub in (("HF_HOME", "huggingface"), ("MPLCONFIGDIR", "matplotlib"),
-                     ("TRITON_CACHE_DIR", "triton"), ("XDG_CACHE_HOME", "xdg")):
+    for var, sub in (
+        ("HF_HOME", "huggingface"),
+        ("MPLCONFIGDIR", "matplotlib"),
+        ("TRITON_CACHE_DIR", "triton"),
+        ("XDG_CACHE_HOME", "xdg"),
+    ):
         os.environ.setdefault(var, str(cache / sub))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -14,8 +14,15 @@ import pytest  # noqa: E402
 
 from lifecycle_dagster.ml.runtime import select_runtime  # noqa: E402
 
-TINY = {"vocab_size": 400, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-        "num_kv_heads": 2, "intermediate_size": 128, "context_length": 256}
+TINY = {
+    "vocab_size": 400,
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 128,
+    "context_length": 256,
+}
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +51,8 @@ def tiny_base(tmp_path_factory, use_case, runtime) -> Path:
     rows = load_task_data(use_case)["train"].rows
     corpus = [r["dialogue"] for r in rows] + [r["summary"] for r in rows]
     out = tmp_path_factory.mktemp("tiny_base")
-    result = pretrain(corpus, out, PretrainConfig(**TINY, steps=120, batch_size=16),
-                      device=runtime.device)
+    result = pretrain(
+        corpus, out, PretrainConfig(**TINY, steps=120, batch_size=16), device=runtime.device
+    )
     assert result.loss_end < result.loss_start
     return out

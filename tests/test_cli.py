@@ -8,10 +8,12 @@ import pytest
 
 from lifecycle_dagster import cli
 
-FAST = ("{base_model: {scratch: {steps: 60}}, adaptation: {max_steps: 20}, "
-        "reward: {max_steps: 20}, alignment: {max_steps: 2}, "
-        "evaluation: {max_examples: 8, thresholds: {rouge_l: {min: 0.0}}}, prompting: {shots: [0, 1]}, "
-        "compression: {check_prompts: 2, min_token_agreement: 0.5}}")
+FAST = (
+    "{base_model: {scratch: {steps: 60}}, adaptation: {max_steps: 20}, "
+    "reward: {max_steps: 20}, alignment: {max_steps: 2}, "
+    "evaluation: {max_examples: 8, thresholds: {rouge_l: {min: 0.0}}}, prompting: {shots: [0, 1]}, "
+    "compression: {check_prompts: 2, min_token_agreement: 0.5}}"
+)
 
 
 @pytest.fixture
@@ -36,8 +38,12 @@ def test_bad_use_case_fails_fast_naming_file_line_field(fresh_home, tmp_path, ca
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "lifecycle"), "run", *args],
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "lifecycle"), "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_run_materializes_everything_and_prints_the_summary(fresh_home):
@@ -45,8 +51,16 @@ def test_run_materializes_everything_and_prints_the_summary(fresh_home):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "succeeded" in out
-    for stage in ("use_case", "base_model", "prompt_baseline", "sft_adapter", "reward_model",
-                  "aligned_model", "evaluation", "onnx_model"):
+    for stage in (
+        "use_case",
+        "base_model",
+        "prompt_baseline",
+        "sft_adapter",
+        "reward_model",
+        "aligned_model",
+        "evaluation",
+        "onnx_model",
+    ):
         line = next(ln for ln in out.splitlines() if ln.startswith(stage + " "))
         assert " success " in line, line
     assert "MLflow runs:" in out

@@ -10,8 +10,10 @@ from lifecycle_dagster.ml.errors import InputError
 from lifecycle_dagster.ml.usecase import USECASES_DIR
 
 FIELDS = ("id", "dialogue", "summary")
-GOOD = [{"id": f"r{i}", "dialogue": f"#Person1#: hello {i}", "summary": f"greeting {i}"}
-        for i in range(3)]
+GOOD = [
+    {"id": f"r{i}", "dialogue": f"#Person1#: hello {i}", "summary": f"greeting {i}"}
+    for i in range(3)
+]
 
 
 def _file(tmp_path, lines: list[str] | bytes):
@@ -39,7 +41,11 @@ def test_valid_file_loads_with_stats(tmp_path):
         ('{"id": "x", "dialogue": "d", "summary": 3}', "summary", "expected a string, got int"),
         ('{"id": "x", "dialogue": "  ", "summary": "s"}', "dialogue", "empty"),
         ('{"id": "r0", "dialogue": "other", "summary": "s"}', "id", "duplicate id"),
-        ('{"id": "x", "dialogue": "' + "a" * 300 + '", "summary": "s"}', "dialogue", "300 characters"),
+        (
+            '{"id": "x", "dialogue": "' + "a" * 300 + '", "summary": "s"}',
+            "dialogue",
+            "300 characters",
+        ),
         ('{"id": "x", "dialogue": "d", "summary": "s"', None, "invalid JSON"),
         ('["not", "an", "object"]', None, "expected a JSON object"),
     ],

@@ -13,15 +13,24 @@ from lifecycle_dagster.definitions import defs
 ROOT = Path(__file__).resolve().parent.parent
 
 EXPECTED_ASSETS = {
-    "use_case": "scope", "task_dataset": "data", "preference_dataset": "data",
-    "base_model": "selection", "prompt_baseline": "adaptation", "sft_adapter": "adaptation",
-    "reward_model": "alignment", "aligned_model": "alignment", "evaluation": "evaluation",
+    "use_case": "scope",
+    "task_dataset": "data",
+    "preference_dataset": "data",
+    "base_model": "selection",
+    "prompt_baseline": "adaptation",
+    "sft_adapter": "adaptation",
+    "reward_model": "alignment",
+    "aligned_model": "alignment",
+    "evaluation": "evaluation",
     "onnx_model": "compression",
 }
 EXPECTED_CHECKS = {
-    ("task_dataset", "no_train_eval_leakage"), ("preference_dataset", "pairs_are_distinct"),
-    ("preference_dataset", "no_train_eval_leakage"), ("evaluation", "meets_thresholds"),
-    ("evaluation", "sft_beats_prompt_baseline"), ("evaluation", "alignment_keeps_reward"),
+    ("task_dataset", "no_train_eval_leakage"),
+    ("preference_dataset", "pairs_are_distinct"),
+    ("preference_dataset", "no_train_eval_leakage"),
+    ("evaluation", "meets_thresholds"),
+    ("evaluation", "sft_beats_prompt_baseline"),
+    ("evaluation", "alignment_keeps_reward"),
     ("onnx_model", "onnx_matches_pytorch"),
 }
 
@@ -39,19 +48,26 @@ def test_assets_groups_and_lineage():
     upstream = graph.get(dg.AssetKey("onnx_model")).parent_keys
     assert dg.AssetKey("aligned_model") in upstream
     ancestors = graph.upstream_key_iterator(dg.AssetKey("onnx_model"))
-    assert {"task_dataset", "preference_dataset", "base_model", "sft_adapter",
-            "reward_model"} <= {k.to_user_string() for k in ancestors}
+    assert {"task_dataset", "preference_dataset", "base_model", "sft_adapter", "reward_model"} <= {
+        k.to_user_string() for k in ancestors
+    }
     heavy = {k for k in EXPECTED_ASSETS if graph.get(dg.AssetKey(k)).pools == {"train"}}
     assert {"base_model", "sft_adapter", "reward_model", "aligned_model"} <= heavy
 
 
 def test_checks_jobs_sensor_schedule():
     d = defs()
-    checks = {(k.asset_key.to_user_string(), k.name)
-              for k in d.resolve_asset_graph().asset_check_keys}
+    checks = {
+        (k.asset_key.to_user_string(), k.name) for k in d.resolve_asset_graph().asset_check_keys
+    }
     assert checks == EXPECTED_CHECKS
-    blocking = {spec.key.name for a in d.assets if hasattr(a, "check_specs")
-                for spec in a.check_specs if spec.blocking}
+    blocking = {
+        spec.key.name
+        for a in d.assets
+        if hasattr(a, "check_specs")
+        for spec in a.check_specs
+        if spec.blocking
+    }
     assert {"meets_thresholds", "onnx_matches_pytorch"} <= blocking
     jobs = {j.name for j in d.resolve_all_job_defs()}
     assert {"lifecycle_job", "adaptation_job", "evaluation_job"} <= jobs
@@ -59,7 +75,11 @@ def test_checks_jobs_sensor_schedule():
     assert [s.name for s in d.schedules] == ["evaluation_schedule"]
     adaptation = d.resolve_job_def("adaptation_job")
     assert {k.to_user_string() for k in adaptation.asset_layer.executable_asset_keys} == {
-        "sft_adapter", "aligned_model", "evaluation", "onnx_model"}
+        "sft_adapter",
+        "aligned_model",
+        "evaluation",
+        "onnx_model",
+    }
 
 
 def test_dagster_cli_validates_the_workspace_with_the_project_instance(tmp_path):
@@ -68,9 +88,19 @@ def test_dagster_cli_validates_the_workspace_with_the_project_instance(tmp_path)
     home.mkdir()
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate",
-         "-w", "workspace.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "DAGSTER_HOME": str(home)})
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "definitions",
+            "validate",
+            "-w",
+            "workspace.yaml",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Validation successful" in proc.stdout + proc.stderr
 

@@ -13,8 +13,18 @@ from lifecycle_dagster import settings
 from lifecycle_dagster.definitions import defs
 from lifecycle_dagster.ml.artifacts import verify
 
-ASSETS = ["use_case", "task_dataset", "preference_dataset", "base_model", "prompt_baseline",
-          "sft_adapter", "reward_model", "aligned_model", "evaluation", "onnx_model"]
+ASSETS = [
+    "use_case",
+    "task_dataset",
+    "preference_dataset",
+    "base_model",
+    "prompt_baseline",
+    "sft_adapter",
+    "reward_model",
+    "aligned_model",
+    "evaluation",
+    "onnx_model",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +34,9 @@ def definitions():
 
 @pytest.fixture(scope="module")
 def instance(tmp_path_factory):
-    with dg.DagsterInstance.local_temp(str(tmp_path_factory.mktemp("dagster")),
-                                       overrides={"telemetry": {"enabled": False}}) as inst:
+    with dg.DagsterInstance.local_temp(
+        str(tmp_path_factory.mktemp("dagster")), overrides={"telemetry": {"enabled": False}}
+    ) as inst:
         yield inst
 
 
@@ -33,8 +44,10 @@ def instance(tmp_path_factory):
 def lifecycle_run(definitions, instance):
     job = definitions.resolve_job_def("lifecycle_job")
     result = job.execute_in_process(
-        instance=instance, raise_on_error=False,
-        run_config={"ops": {"use_case": {"config": {"profile": "tiny"}}}})
+        instance=instance,
+        raise_on_error=False,
+        run_config={"ops": {"use_case": {"config": {"profile": "tiny"}}}},
+    )
     return result
 
 
@@ -49,11 +62,15 @@ def latest_storage_id(instance, asset: str) -> int:
 
 def test_every_asset_materialized_and_every_check_passed(lifecycle_run):
     assert lifecycle_run.success
-    done = {e.materialization.asset_key.to_user_string()
-            for e in lifecycle_run.get_asset_materialization_events()}
+    done = {
+        e.materialization.asset_key.to_user_string()
+        for e in lifecycle_run.get_asset_materialization_events()
+    }
     assert done == set(ASSETS)
-    checks = {f"{c.asset_key.to_user_string()}:{c.check_name}": c.passed
-              for c in lifecycle_run.get_asset_check_evaluations()}
+    checks = {
+        f"{c.asset_key.to_user_string()}:{c.check_name}": c.passed
+        for c in lifecycle_run.get_asset_check_evaluations()
+    }
     assert len(checks) == 7
     assert all(checks.values()), checks
 
@@ -76,8 +93,9 @@ def test_stages_moved_metrics_the_right_way(lifecycle_run, instance):
     assert sft["rouge_l_after"] > meta(instance, "prompt_baseline")["best_rouge_l"]
     assert 0 < sft["trainable_fraction"] < 0.5
     assert meta(instance, "reward_model")["pairwise_accuracy"] >= 0.7
-    summary = json.loads((Path(meta(instance, "evaluation")["artifact_path"])
-                          / "summary.json").read_text())
+    summary = json.loads(
+        (Path(meta(instance, "evaluation")["artifact_path"]) / "summary.json").read_text()
+    )
     results = summary["results"]
     assert set(results) == {"base", "prompt_baseline", "sft", "aligned"}
     assert results["aligned"]["mean_reward"] >= results["sft"]["mean_reward"]
@@ -96,8 +114,13 @@ def test_adapter_and_aligned_model_load_and_generate(lifecycle_run, instance, ru
     adapter = Path(meta(instance, "sft_adapter")["artifact_path"]) / "adapter"
     aligned = Path(meta(instance, "aligned_model")["artifact_path"]) / "model"
     tok = load_tokenizer(base)
-    prompt = [format_prompt(use_case, "#Person1#: Hi, I need a table for two on Friday at 7 pm.\n"
-                                      "#Person2#: Certainly. Your name?\n#Person1#: Anna.")]
+    prompt = [
+        format_prompt(
+            use_case,
+            "#Person1#: Hi, I need a table for two on Friday at 7 pm.\n"
+            "#Person2#: Certainly. Your name?\n#Person1#: Anna.",
+        )
+    ]
     for model in (load_sft_model(base, adapter, runtime), load_causal_lm(aligned, runtime)):
         text = generate(model, tok, prompt, max_new_tokens=16)[0]
         assert len(text.split()) >= 3, text
@@ -114,8 +137,10 @@ def test_onnx_artifact_runs_in_onnxruntime_and_matches(lifecycle_run, instance, 
     assert m["token_agreement"] >= 0.9
     deploy = Path(m["deploy_path"])
     tok = load_tokenizer(Path(meta(instance, "aligned_model")["artifact_path"]) / "model")
-    ids = tok(format_prompt(use_case, "#Person1#: My router is broken.\n#Person2#: Try "
-                                      "restarting it."), add_special_tokens=False)["input_ids"]
+    ids = tok(
+        format_prompt(use_case, "#Person1#: My router is broken.\n#Person2#: Try restarting it."),
+        add_special_tokens=False,
+    )["input_ids"]
     tokens, _ = OrtDecoder(deploy, 1).generate(ids, 12)
     assert tokens and tok.decode(tokens).strip()
 
@@ -123,8 +148,9 @@ def test_onnx_artifact_runs_in_onnxruntime_and_matches(lifecycle_run, instance, 
 def test_mlflow_holds_one_run_per_stage_with_metrics(lifecycle_run):
     client = MlflowClient(settings.mlflow_uri())
     exp = client.get_experiment_by_name("dialogue_summarisation")
-    runs = client.search_runs([exp.experiment_id],
-                              f"tags.`dagster.run_id` = '{lifecycle_run.run_id}'")
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.`dagster.run_id` = '{lifecycle_run.run_id}'"
+    )
     by_stage = {r.data.tags["lifecycle.stage"]: r for r in runs}
     assert sorted(by_stage) == sorted(ASSETS) and len(runs) == len(ASSETS)
     for stage, run in by_stage.items():
@@ -137,7 +163,8 @@ def test_mlflow_holds_one_run_per_stage_with_metrics(lifecycle_run):
 
 
 def test_bad_data_stops_the_run_before_training_and_keeps_last_good(
-        lifecycle_run, definitions, instance, tmp_path, use_case):
+    lifecycle_run, definitions, instance, tmp_path, use_case
+):
     good_task = latest_storage_id(instance, "task_dataset")
     good_base = latest_storage_id(instance, "base_model")
     data = tmp_path / "data"
@@ -150,9 +177,12 @@ def test_bad_data_stops_the_run_before_training_and_keeps_last_good(
     layer = tmp_path / "bad.yaml"
     layer.write_text(f"data:\n  train: {data / 'train.jsonl'}\n")
     result = definitions.resolve_job_def("lifecycle_job").execute_in_process(
-        instance=instance, raise_on_error=False,
-        run_config={"ops": {"use_case": {"config": {"profile": "tiny",
-                                                    "use_case_file": str(layer)}}}})
+        instance=instance,
+        raise_on_error=False,
+        run_config={
+            "ops": {"use_case": {"config": {"profile": "tiny", "use_case_file": str(layer)}}}
+        },
+    )
     assert not result.success
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert [e.step_key for e in failures] == ["task_dataset"]
@@ -166,26 +196,40 @@ def test_bad_data_stops_the_run_before_training_and_keeps_last_good(
     assert not list(settings.artifacts_root().rglob(".tmp-*"))
     # Restore the good use case for the tests that follow.
     definitions.resolve_job_def("lifecycle_job").execute_in_process(
-        instance=instance, asset_selection=[dg.AssetKey("use_case"),
-                                                               dg.AssetKey("task_dataset")],
-        run_config={"ops": {"use_case": {"config": {"profile": "tiny"}}}})
+        instance=instance,
+        asset_selection=[dg.AssetKey("use_case"), dg.AssetKey("task_dataset")],
+        run_config={"ops": {"use_case": {"config": {"profile": "tiny"}}}},
+    )
 
 
 def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
-        lifecycle_run, definitions, instance):
+    lifecycle_run, definitions, instance
+):
     """A threshold the first attempt misses: the sensor asks for the next rung, which meets it."""
     from lifecycle_dagster.defs.automation.automation import readaptation_sensor
 
     job = definitions.resolve_job_def("lifecycle_job")
     job.execute_in_process(
-        instance=instance, asset_selection=[dg.AssetKey("use_case")],
-        run_config={"ops": {"use_case": {"config": {
-            "profile": "tiny", "overrides": "{evaluation: {thresholds: {rouge_l: {min: 0.4}}}}"}}}})
+        instance=instance,
+        asset_selection=[dg.AssetKey("use_case")],
+        run_config={
+            "ops": {
+                "use_case": {
+                    "config": {
+                        "profile": "tiny",
+                        "overrides": "{evaluation: {thresholds: {rouge_l: {min: 0.4}}}}",
+                    }
+                }
+            }
+        },
+    )
     adaptation = definitions.resolve_job_def("adaptation_job")
     first = adaptation.execute_in_process(instance=instance, raise_on_error=False)
     assert meta(instance, "evaluation")["verdict"] == "fail"
-    assert not any(e.materialization.asset_key.to_user_string() == "onnx_model"
-                   for e in first.get_asset_materialization_events())
+    assert not any(
+        e.materialization.asset_key.to_user_string() == "onnx_model"
+        for e in first.get_asset_materialization_events()
+    )
 
     ctx = dg.build_sensor_context(instance=instance, cursor=None, definitions=definitions)
     out = readaptation_sensor(ctx)
@@ -194,12 +238,14 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
     assert request.tags["lifecycle/attempt"] == "2"
     assert request.run_config["ops"]["sft_adapter"]["config"]["lora_r"] == 16
 
-    second = adaptation.execute_in_process(instance=instance, run_config=request.run_config,
-                                           tags=request.tags, raise_on_error=False)
+    second = adaptation.execute_in_process(
+        instance=instance, run_config=request.run_config, tags=request.tags, raise_on_error=False
+    )
     assert second.success
     m = meta(instance, "evaluation")
     assert m["verdict"] == "pass" and m["attempt"] == 2
     assert meta(instance, "sft_adapter")["lora_r"] == 16
-    again = readaptation_sensor(dg.build_sensor_context(instance=instance, cursor=ctx.cursor,
-                                                        definitions=definitions))
+    again = readaptation_sensor(
+        dg.build_sensor_context(instance=instance, cursor=ctx.cursor, definitions=definitions)
+    )
     assert not again.run_requests

@@ -9,19 +9,27 @@ from lifecycle_dagster.defs.automation.automation import readaptation_sensor
 
 
 def verdict(instance, *, passed: bool, attempt: int, escalation: dict | None, max_attempts=3):
-    instance.report_runless_asset_event(dg.AssetMaterialization(
-        asset_key="evaluation",
-        metadata={"verdict": "pass" if passed else "fail", "attempt": attempt,
-                  "failed_metrics": "" if passed else "rouge_l", "sft_method": "lora",
-                  "escalation": json.dumps(escalation) if escalation else "",
-                  "max_attempts": max_attempts}))
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key="evaluation",
+            metadata={
+                "verdict": "pass" if passed else "fail",
+                "attempt": attempt,
+                "failed_metrics": "" if passed else "rouge_l",
+                "sft_method": "lora",
+                "escalation": json.dumps(escalation) if escalation else "",
+                "max_attempts": max_attempts,
+            },
+        )
+    )
 
 
 def tick(instance, cursor=None):
     ctx = dg.build_sensor_context(instance=instance, cursor=cursor)
     result = readaptation_sensor(ctx)
-    return result, ctx.cursor if result is None or not hasattr(result, "cursor") or \
-        result.cursor is None else result.cursor
+    return result, ctx.cursor if result is None or not hasattr(
+        result, "cursor"
+    ) or result.cursor is None else result.cursor
 
 
 @pytest.fixture
@@ -37,9 +45,15 @@ def test_no_evaluation_yet_skips(instance):
 
 
 def test_shortfall_requests_the_escalated_run(instance):
-    verdict(instance, passed=False, attempt=1,
-            escalation={"attempt": 2, "sft_adapter": {"method": "lora", "lora_r": 16,
-                                                       "max_steps": 300}})
+    verdict(
+        instance,
+        passed=False,
+        attempt=1,
+        escalation={
+            "attempt": 2,
+            "sft_adapter": {"method": "lora", "lora_r": 16, "max_steps": 300},
+        },
+    )
     result, _ = tick(instance)
     assert len(result.run_requests) == 1
     request = result.run_requests[0]
@@ -58,8 +72,12 @@ def test_pass_requests_nothing(instance):
 
 
 def test_same_verdict_twice_gives_one_run(instance):
-    verdict(instance, passed=False, attempt=1,
-            escalation={"attempt": 2, "sft_adapter": {"method": "full"}})
+    verdict(
+        instance,
+        passed=False,
+        attempt=1,
+        escalation={"attempt": 2, "sft_adapter": {"method": "full"}},
+    )
     first, cursor = tick(instance)
     assert len(first.run_requests) == 1
     second, _ = tick(instance, cursor)
@@ -74,8 +92,13 @@ def test_cap_holds_when_attempts_are_spent(instance):
 
 
 def test_cap_holds_even_if_an_escalation_is_offered_past_it(instance):
-    verdict(instance, passed=False, attempt=2, max_attempts=2,
-            escalation={"attempt": 3, "sft_adapter": {"method": "full"}})
+    verdict(
+        instance,
+        passed=False,
+        attempt=2,
+        max_attempts=2,
+        escalation={"attempt": 3, "sft_adapter": {"method": "full"}},
+    )
     result, _ = tick(instance)
     assert not result.run_requests
 
@@ -84,8 +107,10 @@ def test_next_escalation_walks_the_ladder(use_case):
     from lifecycle_dagster.defs.evaluation.assets import next_escalation
 
     first = next_escalation(use_case, 1, {"max_steps": 150})
-    assert first == {"attempt": 2, "sft_adapter": {"method": "lora", "lora_r": 16,
-                                                   "max_steps": 300}}
+    assert first == {
+        "attempt": 2,
+        "sft_adapter": {"method": "lora", "lora_r": 16, "max_steps": 300},
+    }
     second = next_escalation(use_case, 2, {"max_steps": 300})
     assert second["attempt"] == 3 and second["sft_adapter"]["method"] == "full"
     assert next_escalation(use_case, 3, {}) is None

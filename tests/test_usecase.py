@@ -90,8 +90,9 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 
 def test_unknown_model_path_names_field(tmp_path):
-    text = _valid_text().replace("source: scratch",
-                                 f"source: local\n  path: {tmp_path / 'nowhere'}")
+    text = _valid_text().replace(
+        "source: scratch", f"source: local\n  path: {tmp_path / 'nowhere'}"
+    )
     path = _write(tmp_path, text)
     with pytest.raises(InputError) as err:
         load_use_case(path)

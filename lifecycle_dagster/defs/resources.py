@@ -1,6 +1,5 @@
 """Resource bindings: local (state dir, sqlite MLflow) unless LIFECYCLE_ENV=production."""
 
-
 import os
 
 import dagster as dg
@@ -15,11 +14,15 @@ def resources() -> dg.Definitions:
     if os.environ.get("LIFECYCLE_ENV") == "production":
         bound = {
             "artifact_store": ArtifactStore(root=dg.EnvVar("LIFECYCLE_ARTIFACT_ROOT")),
-            "mlflow_tracking": MlflowTracking(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
-                                              ui_url=dg.EnvVar("MLFLOW_UI_URL")),
+            "mlflow_tracking": MlflowTracking(
+                tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"), ui_url=dg.EnvVar("MLFLOW_UI_URL")
+            ),
             "compute": Compute(),
         }
     else:
-        bound = {"artifact_store": ArtifactStore(), "mlflow_tracking": MlflowTracking(),
-                 "compute": Compute()}
+        bound = {
+            "artifact_store": ArtifactStore(),
+            "mlflow_tracking": MlflowTracking(),
+            "compute": Compute(),
+        }
     return dg.Definitions(resources=bound)

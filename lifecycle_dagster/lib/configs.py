@@ -1,6 +1,5 @@
 """Run-config classes shared by assets, the CLI and the re-adaptation sensor."""
 
-
 import dagster as dg
 from pydantic import Field
 
@@ -8,7 +7,8 @@ from pydantic import Field
 class UseCaseConfig(dg.Config):
     profile: str = Field(default="tiny", description="Named preset (lifecycle_dagster/profiles).")
     use_case_file: str = Field(
-        default="", description="A use-case YAML, complete or layered over the profile's.")
+        default="", description="A use-case YAML, complete or layered over the profile's."
+    )
     overrides: str = Field(default="", description="YAML/JSON mapping applied last.")
 
 

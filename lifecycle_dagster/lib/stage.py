@@ -47,7 +47,9 @@ def upstream_metadata(context, asset: str) -> dict:
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
-def png_markdown(curves: dict[str, list[tuple[int, float]]], title: str, xlabel: str = "step") -> str:
+def png_markdown(
+    curves: dict[str, list[tuple[int, float]]], title: str, xlabel: str = "step"
+) -> str:
     """A small line plot as inline markdown (data URI), shown by the Dagster UI."""
     import matplotlib
 
@@ -95,14 +97,21 @@ class Stage:
     def log(self, message: str) -> None:
         self.context.log.info(message)
 
-    def result(self, *, metrics: dict | None = None, metadata: dict | None = None,
-               check_results: list | None = None) -> dg.MaterializeResult:
+    def result(
+        self,
+        *,
+        metrics: dict | None = None,
+        metadata: dict | None = None,
+        check_results: list | None = None,
+    ) -> dg.MaterializeResult:
         """Record metrics in MLflow and build the materialization (path, URL, DataVersion)."""
         manifest = read_manifest(self.target)
         seconds = time.monotonic() - self.started
         metrics = {k: v for k, v in (metrics or {}).items() if v is not None}
         self.run.log_metrics({**metrics, "duration_s": seconds})
-        self.run.set_tags({"artifact.path": str(self.target), "artifact.version": manifest["version"]})
+        self.run.set_tags(
+            {"artifact.path": str(self.target), "artifact.version": manifest["version"]}
+        )
         meta: dict = {
             PATH_KEY: dg.MetadataValue.path(str(self.target)),
             "mlflow_run": dg.MetadataValue.url(self.run.url),
@@ -115,14 +124,22 @@ class Stage:
         for key, value in metrics.items():
             meta[key] = float(value) if isinstance(value, float) else value
         meta.update(metadata or {})
-        return dg.MaterializeResult(metadata=meta, check_results=check_results,
-                                    data_version=dg.DataVersion(manifest["version"]))
+        return dg.MaterializeResult(
+            metadata=meta,
+            check_results=check_results,
+            data_version=dg.DataVersion(manifest["version"]),
+        )
 
 
 @contextlib.contextmanager
-def stage(context: dg.AssetExecutionContext, name: str, store: ArtifactStore,
-          mlflow: MlflowTracking, use_case: UseCase | None = None,
-          params: dict | None = None) -> Iterator[Stage]:
+def stage(
+    context: dg.AssetExecutionContext,
+    name: str,
+    store: ArtifactStore,
+    mlflow: MlflowTracking,
+    use_case: UseCase | None = None,
+    params: dict | None = None,
+) -> Iterator[Stage]:
     """Open the MLflow run and the artifact target for one asset materialization."""
     uc = use_case or load_use_case(context, store)
     tags = {
@@ -138,8 +155,13 @@ def stage(context: dg.AssetExecutionContext, name: str, store: ArtifactStore,
         if params:
             run.log_params(params)
         context.log.info(f"{name}: MLflow run {run.url}")
-        yield Stage(context=context, name=name, use_case=uc, run=run,
-                    target=store.target(name, context.run.run_id))
+        yield Stage(
+            context=context,
+            name=name,
+            use_case=uc,
+            run=run,
+            target=store.target(name, context.run.run_id),
+        )
 
 
 def json_md(data) -> dg.MetadataValue:

@@ -51,9 +51,18 @@ def reward_function(scorer):
     return reward_model
 
 
-def align(policy, tokenizer, out_dir: Path, config: AlignMethodConfig, runtime: Runtime, *,
-          prompts: list[str] | None = None, pairs: list[dict] | None = None, scorer=None,
-          log: Log | None = None) -> AlignResult:
+def align(
+    policy,
+    tokenizer,
+    out_dir: Path,
+    config: AlignMethodConfig,
+    runtime: Runtime,
+    *,
+    prompts: list[str] | None = None,
+    pairs: list[dict] | None = None,
+    scorer=None,
+    log: Log | None = None,
+) -> AlignResult:
     """Align ``policy`` (a merged causal LM) and save the merged result to ``out_dir``."""
     import torch
     from datasets import Dataset
@@ -62,13 +71,24 @@ def align(policy, tokenizer, out_dir: Path, config: AlignMethodConfig, runtime: 
     from lifecycle_dagster.ml.sft import _quiet
 
     torch.manual_seed(config.seed)
-    peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.lora_r,
-                             lora_alpha=config.lora_alpha, target_modules="all-linear")
+    peft_config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        target_modules="all-linear",
+    )
     progress = Progress(config.method, config.max_steps, log)
     common = dict(
-        max_steps=config.max_steps, learning_rate=config.learning_rate, logging_steps=1,
-        save_strategy="no", report_to="none", seed=config.seed, bf16=runtime.bf16,
-        use_cpu=runtime.device == "cpu", disable_tqdm=True, lr_scheduler_type="constant",
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        bf16=runtime.bf16,
+        use_cpu=runtime.device == "cpu",
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
     )
     tokenizer.padding_side = "left"
     with tempfile.TemporaryDirectory(prefix="align-") as scratch:
@@ -77,11 +97,20 @@ def align(policy, tokenizer, out_dir: Path, config: AlignMethodConfig, runtime: 
 
             if not pairs:
                 raise ValueError("DPO needs preference pairs")
-            args = DPOConfig(output_dir=scratch, beta=max(config.beta, 1e-3),
-                             per_device_train_batch_size=config.batch_size, **common)
-            trainer = DPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(pairs),
-                                 processing_class=tokenizer, peft_config=peft_config,
-                                 callbacks=[hf_callback(progress)])
+            args = DPOConfig(
+                output_dir=scratch,
+                beta=max(config.beta, 1e-3),
+                per_device_train_batch_size=config.batch_size,
+                **common,
+            )
+            trainer = DPOTrainer(
+                model=policy,
+                args=args,
+                train_dataset=Dataset.from_list(pairs),
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                callbacks=[hf_callback(progress)],
+            )
         else:
             if scorer is None or not prompts:
                 raise ValueError(f"{config.method} needs prompts and a reward model")
@@ -92,15 +121,23 @@ def align(policy, tokenizer, out_dir: Path, config: AlignMethodConfig, runtime: 
                 from trl import RLOOConfig as Cfg
                 from trl import RLOOTrainer as Trainer
             args = Cfg(
-                output_dir=scratch, per_device_train_batch_size=config.batch_size,
+                output_dir=scratch,
+                per_device_train_batch_size=config.batch_size,
                 num_generations=config.num_generations,
                 max_completion_length=config.max_completion_length,
-                temperature=config.temperature, beta=config.beta, **common,
+                temperature=config.temperature,
+                beta=config.beta,
+                **common,
             )
-            trainer = Trainer(model=policy, reward_funcs=reward_function(scorer), args=args,
-                              train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
-                              processing_class=tokenizer, peft_config=peft_config,
-                              callbacks=[hf_callback(progress)])
+            trainer = Trainer(
+                model=policy,
+                reward_funcs=reward_function(scorer),
+                args=args,
+                train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                callbacks=[hf_callback(progress)],
+            )
         _quiet(trainer)
         trainer.train()
         model = trainer.model
@@ -109,11 +146,20 @@ def align(policy, tokenizer, out_dir: Path, config: AlignMethodConfig, runtime: 
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     kl = progress.series("kl")
-    reward_key = next((k for k in ("reward", "rewards/reward_model/mean", "rewards/chosen")
-                       if progress.series(k)), "reward")
+    reward_key = next(
+        (
+            k
+            for k in ("reward", "rewards/reward_model/mean", "rewards/chosen")
+            if progress.series(k)
+        ),
+        "reward",
+    )
     return AlignResult(
-        path=Path(out_dir), method=config.method,
+        path=Path(out_dir),
+        method=config.method,
         mean_kl=sum(v for _, v in kl) / len(kl) if kl else None,
-        reward_curve=progress.series(reward_key), kl_curve=kl,
-        loss_curve=progress.series("loss"), seconds=progress.elapsed,
+        reward_curve=progress.series(reward_key),
+        kl_curve=kl,
+        loss_curve=progress.series("loss"),
+        seconds=progress.elapsed,
     )

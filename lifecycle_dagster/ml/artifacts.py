@@ -38,8 +38,13 @@ def build_manifest(root: Path, extra: dict | None = None) -> dict:
         if p.is_file() and p.name != MANIFEST
     }
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    return {"version": digest[:16], "sha256": digest, "files": files,
-            "created_at": time.time(), **(extra or {})}
+    return {
+        "version": digest[:16],
+        "sha256": digest,
+        "files": files,
+        "created_at": time.time(),
+        **(extra or {}),
+    }
 
 
 @contextlib.contextmanager

@@ -41,31 +41,41 @@ def load_jsonl(path: Path, fields: tuple[str, ...], *, max_chars: int, min_rows:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputError(path, f"invalid JSON: {exc.msg} (column {exc.colno})",
-                             line=lineno) from None
+            raise InputError(
+                path, f"invalid JSON: {exc.msg} (column {exc.colno})", line=lineno
+            ) from None
         if not isinstance(row, dict):
-            raise InputError(path, f"expected a JSON object, got {type(row).__name__}",
-                             line=lineno)
+            raise InputError(path, f"expected a JSON object, got {type(row).__name__}", line=lineno)
         for name in fields:
             if name not in row:
                 raise InputError(path, "missing", line=lineno, field=name)
             value = row[name]
             if not isinstance(value, str):
-                raise InputError(path, f"expected a string, got {type(value).__name__}",
-                                 line=lineno, field=name)
+                raise InputError(
+                    path, f"expected a string, got {type(value).__name__}", line=lineno, field=name
+                )
             if not value.strip():
                 raise InputError(path, "empty", line=lineno, field=name)
             if len(value) > max_chars:
-                raise InputError(path, f"{len(value)} characters, more than the {max_chars} allowed",
-                                 line=lineno, field=name)
+                raise InputError(
+                    path,
+                    f"{len(value)} characters, more than the {max_chars} allowed",
+                    line=lineno,
+                    field=name,
+                )
         if row["id"] in ids:
-            raise InputError(path, f"duplicate id '{row['id']}' (first on line {ids[row['id']]})",
-                             line=lineno, field="id")
+            raise InputError(
+                path,
+                f"duplicate id '{row['id']}' (first on line {ids[row['id']]})",
+                line=lineno,
+                field="id",
+            )
         ids[row["id"]] = lineno
         key = json.dumps([row[f] for f in fields if f != "id"])
         if key in contents:
-            raise InputError(path, f"duplicate row (same content as line {contents[key]})",
-                             line=lineno)
+            raise InputError(
+                path, f"duplicate row (same content as line {contents[key]})", line=lineno
+            )
         contents[key] = lineno
         rows.append({name: row[name] for name in fields})
     if len(rows) < min_rows:
@@ -75,23 +85,29 @@ def load_jsonl(path: Path, fields: tuple[str, ...], *, max_chars: int, min_rows:
     for name, values in lengths.items():
         stats[f"{name}_chars_mean"] = round(sum(values) / len(values), 1)
         stats[f"{name}_chars_max"] = max(values)
-    return Split(path=path, rows=rows, sha256=hashlib.sha256(text.encode()).hexdigest(),
-                 stats=stats)
+    return Split(
+        path=path, rows=rows, sha256=hashlib.sha256(text.encode()).hexdigest(), stats=stats
+    )
 
 
 def load_task_data(uc: UseCase) -> dict[str, Split]:
     fields = ("id", uc.task.input_field, uc.task.target_field)
     return {
-        name: load_jsonl(getattr(uc.data, name), fields, max_chars=uc.data.max_chars,
-                         min_rows=uc.data.min_rows)
+        name: load_jsonl(
+            getattr(uc.data, name), fields, max_chars=uc.data.max_chars, min_rows=uc.data.min_rows
+        )
         for name in ("train", "eval")
     }
 
 
 def load_preference_data(uc: UseCase) -> dict[str, Split]:
     return {
-        name: load_jsonl(getattr(uc.data, f"preferences_{name}"), PREFERENCE_FIELDS,
-                         max_chars=uc.data.max_chars, min_rows=uc.data.min_rows)
+        name: load_jsonl(
+            getattr(uc.data, f"preferences_{name}"),
+            PREFERENCE_FIELDS,
+            max_chars=uc.data.max_chars,
+            min_rows=uc.data.min_rows,
+        )
         for name in ("train", "eval")
     }
 
@@ -107,25 +123,40 @@ def format_prompt(uc: UseCase, text: str, examples: list[dict] | None = None) ->
     task = uc.task
     shots = ""
     for ex in examples or []:
-        shots += task.prompt_template.format(instruction=task.instruction,
-                                             input=ex[task.input_field])
+        shots += task.prompt_template.format(
+            instruction=task.instruction, input=ex[task.input_field]
+        )
         shots += f" {ex[task.target_field]}\n\n"
     return shots + task.prompt_template.format(instruction=task.instruction, input=text)
 
 
 def read_rows(path: Path) -> list[dict]:
     """Rows of a JSONL file already validated (a dataset artifact)."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    return [
+        json.loads(line)
+        for line in Path(path).read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
 
 
 def sft_records(uc: UseCase, rows: list[dict]) -> list[dict]:
     """Prompt/completion records for supervised fine-tuning."""
-    return [{"prompt": format_prompt(uc, r[uc.task.input_field]),
-             "completion": " " + r[uc.task.target_field]} for r in rows]
+    return [
+        {
+            "prompt": format_prompt(uc, r[uc.task.input_field]),
+            "completion": " " + r[uc.task.target_field],
+        }
+        for r in rows
+    ]
 
 
 def preference_records(uc: UseCase, rows: list[dict]) -> list[dict]:
     """Prompt/chosen/rejected records in the task's prompt format (reward model, DPO)."""
-    return [{"prompt": format_prompt(uc, r["prompt"]), "chosen": " " + r["chosen"],
-             "rejected": " " + r["rejected"]} for r in rows]
+    return [
+        {
+            "prompt": format_prompt(uc, r["prompt"]),
+            "chosen": " " + r["chosen"],
+            "rejected": " " + r["rejected"],
+        }
+        for r in rows
+    ]

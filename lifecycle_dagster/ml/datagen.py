@@ -17,15 +17,45 @@ import sys
 from pathlib import Path
 
 NAMES = [
-    "Anna", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira",
-    "Liam", "Maya", "Noah", "Olga", "Pavel", "Quinn", "Rosa", "Sami", "Tara", "Umar", "Vera",
-    "Will", "Yara", "Zoe",
+    "Anna",
+    "Ben",
+    "Carla",
+    "David",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kira",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Pavel",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Will",
+    "Yara",
+    "Zoe",
 ]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 TIMES = ["9 am", "10 am", "11 am", "noon", "2 pm", "3 pm", "4 pm", "6 pm", "7 pm", "8 pm"]
 COUNTS = ["two", "three", "four", "five", "six"]
-ITEMS = ["a laptop", "a blender", "a desk lamp", "running shoes", "a phone case", "a coffee grinder",
-         "a winter coat", "a bookshelf"]
+ITEMS = [
+    "a laptop",
+    "a blender",
+    "a desk lamp",
+    "running shoes",
+    "a phone case",
+    "a coffee grinder",
+    "a winter coat",
+    "a bookshelf",
+]
 CITIES = ["Lisbon", "Oslo", "Madrid", "Vienna", "Dublin", "Prague", "Athens", "Warsaw"]
 DEVICES = ["router", "printer", "laptop", "tablet", "smart TV"]
 FIXES = ["restarting it", "updating the firmware", "resetting the password", "replacing the cable"]
@@ -43,17 +73,25 @@ RUDE = [
 
 
 def _restaurant(r: random.Random) -> tuple[str, str, dict[str, str]]:
-    s = {"name": r.choice(NAMES), "count": r.choice(COUNTS), "day": r.choice(DAYS),
-         "time": r.choice(TIMES)}
+    s = {
+        "name": r.choice(NAMES),
+        "count": r.choice(COUNTS),
+        "day": r.choice(DAYS),
+        "time": r.choice(TIMES),
+    }
     variants = [
-        ("#Person1#: Hello, I would like to book a table for {count} on {day} at {time}.\n"
-         "#Person2#: Of course. May I have your name, please?\n"
-         "#Person1#: It is {name}.\n"
-         "#Person2#: Thank you, {name}. Your table for {count} on {day} at {time} is confirmed."),
-        ("#Person1#: Hi, do you have a table for {count} people on {day}?\n"
-         "#Person2#: We do. What time would suit you?\n"
-         "#Person1#: {time}, please. The booking is for {name}.\n"
-         "#Person2#: Done. We look forward to seeing you on {day} at {time}."),
+        (
+            "#Person1#: Hello, I would like to book a table for {count} on {day} at {time}.\n"
+            "#Person2#: Of course. May I have your name, please?\n"
+            "#Person1#: It is {name}.\n"
+            "#Person2#: Thank you, {name}. Your table for {count} on {day} at {time} is confirmed."
+        ),
+        (
+            "#Person1#: Hi, do you have a table for {count} people on {day}?\n"
+            "#Person2#: We do. What time would suit you?\n"
+            "#Person1#: {time}, please. The booking is for {name}.\n"
+            "#Person2#: Done. We look forward to seeing you on {day} at {time}."
+        ),
     ]
     summary = "{name} books a table for {count} on {day} at {time}."
     return r.choice(variants).format(**s), summary.format(**s), s
@@ -62,14 +100,18 @@ def _restaurant(r: random.Random) -> tuple[str, str, dict[str, str]]:
 def _delivery(r: random.Random) -> tuple[str, str, dict[str, str]]:
     s = {"name": r.choice(NAMES), "item": r.choice(ITEMS), "day": r.choice(DAYS)}
     variants = [
-        ("#Person1#: Hello, this is {name}. My order of {item} has not arrived yet.\n"
-         "#Person2#: I am sorry about that. Let me check the tracking.\n"
-         "#Person2#: There was a delay at the depot. It will arrive on {day}.\n"
-         "#Person1#: Thank you for checking."),
-        ("#Person1#: Hi, I ordered {item} last week and it is late.\n"
-         "#Person2#: May I have your name?\n"
-         "#Person1#: {name}.\n"
-         "#Person2#: Thanks, {name}. The courier will deliver {item} on {day}."),
+        (
+            "#Person1#: Hello, this is {name}. My order of {item} has not arrived yet.\n"
+            "#Person2#: I am sorry about that. Let me check the tracking.\n"
+            "#Person2#: There was a delay at the depot. It will arrive on {day}.\n"
+            "#Person1#: Thank you for checking."
+        ),
+        (
+            "#Person1#: Hi, I ordered {item} last week and it is late.\n"
+            "#Person2#: May I have your name?\n"
+            "#Person1#: {name}.\n"
+            "#Person2#: Thanks, {name}. The courier will deliver {item} on {day}."
+        ),
     ]
     summary = "{name}'s order of {item} is delayed and will arrive on {day}."
     return r.choice(variants).format(**s), summary.format(**s), s
@@ -78,13 +120,17 @@ def _delivery(r: random.Random) -> tuple[str, str, dict[str, str]]:
 def _doctor(r: random.Random) -> tuple[str, str, dict[str, str]]:
     s = {"name": r.choice(NAMES), "day": r.choice(DAYS), "time": r.choice(TIMES)}
     variants = [
-        ("#Person1#: Good morning, I need to move my appointment. My name is {name}.\n"
-         "#Person2#: Certainly, {name}. When would you like to come in?\n"
-         "#Person1#: Is {day} possible?\n"
-         "#Person2#: Yes, the doctor can see you on {day} at {time}."),
-        ("#Person1#: Hi, this is {name}. I cannot make my appointment this week.\n"
-         "#Person2#: No problem. We have a free slot on {day} at {time}.\n"
-         "#Person1#: That works for me, thanks."),
+        (
+            "#Person1#: Good morning, I need to move my appointment. My name is {name}.\n"
+            "#Person2#: Certainly, {name}. When would you like to come in?\n"
+            "#Person1#: Is {day} possible?\n"
+            "#Person2#: Yes, the doctor can see you on {day} at {time}."
+        ),
+        (
+            "#Person1#: Hi, this is {name}. I cannot make my appointment this week.\n"
+            "#Person2#: No problem. We have a free slot on {day} at {time}.\n"
+            "#Person1#: That works for me, thanks."
+        ),
     ]
     summary = "{name} moves the doctor's appointment to {day} at {time}."
     return r.choice(variants).format(**s), summary.format(**s), s
@@ -93,31 +139,43 @@ def _doctor(r: random.Random) -> tuple[str, str, dict[str, str]]:
 def _support(r: random.Random) -> tuple[str, str, dict[str, str]]:
     s = {"name": r.choice(NAMES), "device": r.choice(DEVICES), "fix": r.choice(FIXES)}
     variants = [
-        ("#Person1#: Hello, my {device} stopped working this morning.\n"
-         "#Person2#: I can help. Could you tell me your name?\n"
-         "#Person1#: {name}.\n"
-         "#Person2#: Thanks, {name}. Please try {fix}.\n"
-         "#Person1#: That fixed it, thank you!"),
-        ("#Person1#: Hi, this is {name}. My {device} keeps failing.\n"
-         "#Person2#: Sorry to hear that. Have you tried {fix}?\n"
-         "#Person1#: Not yet. Let me try. It works now."),
+        (
+            "#Person1#: Hello, my {device} stopped working this morning.\n"
+            "#Person2#: I can help. Could you tell me your name?\n"
+            "#Person1#: {name}.\n"
+            "#Person2#: Thanks, {name}. Please try {fix}.\n"
+            "#Person1#: That fixed it, thank you!"
+        ),
+        (
+            "#Person1#: Hi, this is {name}. My {device} keeps failing.\n"
+            "#Person2#: Sorry to hear that. Have you tried {fix}?\n"
+            "#Person1#: Not yet. Let me try. It works now."
+        ),
     ]
     summary = "{name}'s {device} is fixed by {fix}."
     return r.choice(variants).format(**s), summary.format(**s), s
 
 
 def _hotel(r: random.Random) -> tuple[str, str, dict[str, str]]:
-    s = {"name": r.choice(NAMES), "room": r.choice(ROOMS), "nights": r.choice(NIGHTS),
-         "day": r.choice(DAYS)}
+    s = {
+        "name": r.choice(NAMES),
+        "room": r.choice(ROOMS),
+        "nights": r.choice(NIGHTS),
+        "day": r.choice(DAYS),
+    }
     variants = [
-        ("#Person1#: Hello, I would like to reserve a {room} for {nights} from {day}.\n"
-         "#Person2#: Certainly. Under which name?\n"
-         "#Person1#: {name}.\n"
-         "#Person2#: Your {room} is reserved for {nights} from {day}, {name}."),
-        ("#Person1#: Hi, is a {room} free from {day}?\n"
-         "#Person2#: Yes. How long will you stay?\n"
-         "#Person1#: {nights}. The name is {name}.\n"
-         "#Person2#: All set. See you on {day}."),
+        (
+            "#Person1#: Hello, I would like to reserve a {room} for {nights} from {day}.\n"
+            "#Person2#: Certainly. Under which name?\n"
+            "#Person1#: {name}.\n"
+            "#Person2#: Your {room} is reserved for {nights} from {day}, {name}."
+        ),
+        (
+            "#Person1#: Hi, is a {room} free from {day}?\n"
+            "#Person2#: Yes. How long will you stay?\n"
+            "#Person1#: {nights}. The name is {name}.\n"
+            "#Person2#: All set. See you on {day}."
+        ),
     ]
     summary = "{name} reserves a {room} for {nights} from {day}."
     return r.choice(variants).format(**s), summary.format(**s), s
@@ -126,14 +184,18 @@ def _hotel(r: random.Random) -> tuple[str, str, dict[str, str]]:
 def _flight(r: random.Random) -> tuple[str, str, dict[str, str]]:
     s = {"name": r.choice(NAMES), "city": r.choice(CITIES), "day": r.choice(DAYS)}
     variants = [
-        ("#Person1#: Hello, I need to change my flight to {city}.\n"
-         "#Person2#: Of course. What is your name?\n"
-         "#Person1#: {name}. Could I fly on {day} instead?\n"
-         "#Person2#: Yes, {name}. You are now booked to {city} on {day}."),
-        ("#Person1#: Hi, this is {name}. Can I move my trip to {city}?\n"
-         "#Person2#: Which day would you prefer?\n"
-         "#Person1#: {day}, if possible.\n"
-         "#Person2#: Done. Your flight to {city} now leaves on {day}."),
+        (
+            "#Person1#: Hello, I need to change my flight to {city}.\n"
+            "#Person2#: Of course. What is your name?\n"
+            "#Person1#: {name}. Could I fly on {day} instead?\n"
+            "#Person2#: Yes, {name}. You are now booked to {city} on {day}."
+        ),
+        (
+            "#Person1#: Hi, this is {name}. Can I move my trip to {city}?\n"
+            "#Person2#: Which day would you prefer?\n"
+            "#Person1#: {day}, if possible.\n"
+            "#Person2#: Done. Your flight to {city} now leaves on {day}."
+        ),
     ]
     summary = "{name} changes the flight to {city} to {day}."
     return r.choice(variants).format(**s), summary.format(**s), s
@@ -142,14 +204,18 @@ def _flight(r: random.Random) -> tuple[str, str, dict[str, str]]:
 def _library(r: random.Random) -> tuple[str, str, dict[str, str]]:
     s = {"name": r.choice(NAMES), "book": r.choice(BOOKS), "day": r.choice(DAYS)}
     variants = [
-        ("#Person1#: Hello, I would like to renew {book}.\n"
-         "#Person2#: Sure. What is your name?\n"
-         "#Person1#: {name}.\n"
-         "#Person2#: Thank you, {name}. It is now due back on {day}."),
-        ("#Person1#: Hi, this is {name}. I have not finished {book} yet.\n"
-         "#Person2#: I can extend the loan for you.\n"
-         "#Person2#: The new due date is {day}.\n"
-         "#Person1#: Great, thanks."),
+        (
+            "#Person1#: Hello, I would like to renew {book}.\n"
+            "#Person2#: Sure. What is your name?\n"
+            "#Person1#: {name}.\n"
+            "#Person2#: Thank you, {name}. It is now due back on {day}."
+        ),
+        (
+            "#Person1#: Hi, this is {name}. I have not finished {book} yet.\n"
+            "#Person2#: I can extend the loan for you.\n"
+            "#Person2#: The new due date is {day}.\n"
+            "#Person1#: Great, thanks."
+        ),
     ]
     summary = "{name} renews {book}, now due on {day}."
     return r.choice(variants).format(**s), summary.format(**s), s
@@ -160,9 +226,19 @@ SCENARIOS = [_restaurant, _delivery, _doctor, _support, _hotel, _flight, _librar
 
 def _unfaithful(r: random.Random, summary: str, slots: dict[str, str]) -> str:
     """The reference with its slot values swapped for wrong ones."""
-    pools = {"name": NAMES, "count": COUNTS, "day": DAYS, "time": TIMES, "item": ITEMS,
-             "city": CITIES, "device": DEVICES, "fix": FIXES, "book": BOOKS, "room": ROOMS,
-             "nights": NIGHTS}
+    pools = {
+        "name": NAMES,
+        "count": COUNTS,
+        "day": DAYS,
+        "time": TIMES,
+        "item": ITEMS,
+        "city": CITIES,
+        "device": DEVICES,
+        "fix": FIXES,
+        "book": BOOKS,
+        "room": ROOMS,
+        "nights": NIGHTS,
+    }
     out = summary
     for key, value in slots.items():
         if key == "name":
@@ -193,8 +269,14 @@ def generate(seed: int = 7, n_train: int = 320, n_eval: int = 80) -> dict[str, l
                 rejected = r.choice(RUDE).format(name=row["_slots"]["name"])
             else:
                 rejected = _unfaithful(r, row["summary"], row["_slots"])
-            prefs.append({"id": rid, "prompt": row["dialogue"], "chosen": row["summary"],
-                          "rejected": rejected})
+            prefs.append(
+                {
+                    "id": rid,
+                    "prompt": row["dialogue"],
+                    "chosen": row["summary"],
+                    "rejected": rejected,
+                }
+            )
         out[f"{split}.jsonl"] = task
         out[f"preferences_{split}.jsonl"] = prefs
     return out
@@ -205,8 +287,9 @@ def write(out_dir: Path, seed: int = 7) -> list[Path]:
     paths = []
     for name, rows in generate(seed).items():
         path = out_dir / name
-        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
-                        encoding="utf-8")
+        path.write_text(
+            "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
+        )
         paths.append(path)
     return paths
 

@@ -12,8 +12,9 @@ class InputError(ValueError):
     names the field, so that a person can go straight to the problem.
     """
 
-    def __init__(self, path: str | Path, message: str, *, line: int | None = None,
-                 field: str | None = None) -> None:
+    def __init__(
+        self, path: str | Path, message: str, *, line: int | None = None, field: str | None = None
+    ) -> None:
         self.path = str(path)
         self.line = line
         self.field = field

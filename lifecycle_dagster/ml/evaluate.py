@@ -14,8 +14,16 @@ def clean_completion(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
 
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
-             batch_size: int = 16, log: Log | None = None, stage: str = "generate") -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    log: Log | None = None,
+    stage: str = "generate",
+) -> list[str]:
     """Greedy completions, left-padded batches, longest prompts first so batches pad little."""
     import torch
 
@@ -24,16 +32,22 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     out: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
+        idx = order[start : start + batch_size]
+        enc = tokenizer(
+            [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(device)
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
-                                       skip_special_tokens=True)
-        for i, text in zip(idx, texts):
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        texts = tokenizer.batch_decode(
+            gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        for i, text in zip(idx, texts, strict=True):
             out[i] = clean_completion(text)
         if log:
             log(f"{stage}: {min(start + batch_size, len(order))}/{len(order)} generated")
@@ -44,11 +58,15 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return [
+        scorer.score(ref, pred)["rougeL"].fmeasure
+        for pred, ref in zip(predictions, references, strict=True)
+    ]
 
 
-def perplexity(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
-               batch_size: int = 16) -> float:
+def perplexity(
+    model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 16
+) -> float:
     """exp(mean NLL) of the reference completions given their prompts (completion tokens only)."""
     import torch
 
@@ -56,7 +74,9 @@ def perplexity(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(prompts), batch_size):
         ids, labels = [], []
-        for p, t in zip(prompts[start:start + batch_size], targets[start:start + batch_size]):
+        for p, t in zip(
+            prompts[start : start + batch_size], targets[start : start + batch_size], strict=True
+        ):
             p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
             t_ids = tokenizer(" " + t, add_special_tokens=False)["input_ids"]
             t_ids = t_ids + [tokenizer.eos_token_id]
@@ -69,7 +89,7 @@ def perplexity(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],
         lab = torch.tensor([x + [-100] * (width - len(x)) for x in labels], device=device)
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attn).logits.float()
-        logits = logits[:, logits.shape[1] - input_ids.shape[1]:]  # prompt tuning prepends tokens
+        logits = logits[:, logits.shape[1] - input_ids.shape[1] :]  # prompt tuning prepends tokens
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         tgt = lab[:, 1:]
         mask = tgt != -100
@@ -93,22 +113,33 @@ class RewardScorer:
         from lifecycle_dagster.ml.models import LOAD_KW, load_tokenizer
 
         self.tokenizer = load_tokenizer(path, padding_side="right")
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=True, **LOAD_KW
-        ).to(runtime.device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=torch.float32, use_safetensors=True, **LOAD_KW
+            )
+            .to(runtime.device)
+            .eval()
+        )
         self.batch_size = batch_size
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         import torch
 
         eos = self.tokenizer.eos_token
-        texts = [f"{p} {clean_completion(c)}{eos}" for p, c in zip(prompts, completions)]
+        texts = [
+            f"{p} {clean_completion(c)}{eos}" for p, c in zip(prompts, completions, strict=True)
+        ]
         scores: list[float] = []
         device = next(self.model.parameters()).device
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt",
-                                 padding=True, add_special_tokens=False, truncation=True,
-                                 max_length=1024).to(device)
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=True,
+                max_length=1024,
+            ).to(device)
             with torch.no_grad():
                 scores.extend(self.model(**enc).logits[:, 0].float().tolist())
         return scores
@@ -131,23 +162,51 @@ class EvalResult:
         return out
 
 
-def evaluate_model(model, tokenizer, prompts: Sequence[str], references: Sequence[str], *,
-                   max_new_tokens: int, batch_size: int,
-                   reward: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
-                   with_perplexity: bool = True, ids: Sequence[str] | None = None,
-                   log: Log | None = None, stage: str = "evaluate") -> EvalResult:
-    preds = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, log=log, stage=stage)
+def evaluate_model(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    references: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    reward: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
+    with_perplexity: bool = True,
+    ids: Sequence[str] | None = None,
+    log: Log | None = None,
+    stage: str = "evaluate",
+) -> EvalResult:
+    preds = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        log=log,
+        stage=stage,
+    )
     rouge = rouge_l(preds, references)
     rewards = reward(prompts, preds) if reward is not None else None
-    ppl = perplexity(model, tokenizer, prompts, references, batch_size=batch_size) \
-        if with_perplexity else None
+    ppl = (
+        perplexity(model, tokenizer, prompts, references, batch_size=batch_size)
+        if with_perplexity
+        else None
+    )
     ids = ids or [str(i) for i in range(len(prompts))]
-    rows = [{"id": i, "prediction": p, "reference": r, "rouge_l": round(s, 4),
-             **({"reward": round(rewards[k], 4)} if rewards else {})}
-            for k, (i, p, r, s) in enumerate(zip(ids, preds, references, rouge))]
+    rows = [
+        {
+            "id": i,
+            "prediction": p,
+            "reference": r,
+            "rouge_l": round(s, 4),
+            **({"reward": round(rewards[k], 4)} if rewards else {}),
+        }
+        for k, (i, p, r, s) in enumerate(zip(ids, preds, references, rouge, strict=True))
+    ]
     return EvalResult(
-        rouge_l=sum(rouge) / len(rouge), perplexity=ppl,
+        rouge_l=sum(rouge) / len(rouge),
+        perplexity=ppl,
         mean_reward=sum(rewards) / len(rewards) if rewards else None,
-        predictions=preds, per_example=rows,
+        predictions=preds,
+        per_example=rows,
     )

@@ -38,15 +38,29 @@ class ExportResult:
     seconds: float = 0.0
 
 
-def export_onnx(model_dir: Path, out_dir: Path, config: ExportConfig,
-                log: Log | None = None) -> ExportResult:
+def export_onnx(
+    model_dir: Path, out_dir: Path, config: ExportConfig, log: Log | None = None
+) -> ExportResult:
     """Write ``out_dir/fp32`` (and ``out_dir/int8``), each a runnable onnxruntime-genai folder."""
     start = time.monotonic()
     out_dir = Path(out_dir)
     fp32 = out_dir / "fp32"
     with tempfile.TemporaryDirectory(prefix="onnx-cache-") as cache:
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(model_dir),
-               "-o", str(fp32), "-p", "fp32", "-e", "cpu", "-c", cache]
+        cmd = [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-m",
+            str(model_dir),
+            "-o",
+            str(fp32),
+            "-p",
+            "fp32",
+            "-e",
+            "cpu",
+            "-c",
+            cache,
+        ]
         if log:
             log(f"onnx: exporting {model_dir} (fp32, KV cache)")
         env = {**os.environ, "TQDM_DISABLE": "1"}
@@ -62,17 +76,25 @@ def export_onnx(model_dir: Path, out_dir: Path, config: ExportConfig,
         int8.mkdir()
         if log:
             log("onnx: quantising to int8 (dynamic, per-channel weights)")
-        quantize_dynamic(fp32 / MODEL_FILE, int8 / MODEL_FILE, weight_type=QuantType.QInt8,
-                         per_channel=True)
+        quantize_dynamic(
+            fp32 / MODEL_FILE, int8 / MODEL_FILE, weight_type=QuantType.QInt8, per_channel=True
+        )
         for extra in fp32.iterdir():
             if extra.suffix != ".onnx" and not extra.name.startswith(MODEL_FILE):
                 shutil.copy(extra, int8 / extra.name)
         variants["int8"] = int8
-    sizes = {name: sum(p.stat().st_size for p in path.glob("model.onnx*"))
-             for name, path in variants.items()}
+    sizes = {
+        name: sum(p.stat().st_size for p in path.glob("model.onnx*"))
+        for name, path in variants.items()
+    }
     selected = "int8" if "int8" in variants else "fp32"
-    return ExportResult(path=out_dir, variants=variants, selected=selected, sizes=sizes,
-                        seconds=time.monotonic() - start)
+    return ExportResult(
+        path=out_dir,
+        variants=variants,
+        selected=selected,
+        sizes=sizes,
+        seconds=time.monotonic() - start,
+    )
 
 
 def _plain_bytelevel_decoder(folder: Path) -> None:
@@ -84,8 +106,12 @@ def _plain_bytelevel_decoder(folder: Path) -> None:
     pre = tok.get("pre_tokenizer") or {}
     uses_bytelevel = "ByteLevel" in json.dumps(pre)
     if uses_bytelevel and (tok.get("decoder") or {}).get("type") != "ByteLevel":
-        tok["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                          "use_regex": True}
+        tok["decoder"] = {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": True,
+            "use_regex": True,
+        }
         path.write_text(json.dumps(tok))
 
 
@@ -105,8 +131,9 @@ class OrtDecoder:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(Path(folder) / MODEL_FILE), opts,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(Path(folder) / MODEL_FILE), opts, providers=["CPUExecutionProvider"]
+        )
         self.input_names = {i.name for i in self.session.get_inputs()}
         if not any(n.startswith("past_key_values") for n in self.input_names):
             raise ValueError(f"{folder}: the exported model has no KV-cache inputs")
@@ -115,19 +142,28 @@ class OrtDecoder:
         import numpy as np
 
         shape = (1, self.kv_heads, 0, self.head_size)
-        return {f"past_key_values.{i}.{kv}": np.zeros(shape, dtype=np.float32)
-                for i in range(self.layers) for kv in ("key", "value")}
+        return {
+            f"past_key_values.{i}.{kv}": np.zeros(shape, dtype=np.float32)
+            for i in range(self.layers)
+            for kv in ("key", "value")
+        }
 
     def step(self, ids: list[int], past: dict, total: int):
         import numpy as np
 
-        feeds = {"input_ids": np.array([ids], dtype=np.int64),
-                 "attention_mask": np.ones((1, total), dtype=np.int64), **past}
+        feeds = {
+            "input_ids": np.array([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, total), dtype=np.int64),
+            **past,
+        }
         outs = self.session.run(None, feeds)
         names = [o.name for o in self.session.get_outputs()]
-        result = dict(zip(names, outs))
-        present = {f"past_key_values.{i}.{kv}": result[f"present.{i}.{kv}"]
-                   for i in range(self.layers) for kv in ("key", "value")}
+        result = dict(zip(names, outs, strict=True))
+        present = {
+            f"past_key_values.{i}.{kv}": result[f"present.{i}.{kv}"]
+            for i in range(self.layers)
+            for kv in ("key", "value")
+        }
         return result["logits"], present
 
     def prefill_logits(self, ids: list[int]):
@@ -163,8 +199,9 @@ class Faithfulness:
     examples: list[dict] = field(default_factory=list)
 
 
-def verify_against_torch(model, tokenizer, decoder: OrtDecoder, prompts: list[str], *,
-                         max_new_tokens: int, variant: str) -> Faithfulness:
+def verify_against_torch(
+    model, tokenizer, decoder: OrtDecoder, prompts: list[str], *, max_new_tokens: int, variant: str
+) -> Faithfulness:
     """Compare prefill logits, greedy tokens and decoded text of ONNX and PyTorch, batch 1.
 
     Also checks that decoding with the cache gives the logits a full recomputation gives: an export
@@ -188,14 +225,16 @@ def verify_against_torch(model, tokenizer, decoder: OrtDecoder, prompts: list[st
 
         t0 = time.perf_counter()
         with torch.no_grad():
-            gen = model.generate(torch.tensor([ids], device=device),
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                                                           device=device),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+            gen = model.generate(
+                torch.tensor([ids], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         torch_time += time.perf_counter() - t0
-        ref_tokens = [t for t in gen[0, len(ids):].tolist() if t != tokenizer.eos_token_id]
+        ref_tokens = [t for t in gen[0, len(ids) :].tolist() if t != tokenizer.eos_token_id]
         torch_tokens += max(1, len(ref_tokens))
         t0 = time.perf_counter()
         ort_tok, _ = decoder.generate(ids, max_new_tokens)
@@ -203,7 +242,7 @@ def verify_against_torch(model, tokenizer, decoder: OrtDecoder, prompts: list[st
         ort_tokens += max(1, len(ort_tok))
 
         n = max(len(ref_tokens), len(ort_tok))
-        agree += sum(1 for a, b in zip(ref_tokens, ort_tok) if a == b)
+        agree += sum(1 for a, b in zip(ref_tokens, ort_tok, strict=False) if a == b)
         total_tok += max(1, n)
         ref_text = tokenizer.decode(ref_tokens, skip_special_tokens=True)
         ort_text = tokenizer.decode(ort_tok, skip_special_tokens=True)
@@ -215,12 +254,16 @@ def verify_against_torch(model, tokenizer, decoder: OrtDecoder, prompts: list[st
             _, step_logits = decoder.generate(ids, len(ort_tok))
             k = min(len(step_logits), full.shape[0] - len(ids) + 1)
             stepped = np.stack(step_logits[:k])
-            recomputed = full[len(ids) - 1: len(ids) - 1 + k]
+            recomputed = full[len(ids) - 1 : len(ids) - 1 + k]
             if np.abs(stepped - recomputed).max() > max(1e-2, 10 * max_diff):
                 cache_ok = False
     return Faithfulness(
-        variant=variant, max_abs_logit_diff=max_diff, token_agreement=agree / max(1, total_tok),
-        text_equal=equal / len(prompts), cache_consistent=cache_ok,
+        variant=variant,
+        max_abs_logit_diff=max_diff,
+        token_agreement=agree / max(1, total_tok),
+        text_equal=equal / len(prompts),
+        cache_consistent=cache_ok,
         ort_tokens_per_s=ort_tokens / max(ort_time, 1e-9),
-        torch_tokens_per_s=torch_tokens / max(torch_time, 1e-9), examples=examples,
+        torch_tokens_per_s=torch_tokens / max(torch_time, 1e-9),
+        examples=examples,
     )

@@ -26,8 +26,9 @@ class BaseModelResult:
     pretrain: dict = field(default_factory=dict)
 
 
-def materialize_base_model(spec, corpus: list[str], out_dir: Path, runtime: Runtime,
-                           log: Log | None = None) -> BaseModelResult:
+def materialize_base_model(
+    spec, corpus: list[str], out_dir: Path, runtime: Runtime, log: Log | None = None
+) -> BaseModelResult:
     """Write the base model named by a ``BaseModelSpec`` into ``out_dir`` as safetensors."""
     from lifecycle_dagster.ml.pretrain import PretrainConfig, pretrain
 
@@ -35,14 +36,31 @@ def materialize_base_model(spec, corpus: list[str], out_dir: Path, runtime: Runt
     info: dict = {}
     if spec.source == "scratch":
         s = spec.scratch
-        result = pretrain(corpus, out_dir, PretrainConfig(
-            vocab_size=s.vocab_size, hidden_size=s.hidden_size, num_layers=s.num_layers,
-            num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
-            intermediate_size=s.intermediate_size, context_length=s.context_length,
-            steps=s.steps, batch_size=s.batch_size, learning_rate=s.learning_rate, seed=s.seed,
-        ), device=runtime.device, log=log)
-        info = {"loss_start": result.loss_start, "loss_end": result.loss_end,
-                "tokens_seen": result.tokens_seen, "loss_curve": result.loss_curve}
+        result = pretrain(
+            corpus,
+            out_dir,
+            PretrainConfig(
+                vocab_size=s.vocab_size,
+                hidden_size=s.hidden_size,
+                num_layers=s.num_layers,
+                num_heads=s.num_heads,
+                num_kv_heads=s.num_kv_heads,
+                intermediate_size=s.intermediate_size,
+                context_length=s.context_length,
+                steps=s.steps,
+                batch_size=s.batch_size,
+                learning_rate=s.learning_rate,
+                seed=s.seed,
+            ),
+            device=runtime.device,
+            log=log,
+        )
+        info = {
+            "loss_start": result.loss_start,
+            "loss_end": result.loss_end,
+            "tokens_seen": result.tokens_seen,
+            "loss_curve": result.loss_curve,
+        }
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,10 +85,13 @@ def materialize_base_model(spec, corpus: list[str], out_dir: Path, runtime: Runt
 
     config = AutoConfig.from_pretrained(out_dir, **LOAD_KW)
     return BaseModelResult(
-        path=out_dir, source=spec.source, parameters=count_parameters(out_dir),
+        path=out_dir,
+        source=spec.source,
+        parameters=count_parameters(out_dir),
         architecture=config.architectures[0] if config.architectures else config.model_type,
         vocab_size=config.vocab_size,
-        context_length=getattr(config, "max_position_embeddings", 0), pretrain=info,
+        context_length=getattr(config, "max_position_embeddings", 0),
+        pretrain=info,
     )
 
 
@@ -80,7 +101,7 @@ def count_parameters(path: Path) -> int:
     total = 0
     for file in Path(path).glob("*.safetensors"):
         with safe_open(file, "pt") as fh:
-            for key in fh.keys():
+            for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                 total += _prod(fh.get_slice(key).get_shape())
     return total
 
@@ -108,8 +129,7 @@ def load_causal_lm(path: Path, runtime: Runtime, adapter: Path | None = None):
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if runtime.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                 **LOAD_KW)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **LOAD_KW)
     if adapter is not None:
         from peft import PeftModel
 

@@ -50,19 +50,32 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                 bos_token="<|endoftext|>", pad_token="<|pad|>",
-                                 model_max_length=4096)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        model_max_length=4096,
+    )
     hf.save_pretrained(out_dir)
     return hf
 
 
-def pretrain(texts: list[str], out_dir: Path, config: PretrainConfig, *, device: str = "cpu",
-             log: Log | None = None) -> PretrainResult:
+def pretrain(
+    texts: list[str],
+    out_dir: Path,
+    config: PretrainConfig,
+    *,
+    device: str = "cpu",
+    log: Log | None = None,
+) -> PretrainResult:
     """Tokenizer, then next-token prediction on packed blocks of the corpus; saves safetensors."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -80,11 +93,16 @@ def pretrain(texts: list[str], out_dir: Path, config: PretrainConfig, *, device:
     data = torch.tensor(stream[: n_blocks * block]).view(n_blocks, block)
 
     model_config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-        max_position_embeddings=config.context_length, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=config.context_length,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(model_config).to(device)
@@ -113,10 +131,12 @@ def pretrain(texts: list[str], out_dir: Path, config: PretrainConfig, *, device:
     model.save_pretrained(out_dir, safe_serialization=True)
     losses = [loss for _, loss in progress.series("loss")]
     head = losses[: max(1, len(losses) // 10)]
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     return PretrainResult(
-        path=out_dir, parameters=sum(p.numel() for p in model.parameters()),
+        path=out_dir,
+        parameters=sum(p.numel() for p in model.parameters()),
         tokens_seen=config.steps * config.batch_size * block,
-        loss_start=sum(head) / len(head), loss_end=sum(tail) / len(tail),
+        loss_start=sum(head) / len(head),
+        loss_end=sum(tail) / len(tail),
         loss_curve=progress.series("loss"),
     )

@@ -31,8 +31,10 @@ class Progress:
         elapsed = now - self._start
         eta = elapsed / step * (self.total - step) if step else float("nan")
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        self.log(f"{self.stage}: step {step}/{self.total}"
-                 f"{', ' + shown if shown else ''}, elapsed {elapsed:.0f}s, ETA {eta:.0f}s")
+        self.log(
+            f"{self.stage}: step {step}/{self.total}"
+            f"{', ' + shown if shown else ''}, elapsed {elapsed:.0f}s, ETA {eta:.0f}s"
+        )
 
     def series(self, key: str) -> list[tuple[int, float]]:
         return [(h["step"], h[key]) for h in self.history if key in h]
@@ -48,8 +50,11 @@ def hf_callback(progress: Progress):
 
     class _Callback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = {k: v for k, v in (logs or {}).items()
-                    if isinstance(v, (int, float)) and k not in ("epoch", "step")}
+            logs = {
+                k: v
+                for k, v in (logs or {}).items()
+                if isinstance(v, (int, float)) and k not in ("epoch", "step")
+            }
             if logs:
                 progress.update(state.global_step, **logs)
 

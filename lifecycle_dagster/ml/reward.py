@@ -28,9 +28,14 @@ class RewardResult:
     seconds: float = 0.0
 
 
-def train_reward_model(base_model: Path, pairs: list[dict], out_dir: Path,
-                       config: RewardMethodConfig, runtime: Runtime,
-                       log: Log | None = None) -> RewardResult:
+def train_reward_model(
+    base_model: Path,
+    pairs: list[dict],
+    out_dir: Path,
+    config: RewardMethodConfig,
+    runtime: Runtime,
+    log: Log | None = None,
+) -> RewardResult:
     """Train on ``{"prompt", "chosen", "rejected"}`` records (Bradley-Terry pairwise loss)."""
     import torch
     from datasets import Dataset
@@ -43,19 +48,34 @@ def train_reward_model(base_model: Path, pairs: list[dict], out_dir: Path,
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(base_model, padding_side="right")
     model = AutoModelForSequenceClassification.from_pretrained(
-        base_model, num_labels=1, dtype=torch.float32, use_safetensors=True, **LOAD_KW)
+        base_model, num_labels=1, dtype=torch.float32, use_safetensors=True, **LOAD_KW
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     progress = Progress("reward", config.max_steps, log)
     with tempfile.TemporaryDirectory(prefix="reward-") as scratch:
         args = RewardConfig(
-            output_dir=scratch, max_steps=config.max_steps, learning_rate=config.learning_rate,
-            per_device_train_batch_size=config.batch_size, lr_scheduler_type="cosine",
-            warmup_steps=max(1, config.max_steps // 20), logging_steps=1, save_strategy="no",
-            report_to="none", seed=config.seed, bf16=runtime.bf16,
-            use_cpu=runtime.device == "cpu", max_length=config.max_length, disable_tqdm=True,
+            output_dir=scratch,
+            max_steps=config.max_steps,
+            learning_rate=config.learning_rate,
+            per_device_train_batch_size=config.batch_size,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, config.max_steps // 20),
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=config.seed,
+            bf16=runtime.bf16,
+            use_cpu=runtime.device == "cpu",
+            max_length=config.max_length,
+            disable_tqdm=True,
         )
-        trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
-                                processing_class=tokenizer, callbacks=[hf_callback(progress)])
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(pairs),
+            processing_class=tokenizer,
+            callbacks=[hf_callback(progress)],
+        )
         _quiet(trainer)
         trainer.train()
     trainer.model.eval()
@@ -63,9 +83,13 @@ def train_reward_model(base_model: Path, pairs: list[dict], out_dir: Path,
     tokenizer.save_pretrained(out_dir)
     losses = [v for _, v in progress.series("loss")]
     k = max(1, len(losses) // 10)
-    return RewardResult(path=Path(out_dir), loss_start=sum(losses[:k]) / k,
-                        loss_end=sum(losses[-k:]) / k, loss_curve=progress.series("loss"),
-                        seconds=progress.elapsed)
+    return RewardResult(
+        path=Path(out_dir),
+        loss_start=sum(losses[:k]) / k,
+        loss_end=sum(losses[-k:]) / k,
+        loss_curve=progress.series("loss"),
+        seconds=progress.elapsed,
+    )
 
 
 def pairwise_accuracy(scorer, pairs: list[dict]) -> tuple[float, float]:
@@ -73,6 +97,6 @@ def pairwise_accuracy(scorer, pairs: list[dict]) -> tuple[float, float]:
     prompts = [p["prompt"] for p in pairs]
     chosen = scorer(prompts, [p["chosen"] for p in pairs])
     rejected = scorer(prompts, [p["rejected"] for p in pairs])
-    wins = [c > r for c, r in zip(chosen, rejected)]
-    margins = [c - r for c, r in zip(chosen, rejected)]
+    wins = [c > r for c, r in zip(chosen, rejected, strict=True)]
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     return sum(wins) / len(wins), sum(margins) / len(margins)

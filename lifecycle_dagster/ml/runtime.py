@@ -21,8 +21,9 @@ class Runtime:
         return f"{self.device} ({self.dtype}, torch threads {self.torch_threads})"
 
 
-def select_runtime(device: str = "auto", torch_threads: int | None = None,
-                   ort_threads: int | None = None) -> Runtime:
+def select_runtime(
+    device: str = "auto", torch_threads: int | None = None, ort_threads: int | None = None
+) -> Runtime:
     """CUDA when present (bf16 where supported), Apple MPS next, else CPU; threads set explicitly.
 
     On small hosts torch and onnxruntime threads fight each other, so both counts are set here and

@@ -47,12 +47,17 @@ def peft_config_for(config: SFTMethodConfig, tokenizer):
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
     if config.method == "lora":
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.lora_r,
-                          lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=config.target_modules)
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules,
+        )
     if config.method == "prompt_tuning":
         return PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=config.num_virtual_tokens,
             prompt_tuning_init=PromptTuningInit.TEXT,
             prompt_tuning_init_text="Summarise the dialogue in one sentence.",
             tokenizer_name_or_path=tokenizer.name_or_path,
@@ -60,8 +65,14 @@ def peft_config_for(config: SFTMethodConfig, tokenizer):
     return None
 
 
-def train_sft(base_model: Path, records: list[dict], out_dir: Path, config: SFTMethodConfig,
-              runtime: Runtime, log: Log | None = None) -> SFTResult:
+def train_sft(
+    base_model: Path,
+    records: list[dict],
+    out_dir: Path,
+    config: SFTMethodConfig,
+    runtime: Runtime,
+    log: Log | None = None,
+) -> SFTResult:
     """Fine-tune on prompt/completion records; writes an adapter (LoRA, prompt tuning) or a model.
 
     Loss is on completion tokens only (trl's default for prompt-completion data).
@@ -80,16 +91,28 @@ def train_sft(base_model: Path, records: list[dict], out_dir: Path, config: SFTM
     progress = Progress(f"sft[{config.method}]", config.max_steps, log)
     with tempfile.TemporaryDirectory(prefix="sft-") as scratch:
         args = SFTConfig(
-            output_dir=scratch, max_steps=config.max_steps, learning_rate=config.learning_rate,
-            per_device_train_batch_size=config.batch_size, lr_scheduler_type="cosine",
-            warmup_steps=max(1, config.max_steps // 20), logging_steps=1, save_strategy="no",
-            report_to="none", seed=config.seed, bf16=runtime.bf16,
-            use_cpu=runtime.device == "cpu", max_length=config.max_length,
-            disable_tqdm=True, dataloader_num_workers=0,
+            output_dir=scratch,
+            max_steps=config.max_steps,
+            learning_rate=config.learning_rate,
+            per_device_train_batch_size=config.batch_size,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, config.max_steps // 20),
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=config.seed,
+            bf16=runtime.bf16,
+            use_cpu=runtime.device == "cpu",
+            max_length=config.max_length,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
         )
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=Dataset.from_list(records),
-            processing_class=tokenizer, peft_config=peft_config_for(config, tokenizer),
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(records),
+            processing_class=tokenizer,
+            peft_config=peft_config_for(config, tokenizer),
             callbacks=[hf_callback(progress)],
         )
         _quiet(trainer)
@@ -102,10 +125,15 @@ def train_sft(base_model: Path, records: list[dict], out_dir: Path, config: SFTM
     losses = [v for _, v in progress.series("loss")]
     k = max(1, len(losses) // 10)
     return SFTResult(
-        path=Path(out_dir), method=config.method, is_adapter=config.method != "full",
-        trainable_parameters=trainable, total_parameters=total,
-        loss_start=sum(losses[:k]) / k, loss_end=sum(losses[-k:]) / k,
-        loss_curve=progress.series("loss"), seconds=progress.elapsed,
+        path=Path(out_dir),
+        method=config.method,
+        is_adapter=config.method != "full",
+        trainable_parameters=trainable,
+        total_parameters=total,
+        loss_start=sum(losses[:k]) / k,
+        loss_end=sum(losses[-k:]) / k,
+        loss_curve=progress.series("loss"),
+        seconds=progress.elapsed,
     )
 
 
@@ -124,7 +152,9 @@ def load_sft_model(base_model: Path, sft_dir: Path, runtime: Runtime, merge: boo
 def _is_lora(sft_dir: Path) -> bool:
     import json
 
-    return json.loads((Path(sft_dir) / "adapter_config.json").read_text()).get("peft_type") == "LORA"
+    return (
+        json.loads((Path(sft_dir) / "adapter_config.json").read_text()).get("peft_type") == "LORA"
+    )
 
 
 def _quiet(trainer) -> None:

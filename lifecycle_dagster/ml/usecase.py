@@ -167,7 +167,9 @@ class LadderStep(_Strict):
 
     method: Literal["prompt_tuning", "lora", "full"] | None = None
     max_steps: int | None = Field(None, gt=0)
-    max_steps_factor: float | None = Field(None, gt=0, description="Times the last attempt's steps.")
+    max_steps_factor: float | None = Field(
+        None, gt=0, description="Times the last attempt's steps."
+    )
     learning_rate: float | None = Field(None, gt=0)
     lora_r: int | None = Field(None, gt=0)
 
@@ -252,8 +254,11 @@ def _load_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise InputError(path, f"invalid YAML: {getattr(exc, 'problem', exc)}",
-                         line=mark.line + 1 if mark else None) from None
+        raise InputError(
+            path,
+            f"invalid YAML: {getattr(exc, 'problem', exc)}",
+            line=mark.line + 1 if mark else None,
+        ) from None
     if not isinstance(data, dict):
         raise InputError(path, "expected a mapping at the top level", line=1)
     return data, _line_index(node) if node is not None else {}
@@ -294,9 +299,13 @@ def _validate(raw: dict, sources: list[tuple[Path, dict[tuple, int], dict]]) -> 
 def _has_path(raw: Any, loc: tuple) -> bool:
     node = raw
     for part in loc[:-1] if loc else ():
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if (
+            isinstance(node, dict)
+            and part in node
+            or isinstance(node, list)
+            and isinstance(part, int)
+            and part < len(node)
+        ):
             node = node[part]
         else:
             return False
@@ -352,8 +361,9 @@ def load_use_case(
         layers.append((base_path, blines, _resolve_paths(bdata, base_path.parent)))
         over = pdata.get("overrides") or {}
         if not isinstance(over, dict):
-            raise InputError(ppath, "expected a mapping", line=plines.get(("overrides",)),
-                             field="overrides")
+            raise InputError(
+                ppath, "expected a mapping", line=plines.get(("overrides",)), field="overrides"
+            )
         over_lines = {k[1:]: v for k, v in plines.items() if k[:1] == ("overrides",)}
         layers.append((ppath, over_lines, _resolve_paths(over, ppath.parent)))
     if use_case_file is not None:

@@ -50,7 +50,8 @@ class ArtifactStore(dg.ConfigurableResource):
         if event is None or event.asset_materialization is None:
             raise MissingUpstreamError(
                 f"'{asset}' has never been materialized; materialize it (or the whole lifecycle) "
-                "first")
+                "first"
+            )
         meta = event.asset_materialization.metadata
         if PATH_KEY not in meta:
             raise MissingUpstreamError(f"'{asset}' materialization carries no {PATH_KEY}")

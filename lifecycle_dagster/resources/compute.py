@@ -9,7 +9,9 @@ from lifecycle_dagster.ml.runtime import Runtime, select_runtime
 
 
 class Compute(dg.ConfigurableResource):
-    device: str = Field(default="auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")
+    device: str = Field(
+        default="auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, mps."
+    )
     torch_threads: int = Field(default=0, description="torch intra-op threads; 0 = all cores.")
     ort_threads: int = Field(default=0, description="onnxruntime intra-op threads; 0 = all cores.")
 

@@ -64,7 +64,9 @@ class StageRun:
 class MlflowTracking(dg.ConfigurableResource):
     """Where stage runs are recorded. Defaults to a sqlite store under the state directory."""
 
-    tracking_uri: str = Field(default="", description="MLflow tracking URI; '' = sqlite in state dir.")
+    tracking_uri: str = Field(
+        default="", description="MLflow tracking URI; '' = sqlite in state dir."
+    )
     ui_url: str = Field(default="http://127.0.0.1:5000", description="Base URL of the MLflow UI.")
 
     def _uri(self) -> str:
@@ -86,12 +88,15 @@ class MlflowTracking(dg.ConfigurableResource):
         return client.create_experiment(name, artifact_location=location)
 
     @contextlib.contextmanager
-    def stage_run(self, experiment: str, stage: str, tags: dict | None = None) -> Iterator[StageRun]:
+    def stage_run(
+        self, experiment: str, stage: str, tags: dict | None = None
+    ) -> Iterator[StageRun]:
         """A run that ends FINISHED, or FAILED if the body raises."""
         client = self.client()
         exp_id = self.experiment_id(experiment)
-        run = client.create_run(exp_id, run_name=stage,
-                                tags={"lifecycle.stage": stage, **(tags or {})})
+        run = client.create_run(
+            exp_id, run_name=stage, tags={"lifecycle.stage": stage, **(tags or {})}
+        )
         stage_run = StageRun(client, run.info.run_id, exp_id, self.ui_url)
         try:
             yield stage_run

@@ -1,9 +1,7 @@
 """Align: a reward model from preference pairs, then reinforcement learning against it (trl)."""
 
-
 import json
 import shutil
-
 
 import dagster as dg
 
@@ -21,11 +19,19 @@ from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 
 @dg.asset(
-    group_name="alignment", kinds={"pytorch", "trl", "mlflow"}, owners=OWNERS, code_version="1",
-    deps=["base_model", "preference_dataset"], pool="train",
+    group_name="alignment",
+    kinds={"pytorch", "trl", "mlflow"},
+    owners=OWNERS,
+    code_version="1",
+    deps=["base_model", "preference_dataset"],
+    pool="train",
 )
-def reward_model(context: dg.AssetExecutionContext, artifact_store: ArtifactStore,
-                 mlflow_tracking: MlflowTracking, compute: Compute) -> dg.MaterializeResult:
+def reward_model(
+    context: dg.AssetExecutionContext,
+    artifact_store: ArtifactStore,
+    mlflow_tracking: MlflowTracking,
+    compute: Compute,
+) -> dg.MaterializeResult:
     """A scalar reward model trained on the preference pairs (or an existing one, reused)."""
     with stage(context, "reward_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
@@ -39,51 +45,69 @@ def reward_model(context: dg.AssetExecutionContext, artifact_store: ArtifactStor
                 st.log(f"reward_model: reusing {uc.reward.path}")
                 shutil.copytree(uc.reward.path, tmp / "model")
             else:
-                cfg = RewardMethodConfig(max_steps=uc.reward.max_steps,
-                                         learning_rate=uc.reward.learning_rate,
-                                         batch_size=uc.reward.batch_size, seed=uc.reward.seed)
+                cfg = RewardMethodConfig(
+                    max_steps=uc.reward.max_steps,
+                    learning_rate=uc.reward.learning_rate,
+                    batch_size=uc.reward.batch_size,
+                    seed=uc.reward.seed,
+                )
                 st.run.log_params(cfg.__dict__)
                 base = model_dir_of(upstream(context, artifact_store, "base_model"))
                 result = train_reward_model(base, train, tmp / "model", cfg, runtime, log=st.log)
                 curve = result.loss_curve
             scorer = RewardScorer(tmp / "model", runtime)
             accuracy, margin = pairwise_accuracy(scorer, held_out)
-            (tmp / "eval.json").write_text(json.dumps({"pairwise_accuracy": accuracy,
-                                                       "mean_margin": margin}))
+            (tmp / "eval.json").write_text(
+                json.dumps({"pairwise_accuracy": accuracy, "mean_margin": margin})
+            )
         st.run.log_curve("train_loss", curve)
         meta = {"source": uc.reward.source, "held_out_pairs": len(held_out)}
         if curve:
             meta["loss_curve"] = dg.MetadataValue.md(png_markdown({"loss": curve}, "reward loss"))
-        return st.result(metrics={"pairwise_accuracy": accuracy, "mean_margin": margin},
-                         metadata=meta)
+        return st.result(
+            metrics={"pairwise_accuracy": accuracy, "mean_margin": margin}, metadata=meta
+        )
 
 
 @dg.asset(
-    group_name="alignment", kinds={"pytorch", "trl", "safetensors", "mlflow"}, owners=OWNERS,
-    code_version="1", deps=["sft_adapter", "reward_model", "task_dataset", "preference_dataset"],
+    group_name="alignment",
+    kinds={"pytorch", "trl", "safetensors", "mlflow"},
+    owners=OWNERS,
+    code_version="1",
+    deps=["sft_adapter", "reward_model", "task_dataset", "preference_dataset"],
     pool="train",
 )
-def aligned_model(context: dg.AssetExecutionContext, config: AlignedModelConfig,
-                  artifact_store: ArtifactStore, mlflow_tracking: MlflowTracking,
-                  compute: Compute) -> dg.MaterializeResult:
+def aligned_model(
+    context: dg.AssetExecutionContext,
+    config: AlignedModelConfig,
+    artifact_store: ArtifactStore,
+    mlflow_tracking: MlflowTracking,
+    compute: Compute,
+) -> dg.MaterializeResult:
     """The SFT model aligned with the reward model (KL-regularised to the SFT reference), merged."""
     with stage(context, "aligned_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
         runtime = compute.runtime(uc.compute.device)
         a = uc.alignment
         method = AlignMethodConfig(
-            method=config.method or a.method, max_steps=config.max_steps or a.max_steps,
-            learning_rate=a.learning_rate, beta=a.beta if config.beta < 0 else config.beta,
-            batch_size=a.batch_size, num_generations=a.num_generations,
-            max_completion_length=a.max_completion_length, temperature=a.temperature,
-            seed=a.seed)
+            method=config.method or a.method,
+            max_steps=config.max_steps or a.max_steps,
+            learning_rate=a.learning_rate,
+            beta=a.beta if config.beta < 0 else config.beta,
+            batch_size=a.batch_size,
+            num_generations=a.num_generations,
+            max_completion_length=a.max_completion_length,
+            temperature=a.temperature,
+            seed=a.seed,
+        )
         st.run.log_params(method.__dict__)
         base = model_dir_of(upstream(context, artifact_store, "base_model"))
         sft_dir = upstream(context, artifact_store, "sft_adapter") / "adapter"
         if json.loads((sft_dir.parent / "sft.json").read_text())["method"] == "prompt_tuning":
             raise dg.Failure(
                 "aligned_model: a prompt-tuning adapter cannot be merged into the weights that "
-                "alignment and export need; use adaptation.method lora or full")
+                "alignment and export need; use adaptation.method lora or full"
+            )
         reward_dir = upstream(context, artifact_store, "reward_model") / "model"
         data = upstream(context, artifact_store, "task_dataset")
         train = read_rows(data / "train.jsonl")
@@ -92,36 +116,71 @@ def aligned_model(context: dg.AssetExecutionContext, config: AlignedModelConfig,
         prompts = [format_prompt(uc, r[uc.task.input_field]) for r in train]
         eval_prompts = [format_prompt(uc, r[uc.task.input_field]) for r in evals]
         refs = [r[uc.task.target_field] for r in evals]
-        pairs = preference_records(uc, read_rows(
-            upstream(context, artifact_store, "preference_dataset") / "preferences_train.jsonl"))
+        pairs = preference_records(
+            uc,
+            read_rows(
+                upstream(context, artifact_store, "preference_dataset") / "preferences_train.jsonl"
+            ),
+        )
         scorer = RewardScorer(reward_dir, runtime)
         tok = load_tokenizer(base)
         policy = load_sft_model(base, sft_dir, runtime, merge=True)
 
         def score(model, label):
-            return evaluate_model(model, tok, eval_prompts, refs,
-                                  max_new_tokens=uc.evaluation.max_new_tokens,
-                                  batch_size=uc.evaluation.batch_size, reward=scorer,
-                                  with_perplexity=False, log=st.log, stage=label)
+            return evaluate_model(
+                model,
+                tok,
+                eval_prompts,
+                refs,
+                max_new_tokens=uc.evaluation.max_new_tokens,
+                batch_size=uc.evaluation.batch_size,
+                reward=scorer,
+                with_perplexity=False,
+                log=st.log,
+                stage=label,
+            )
 
         before = score(policy, "aligned_model[sft eval]")
         policy.train()
         with artifact_store.write(st.target) as tmp:
-            result = align(policy, load_tokenizer(base), tmp / "model", method, runtime,
-                           prompts=prompts, pairs=pairs, scorer=scorer, log=st.log)
+            result = align(
+                policy,
+                load_tokenizer(base),
+                tmp / "model",
+                method,
+                runtime,
+                prompts=prompts,
+                pairs=pairs,
+                scorer=scorer,
+                log=st.log,
+            )
         after = score(load_causal_lm(st.target / "model", runtime), "aligned_model[eval]")
         st.run.log_curve("train_reward", result.reward_curve)
         st.run.log_curve("kl", result.kl_curve)
         st.run.log_curve("train_loss", result.loss_curve)
         curves = {"reward": result.reward_curve} if result.reward_curve else {}
         return st.result(
-            metrics={"reward_before": before.mean_reward, "reward_after": after.mean_reward,
-                     "rouge_l_before": before.rouge_l, "rouge_l_after": after.rouge_l,
-                     "mean_kl": result.mean_kl, "train_seconds": result.seconds},
-            metadata={"method": method.method, "beta": method.beta, "max_steps": method.max_steps,
-                      "device": runtime.describe(),
-                      **({"reward_curve": dg.MetadataValue.md(png_markdown(
-                          curves, f"{method.method} training reward"))} if curves else {})},
+            metrics={
+                "reward_before": before.mean_reward,
+                "reward_after": after.mean_reward,
+                "rouge_l_before": before.rouge_l,
+                "rouge_l_after": after.rouge_l,
+                "mean_kl": result.mean_kl,
+                "train_seconds": result.seconds,
+            },
+            metadata={
+                "method": method.method,
+                "beta": method.beta,
+                "max_steps": method.max_steps,
+                "device": runtime.describe(),
+                **(
+                    {
+                        "reward_curve": dg.MetadataValue.md(
+                            png_markdown(curves, f"{method.method} training reward")
+                        )
+                    }
+                    if curves
+                    else {}
+                ),
+            },
         )
-
-

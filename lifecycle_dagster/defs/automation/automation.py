@@ -1,6 +1,5 @@
 """Automation: the jobs, the re-adaptation sensor that closes the loop, the evaluation schedule."""
 
-
 import json
 
 import dagster as dg
@@ -9,22 +8,28 @@ from lifecycle_dagster.lib.configs import SFTAdapterConfig
 from lifecycle_dagster.lib.stage import ATTEMPT_TAG, REASON_TAG
 
 lifecycle_job = dg.define_asset_job(
-    "lifecycle_job", selection=dg.AssetSelection.all(),
+    "lifecycle_job",
+    selection=dg.AssetSelection.all(),
     description="The whole lifecycle: scope, data, base model, adaptation, alignment, evaluation, "
-                "compression.",
+    "compression.",
 )
 adaptation_job = dg.define_asset_job(
-    "adaptation_job", selection=dg.AssetSelection.assets("sft_adapter").downstream(),
+    "adaptation_job",
+    selection=dg.AssetSelection.assets("sft_adapter").downstream(),
     description="Fine-tuning and everything downstream of it (what re-adaptation re-runs).",
 )
 evaluation_job = dg.define_asset_job(
-    "evaluation_job", selection=dg.AssetSelection.assets("evaluation"),
+    "evaluation_job",
+    selection=dg.AssetSelection.assets("evaluation"),
     description="Re-evaluate the current models against the use case's thresholds.",
 )
 
 evaluation_schedule = dg.ScheduleDefinition(
-    name="evaluation_schedule", job=evaluation_job, cron_schedule="0 6 * * *",
-    execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.STOPPED,
+    name="evaluation_schedule",
+    job=evaluation_job,
+    cron_schedule="0 6 * * *",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
     description="Re-run evaluation every morning so drift in the eval data shows up.",
 )
 
@@ -32,7 +37,8 @@ VERDICT_RUN_TAG = "lifecycle/verdict_run"
 
 
 @dg.sensor(
-    job=adaptation_job, minimum_interval_seconds=30,
+    job=adaptation_job,
+    minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="When evaluation falls short, request the next rung of the adaptation ladder.",
 )
@@ -52,23 +58,31 @@ def readaptation_sensor(context: dg.SensorEvaluationContext):
     attempt = int(meta.get("attempt", 1))
     verdict = meta.get("verdict", "")
     if verdict == "pass":
-        return dg.SensorResult(skip_reason=f"verdict pass at attempt {attempt}: nothing to do",
-                               cursor=json.dumps(cursor))
+        return dg.SensorResult(
+            skip_reason=f"verdict pass at attempt {attempt}: nothing to do",
+            cursor=json.dumps(cursor),
+        )
     escalation = json.loads(meta["escalation"]) if meta.get("escalation") else None
     max_attempts = int(meta.get("max_attempts", 1))
     if escalation is None or escalation["attempt"] > max_attempts:
         return dg.SensorResult(
             skip_reason=f"verdict fail ({meta.get('failed_metrics', '')}) at attempt {attempt}; "
-                        f"the budget of {max_attempts} attempts is spent, no further run",
-            cursor=json.dumps(cursor))
+            f"the budget of {max_attempts} attempts is spent, no further run",
+            cursor=json.dumps(cursor),
+        )
     overrides = escalation["sft_adapter"]
-    reason = (f"attempt {attempt} failed {meta.get('failed_metrics', '')} with "
-              f"{meta.get('sft_method', '?')}; escalating to {json.dumps(overrides)}")
+    reason = (
+        f"attempt {attempt} failed {meta.get('failed_metrics', '')} with "
+        f"{meta.get('sft_method', '?')}; escalating to {json.dumps(overrides)}"
+    )
     context.log.info(reason)
     request = dg.RunRequest(
         run_key=f"readapt-{record.storage_id}",
         run_config=dg.RunConfig(ops={"sft_adapter": SFTAdapterConfig(**overrides)}),
-        tags={ATTEMPT_TAG: str(escalation["attempt"]), REASON_TAG: reason[:250],
-              VERDICT_RUN_TAG: event.run_id},
+        tags={
+            ATTEMPT_TAG: str(escalation["attempt"]),
+            REASON_TAG: reason[:250],
+            VERDICT_RUN_TAG: event.run_id,
+        },
     )
     return dg.SensorResult(run_requests=[request], cursor=json.dumps(cursor))

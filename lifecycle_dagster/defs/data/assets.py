@@ -1,6 +1,5 @@
 """Data: the task's train/eval splits and the preference pairs, validated and snapshotted."""
 
-
 import shutil
 
 import dagster as dg
@@ -12,13 +11,25 @@ from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 
 @dg.asset(
-    group_name="data", kinds={"json", "mlflow"}, owners=OWNERS, code_version="1",
+    group_name="data",
+    kinds={"json", "mlflow"},
+    owners=OWNERS,
+    code_version="1",
     deps=["use_case"],
-    check_specs=[dg.AssetCheckSpec("no_train_eval_leakage", asset="task_dataset", blocking=True,
-                                   description="No eval input also occurs in the train split.")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "no_train_eval_leakage",
+            asset="task_dataset",
+            blocking=True,
+            description="No eval input also occurs in the train split.",
+        )
+    ],
 )
-def task_dataset(context: dg.AssetExecutionContext, artifact_store: ArtifactStore,
-                 mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
+def task_dataset(
+    context: dg.AssetExecutionContext,
+    artifact_store: ArtifactStore,
+    mlflow_tracking: MlflowTracking,
+) -> dg.MaterializeResult:
     """Task examples (input, reference output) in train and eval splits, validated on load."""
     with stage(context, "task_dataset", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
@@ -30,28 +41,52 @@ def task_dataset(context: dg.AssetExecutionContext, artifact_store: ArtifactStor
         stats = [{"split": n, **s.stats} for n, s in splits.items()]
         st.run.log_params({f"{n}.sha256": s.sha256 for n, s in splits.items()})
         return st.result(
-            metrics={"train_rows": len(splits["train"].rows),
-                     "eval_rows": len(splits["eval"].rows), "leaked_rows": leaked},
-            metadata={"splits": dg.MetadataValue.md(md_table(stats)),
-                      "source": dg.MetadataValue.path(str(uc.data.train.parent))},
-            check_results=[dg.AssetCheckResult(
-                check_name="no_train_eval_leakage", passed=leaked == 0,
-                severity=dg.AssetCheckSeverity.ERROR, metadata={"leaked_rows": leaked})],
+            metrics={
+                "train_rows": len(splits["train"].rows),
+                "eval_rows": len(splits["eval"].rows),
+                "leaked_rows": leaked,
+            },
+            metadata={
+                "splits": dg.MetadataValue.md(md_table(stats)),
+                "source": dg.MetadataValue.path(str(uc.data.train.parent)),
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="no_train_eval_leakage",
+                    passed=leaked == 0,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={"leaked_rows": leaked},
+                )
+            ],
         )
 
 
 @dg.asset(
-    group_name="data", kinds={"json", "mlflow"}, owners=OWNERS, code_version="1",
+    group_name="data",
+    kinds={"json", "mlflow"},
+    owners=OWNERS,
+    code_version="1",
     deps=["use_case"],
     check_specs=[
-        dg.AssetCheckSpec("pairs_are_distinct", asset="preference_dataset", blocking=True,
-                          description="In every pair the chosen and rejected responses differ."),
-        dg.AssetCheckSpec("no_train_eval_leakage", asset="preference_dataset", blocking=True,
-                          description="No held-out prompt also occurs in the train pairs."),
+        dg.AssetCheckSpec(
+            "pairs_are_distinct",
+            asset="preference_dataset",
+            blocking=True,
+            description="In every pair the chosen and rejected responses differ.",
+        ),
+        dg.AssetCheckSpec(
+            "no_train_eval_leakage",
+            asset="preference_dataset",
+            blocking=True,
+            description="No held-out prompt also occurs in the train pairs.",
+        ),
     ],
 )
-def preference_dataset(context: dg.AssetExecutionContext, artifact_store: ArtifactStore,
-                       mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
+def preference_dataset(
+    context: dg.AssetExecutionContext,
+    artifact_store: ArtifactStore,
+    mlflow_tracking: MlflowTracking,
+) -> dg.MaterializeResult:
     """Preference pairs (prompt, chosen, rejected) for the reward model, train and held out."""
     with stage(context, "preference_dataset", artifact_store, mlflow_tracking) as st:
         splits = load_preference_data(st.use_case)
@@ -62,16 +97,24 @@ def preference_dataset(context: dg.AssetExecutionContext, artifact_store: Artifa
         leaked = overlap(splits["train"].rows, splits["eval"].rows, "prompt")
         stats = [{"split": n, **s.stats} for n, s in splits.items()]
         return st.result(
-            metrics={"train_pairs": len(splits["train"].rows),
-                     "eval_pairs": len(splits["eval"].rows), "leaked_rows": leaked},
+            metrics={
+                "train_pairs": len(splits["train"].rows),
+                "eval_pairs": len(splits["eval"].rows),
+                "leaked_rows": leaked,
+            },
             metadata={"splits": dg.MetadataValue.md(md_table(stats))},
             check_results=[
-                dg.AssetCheckResult(check_name="pairs_are_distinct", passed=not same,
-                                    severity=dg.AssetCheckSeverity.ERROR,
-                                    metadata={"identical_pairs": len(same),
-                                              "first_ids": ", ".join(same[:5])}),
-                dg.AssetCheckResult(check_name="no_train_eval_leakage", passed=leaked == 0,
-                                    severity=dg.AssetCheckSeverity.ERROR,
-                                    metadata={"leaked_rows": leaked}),
+                dg.AssetCheckResult(
+                    check_name="pairs_are_distinct",
+                    passed=not same,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={"identical_pairs": len(same), "first_ids": ", ".join(same[:5])},
+                ),
+                dg.AssetCheckResult(
+                    check_name="no_train_eval_leakage",
+                    passed=leaked == 0,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={"leaked_rows": leaked},
+                ),
             ],
         )

@@ -1,6 +1,5 @@
 """Select: the foundation model, from a local directory, a GGUF file, a hub id, or pre-trained."""
 
-
 import dagster as dg
 
 from lifecycle_dagster.lib.stage import OWNERS, png_markdown, stage, upstream
@@ -12,11 +11,19 @@ from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 
 @dg.asset(
-    group_name="selection", kinds={"pytorch", "safetensors", "mlflow"}, owners=OWNERS,
-    code_version="1", deps=["use_case", "task_dataset"], pool="train",
+    group_name="selection",
+    kinds={"pytorch", "safetensors", "mlflow"},
+    owners=OWNERS,
+    code_version="1",
+    deps=["use_case", "task_dataset"],
+    pool="train",
 )
-def base_model(context: dg.AssetExecutionContext, artifact_store: ArtifactStore,
-               mlflow_tracking: MlflowTracking, compute: Compute) -> dg.MaterializeResult:
+def base_model(
+    context: dg.AssetExecutionContext,
+    artifact_store: ArtifactStore,
+    mlflow_tracking: MlflowTracking,
+    compute: Compute,
+) -> dg.MaterializeResult:
     """The foundation model (safetensors + tokenizer) every later stage starts from."""
     with stage(context, "base_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
@@ -25,24 +32,40 @@ def base_model(context: dg.AssetExecutionContext, artifact_store: ArtifactStore,
         data = upstream(context, artifact_store, "task_dataset")
         rows = read_rows(data / "train.jsonl")
         corpus = [r[uc.task.input_field] for r in rows] + [r[uc.task.target_field] for r in rows]
-        st.run.log_params({"source": uc.base_model.source, "path": uc.base_model.path or "",
-                           **({f"scratch.{k}": v for k, v in uc.base_model.scratch.model_dump()
-                               .items()} if uc.base_model.source == "scratch" else {})})
+        st.run.log_params(
+            {
+                "source": uc.base_model.source,
+                "path": uc.base_model.path or "",
+                **(
+                    {f"scratch.{k}": v for k, v in uc.base_model.scratch.model_dump().items()}
+                    if uc.base_model.source == "scratch"
+                    else {}
+                ),
+            }
+        )
         with artifact_store.write(st.target) as tmp:
-            result = materialize_base_model(uc.base_model, corpus, tmp / "model", runtime,
-                                            log=st.log)
+            result = materialize_base_model(
+                uc.base_model, corpus, tmp / "model", runtime, log=st.log
+            )
         curve = result.pretrain.get("loss_curve", [])
         st.run.log_curve("pretrain_loss", curve)
-        meta = {"source": uc.base_model.source, "architecture": result.architecture,
-                "vocab_size": result.vocab_size, "context_length": result.context_length,
-                "device": runtime.describe()}
+        meta = {
+            "source": uc.base_model.source,
+            "architecture": result.architecture,
+            "vocab_size": result.vocab_size,
+            "context_length": result.context_length,
+            "device": runtime.describe(),
+        }
         if curve:
             meta["pretrain_loss_curve"] = dg.MetadataValue.md(
-                png_markdown({"loss": curve}, "pre-training loss"))
+                png_markdown({"loss": curve}, "pre-training loss")
+            )
         return st.result(
-            metrics={"parameters": result.parameters,
-                     "pretrain_loss_start": result.pretrain.get("loss_start"),
-                     "pretrain_loss_end": result.pretrain.get("loss_end"),
-                     "pretrain_tokens": result.pretrain.get("tokens_seen")},
+            metrics={
+                "parameters": result.parameters,
+                "pretrain_loss_start": result.pretrain.get("loss_start"),
+                "pretrain_loss_end": result.pretrain.get("loss_end"),
+                "pretrain_tokens": result.pretrain.get("tokens_seen"),
+            },
             metadata=meta,
         )
