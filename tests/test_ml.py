@@ -101,21 +101,57 @@ def test_full_finetune_beats_base_rouge(tmp_path, tiny_base, use_case, data, run
     assert after.rouge_l > before.rouge_l + 0.05
 
 
-def test_reward_model_learns_preferences(tmp_path, tiny_base, use_case, data, runtime):
-    from lifecycle_dagster.ml.reward import (
-        RewardMethodConfig,
-        pairwise_accuracy,
-        train_reward_model,
-    )
+@pytest.fixture(scope="module")
+def tiny_reward(tmp_path_factory, tiny_base, use_case, data, runtime):
+    from lifecycle_dagster.ml.reward import RewardMethodConfig, train_reward_model
 
+    out = tmp_path_factory.mktemp("rm")
     train = preference_records(use_case, data[1]["train"].rows)
-    held_out = preference_records(use_case, data[1]["eval"].rows)
-    result = train_reward_model(
-        tiny_base, train, tmp_path / "rm", RewardMethodConfig(max_steps=60), runtime
-    )
+    result = train_reward_model(tiny_base, train, out, RewardMethodConfig(max_steps=60), runtime)
+    return out, result
+
+
+def test_reward_model_learns_preferences(tiny_reward, use_case, data, runtime):
+    from lifecycle_dagster.ml.reward import pairwise_accuracy
+
+    path, result = tiny_reward
     assert result.loss_end < result.loss_start
-    accuracy, margin = pairwise_accuracy(RewardScorer(tmp_path / "rm", runtime), held_out)
+    held_out = preference_records(use_case, data[1]["eval"].rows)
+    accuracy, margin = pairwise_accuracy(RewardScorer(path, runtime), held_out)
     assert accuracy > 0.65 and margin > 0
+
+
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_alignment_trains_and_saves_a_merged_model(
+    tmp_path, tiny_base, tiny_reward, use_case, data, runtime, method
+):
+    import torch
+
+    from lifecycle_dagster.ml.align import AlignMethodConfig, align
+
+    policy = load_causal_lm(tiny_base, runtime)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    policy.train()
+    rows = data[0]["train"].rows[:32]
+    result = align(
+        policy,
+        load_tokenizer(tiny_base),
+        tmp_path / "aligned",
+        AlignMethodConfig(method=method, max_steps=3, batch_size=8, learning_rate=1e-3),
+        runtime,
+        prompts=[format_prompt(use_case, r["dialogue"]) for r in rows],
+        pairs=preference_records(use_case, data[1]["train"].rows[:32]),
+        scorer=RewardScorer(tiny_reward[0], runtime),
+    )
+    assert len(result.loss_curve) == 3
+    if method == "grpo":
+        assert len(result.reward_curve) == 3 and result.mean_kl is not None
+    assert not list((tmp_path / "aligned").glob("adapter_*"))  # merged, not an adapter
+    aligned = load_causal_lm(tmp_path / "aligned", runtime)
+    changed = any(
+        not torch.equal(before[k], v) for k, v in aligned.state_dict().items() if k in before
+    )
+    assert changed
 
 
 def test_onnx_export_matches_pytorch_and_uses_cache(tmp_path, tiny_base, use_case, data, runtime):

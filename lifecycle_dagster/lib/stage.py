@@ -6,6 +6,7 @@ import base64
 import contextlib
 import io
 import json
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,10 +48,10 @@ def upstream_metadata(context, asset: str) -> dict:
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
-def png_markdown(
+def render_png(
     curves: dict[str, list[tuple[int, float]]], title: str, xlabel: str = "step"
-) -> str:
-    """A small line plot as inline markdown (data URI), shown by the Dagster UI."""
+) -> bytes:
+    """A small line plot of one or more curves, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +70,12 @@ def png_markdown(
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    return f"![{title}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+    return buf.getvalue()
+
+
+def png_markdown(png: bytes, title: str) -> str:
+    """Inline markdown (data URI) that the Dagster UI renders as an image."""
+    return f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 def md_table(rows: list[dict]) -> str:
@@ -96,6 +102,17 @@ class Stage:
 
     def log(self, message: str) -> None:
         self.context.log.info(message)
+
+    def plot(
+        self, curves: dict[str, list[tuple[int, float]]], title: str, name: str
+    ) -> dg.MetadataValue:
+        """Render a curve plot once: an MLflow artifact (plots/NAME.png) and inline UI metadata."""
+        png = render_png(curves, title)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.png"
+            path.write_bytes(png)
+            self.run.log_file(path, "plots")
+        return dg.MetadataValue.md(png_markdown(png, title))
 
     def result(
         self,

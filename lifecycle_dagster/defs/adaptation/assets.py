@@ -8,7 +8,6 @@ from lifecycle_dagster.lib.configs import SFTAdapterConfig
 from lifecycle_dagster.lib.stage import (
     OWNERS,
     md_table,
-    png_markdown,
     stage,
     upstream,
     upstream_metadata,
@@ -179,8 +178,8 @@ def sft_adapter(
                 "lora_r": method.lora_r,
                 "is_adapter": result.is_adapter,
                 "device": runtime.describe(),
-                "loss_curve": dg.MetadataValue.md(
-                    png_markdown({"loss": result.loss_curve}, f"SFT loss ({method.method})")
+                "loss_curve": st.plot(
+                    {"loss": result.loss_curve}, f"SFT loss ({method.method})", "sft_loss"
                 ),
             },
         )

@@ -6,7 +6,7 @@ import shutil
 import dagster as dg
 
 from lifecycle_dagster.lib.configs import AlignedModelConfig
-from lifecycle_dagster.lib.stage import OWNERS, png_markdown, stage, upstream
+from lifecycle_dagster.lib.stage import OWNERS, stage, upstream
 from lifecycle_dagster.ml.align import AlignMethodConfig, align
 from lifecycle_dagster.ml.data import format_prompt, preference_records, read_rows
 from lifecycle_dagster.ml.evaluate import RewardScorer, evaluate_model
@@ -63,7 +63,7 @@ def reward_model(
         st.run.log_curve("train_loss", curve)
         meta = {"source": uc.reward.source, "held_out_pairs": len(held_out)}
         if curve:
-            meta["loss_curve"] = dg.MetadataValue.md(png_markdown({"loss": curve}, "reward loss"))
+            meta["loss_curve"] = st.plot({"loss": curve}, "reward model loss", "reward_loss")
         return st.result(
             metrics={"pairwise_accuracy": accuracy, "mean_margin": margin}, metadata=meta
         )
@@ -175,8 +175,8 @@ def aligned_model(
                 "device": runtime.describe(),
                 **(
                     {
-                        "reward_curve": dg.MetadataValue.md(
-                            png_markdown(curves, f"{method.method} training reward")
+                        "reward_curve": st.plot(
+                            curves, f"{method.method} training reward", "align_reward"
                         )
                     }
                     if curves

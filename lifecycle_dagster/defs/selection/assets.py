@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from lifecycle_dagster.lib.stage import OWNERS, png_markdown, stage, upstream
+from lifecycle_dagster.lib.stage import OWNERS, stage, upstream
 from lifecycle_dagster.ml.data import read_rows
 from lifecycle_dagster.ml.models import materialize_base_model
 from lifecycle_dagster.resources.artifacts import ArtifactStore
@@ -57,8 +57,8 @@ def base_model(
             "device": runtime.describe(),
         }
         if curve:
-            meta["pretrain_loss_curve"] = dg.MetadataValue.md(
-                png_markdown({"loss": curve}, "pre-training loss")
+            meta["pretrain_loss_curve"] = st.plot(
+                {"loss": curve}, "pre-training loss", "pretrain_loss"
             )
         return st.result(
             metrics={
