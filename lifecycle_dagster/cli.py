@@ -21,7 +21,8 @@ SUMMARY_METRICS = {
     "reward_model": ["pairwise_accuracy"],
     "aligned_model": ["reward_before", "reward_after", "mean_kl"],
     "evaluation": ["rouge_l", "mean_reward", "perplexity", "verdict"],
-    "onnx_model": ["size_ratio", "speedup", "token_agreement"],
+    "onnx_model": ["size_ratio", "speedup", "onnx_rouge_l", "rouge_l_delta"],
+    "lifecycle_report": ["total_seconds"],
 }
 
 
@@ -140,6 +141,26 @@ def cmd_run(args) -> int:
     return 1 if any(c.severity.value == "ERROR" for c in failed_checks) else 0
 
 
+def cmd_estimate(args) -> int:
+    from lifecycle_dagster.ml.estimate import estimate
+    from lifecycle_dagster.ml.runtime import select_runtime
+
+    runtime = select_runtime(args.device)
+    result = estimate(
+        float(args.params),
+        device=runtime.device,
+        lora_r=args.lora_r,
+        tokens_per_param=args.tokens_per_param,
+    )
+    print(f"Pre-training feasibility for {float(args.params):.3g} parameters on this machine:\n")
+    print(result.markdown())
+    print(
+        "\nCompute-optimal tokens follow ~20 per parameter; FLOPs ~ 6 x params x tokens; time uses "
+        "the measured dense matmul rate, an upper bound on real training throughput."
+    )
+    return 0
+
+
 def cmd_profiles(_args) -> int:
     from lifecycle_dagster.ml.usecase import PROFILES_DIR
 
@@ -153,12 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lifecycle", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize the whole lifecycle in the local instance")
-    run.add_argument("--profile", default="tiny", help="named preset (see `lifecycle profiles`)")
+    run.add_argument("--profile", default="demo", help="named preset (see `lifecycle profiles`)")
     run.add_argument("--config", help="use-case YAML, complete or layered over the profile's")
     run.add_argument(
         "--override", help="YAML mapping applied last, e.g. '{adaptation: {max_steps: 10}}'"
     )
     run.set_defaults(func=cmd_run)
+    est = sub.add_parser("estimate", help="what pre-training a model of a given size would cost")
+    est.add_argument("--params", required=True, help="parameter count, e.g. 1e9")
+    est.add_argument("--lora-r", type=int, default=8, help="LoRA rank for the memory estimate")
+    est.add_argument("--tokens-per-param", type=float, default=20.0)
+    est.add_argument("--device", default="auto", help="where to measure the matmul rate")
+    est.set_defaults(func=cmd_estimate)
     prof = sub.add_parser("profiles", help="list the named profiles")
     prof.set_defaults(func=cmd_profiles)
     args = parser.parse_args(argv)

@@ -31,7 +31,7 @@ def test_profiles_lists_tiny(capsys):
 def test_bad_use_case_fails_fast_naming_file_line_field(fresh_home, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("adaptation:\n  method: lora\n  lora_r: -4\n")
-    assert cli.main(["run", "--config", str(bad)]) == 2
+    assert cli.main(["run", "--profile", "tiny", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:3" in err and "adaptation.lora_r" in err
     assert not (fresh_home / "artifacts").exists()
@@ -60,6 +60,7 @@ def test_run_materializes_everything_and_prints_the_summary(fresh_home):
         "aligned_model",
         "evaluation",
         "onnx_model",
+        "lifecycle_report",
     ):
         line = next(ln for ln in out.splitlines() if ln.startswith(stage + " "))
         assert " success " in line, line
@@ -78,3 +79,11 @@ def test_a_missed_threshold_exits_non_zero_and_says_why(fresh_home):
     assert "check failed: evaluation:meets_thresholds" in proc.stdout
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("onnx_model "))
     assert "not run" in line  # the blocking check kept the candidate from being exported
+
+
+def test_estimate_prints_the_feasibility_table(capsys):
+    assert cli.main(["estimate", "--params", "1e9", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| compute-optimal tokens (20/param) | 2e+10 |" in out
+    assert "| training FLOPs (6 x P x T) | 1.2e+20 |" in out
+    assert "pre-training time on this machine" in out

@@ -23,6 +23,7 @@ EXPECTED_ASSETS = {
     "aligned_model": "alignment",
     "evaluation": "evaluation",
     "onnx_model": "compression",
+    "lifecycle_report": "reporting",
 }
 EXPECTED_CHECKS = {
     ("task_dataset", "no_train_eval_leakage"),
@@ -79,6 +80,7 @@ def test_checks_jobs_sensor_schedule():
         "aligned_model",
         "evaluation",
         "onnx_model",
+        "lifecycle_report",
     }
 
 

@@ -24,6 +24,7 @@ ASSETS = [
     "aligned_model",
     "evaluation",
     "onnx_model",
+    "lifecycle_report",
 ]
 
 

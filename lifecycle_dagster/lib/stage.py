@@ -73,6 +73,31 @@ def render_png(
     return buf.getvalue()
 
 
+def render_bars(panels: dict[str, dict[str, float]], title: str) -> bytes:
+    """Side-by-side horizontal bar charts, one panel per mapping, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), dpi=90)
+    axes = axes if len(panels) > 1 else [axes]
+    for ax, (name, values) in zip(axes, panels.items(), strict=True):
+        labels = list(values)
+        ax.barh(labels, [values[k] for k in labels], color="#4f7cac")
+        ax.invert_yaxis()
+        ax.set_title(name)
+        ax.grid(axis="x", alpha=0.3)
+        for i, k in enumerate(labels):
+            ax.text(values[k], i, f" {values[k]:.3g}", va="center", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def png_markdown(png: bytes, title: str) -> str:
     """Inline markdown (data URI) that the Dagster UI renders as an image."""
     return f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
@@ -107,7 +132,10 @@ class Stage:
         self, curves: dict[str, list[tuple[int, float]]], title: str, name: str
     ) -> dg.MetadataValue:
         """Render a curve plot once: an MLflow artifact (plots/NAME.png) and inline UI metadata."""
-        png = render_png(curves, title)
+        return self.image(render_png(curves, title), title, name)
+
+    def image(self, png: bytes, title: str, name: str) -> dg.MetadataValue:
+        """Log PNG bytes to MLflow (plots/NAME.png) and return them as inline UI metadata."""
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{name}.png"
             path.write_bytes(png)

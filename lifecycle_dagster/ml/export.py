@@ -267,3 +267,27 @@ def verify_against_torch(
         torch_tokens_per_s=torch_tokens / max(torch_time, 1e-9),
         examples=examples,
     )
+
+
+def generate_texts(
+    decoder: OrtDecoder,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    log: Log | None = None,
+    stage: str = "onnx",
+) -> tuple[list[str], float]:
+    """Greedy completions from the ONNX artifact, one prompt at a time; and decode tokens/s."""
+    from lifecycle_dagster.ml.evaluate import clean_completion
+
+    texts, tokens, seconds = [], 0, 0.0
+    for i, prompt in enumerate(prompts, 1):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        start = time.perf_counter()
+        out, _ = decoder.generate(ids, max_new_tokens)
+        seconds += time.perf_counter() - start
+        tokens += max(1, len(out))
+        texts.append(clean_completion(tokenizer.decode(out, skip_special_tokens=True)))
+        if log and (i % 16 == 0 or i == len(prompts)):
+            log(f"{stage}: {i}/{len(prompts)} generated")
+    return texts, tokens / max(seconds, 1e-9)

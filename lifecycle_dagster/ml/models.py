@@ -27,7 +27,12 @@ class BaseModelResult:
 
 
 def materialize_base_model(
-    spec, corpus: list[str], out_dir: Path, runtime: Runtime, log: Log | None = None
+    spec,
+    corpus: list[str],
+    out_dir: Path,
+    runtime: Runtime,
+    log: Log | None = None,
+    cache_dir: Path | None = None,
 ) -> BaseModelResult:
     """Write the base model named by a ``BaseModelSpec`` into ``out_dir`` as safetensors."""
     from lifecycle_dagster.ml.pretrain import PretrainConfig, pretrain
@@ -61,26 +66,20 @@ def materialize_base_model(
             "tokens_seen": result.tokens_seen,
             "loss_curve": result.loss_curve,
         }
+    elif spec.source == "gguf":
+        info = convert_gguf(Path(spec.path), out_dir, cache_dir=cache_dir, log=log)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        kwargs = dict(LOAD_KW)
-        if spec.source == "gguf":
-            src, kwargs["gguf_file"] = str(Path(spec.path).parent), Path(spec.path).name
-        else:
-            src = spec.path
-            kwargs["revision"] = spec.revision
-            kwargs["use_safetensors"] = True
+        kwargs = {**LOAD_KW, "revision": spec.revision}
         if log:
             log(f"base_model: loading {spec.source} model from {spec.path}")
-        model = AutoModelForCausalLM.from_pretrained(src, dtype="float32", **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.path, dtype="float32", use_safetensors=True, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(spec.path, **kwargs)
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-        if spec.source == "local":
-            for extra in ("generation_config.json",):
-                if (Path(src) / extra).exists() and not (out_dir / extra).exists():
-                    shutil.copy(Path(src) / extra, out_dir / extra)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(out_dir, **LOAD_KW)
@@ -141,3 +140,67 @@ def model_dir_of(artifact: Path) -> Path:
     """The HF model directory inside an artifact (artifacts keep the model under ``model/``)."""
     artifact = Path(artifact)
     return artifact / "model" if (artifact / "model").is_dir() else artifact
+
+
+def convert_gguf(
+    gguf: Path, out_dir: Path, *, cache_dir: Path | None = None, log: Log | None = None
+) -> dict:
+    """Dequantise a GGUF file into a safetensors model directory (tokenizer, chat template too).
+
+    The conversion is cached by the file's sha256 under ``cache_dir``: the same GGUF is converted
+    once; a changed file converts again (and so gives the base model a new DataVersion).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lifecycle_dagster.ml.artifacts import atomic_dir, file_sha256
+
+    digest = file_sha256(gguf)
+    cached = Path(cache_dir) / digest[:16] if cache_dir else None
+    if cached is None or not (cached / "MANIFEST.json").exists():
+        if log:
+            log(f"base_model: converting {gguf.name} (sha256 {digest[:12]}) to safetensors")
+        kwargs = {**LOAD_KW, "gguf_file": gguf.name}
+        target = cached or out_dir
+
+        def write(folder: Path) -> None:
+            quantized = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, dtype=torch.float32, **kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+            config = quantized.config
+            if hasattr(config, "quantization_config"):
+                delattr(config, "quantization_config")
+            # A GGUF-loaded model refuses to serialise; copy its (dequantised) weights into a
+            # plain model of the same config.
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.load_state_dict(quantized.state_dict(), strict=True)
+            model.generation_config = quantized.generation_config
+            model.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+
+        if cached is None:
+            write(out_dir)
+            return {"gguf_sha256": digest, "conversion": "converted"}
+        with atomic_dir(target, {"gguf_sha256": digest, "source": str(gguf)}) as tmp:
+            write(tmp)
+        reused = "converted"
+    else:
+        reused = "reused"
+        if log:
+            log(f"base_model: reusing the conversion of {gguf.name} (sha256 {digest[:12]})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in cached.iterdir():
+        if item.name != "MANIFEST.json":
+            _link_or_copy(item, out_dir / item.name)
+    return {"gguf_sha256": digest, "conversion": reused}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link large files from the cache (same filesystem), else copy."""
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

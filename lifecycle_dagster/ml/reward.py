@@ -16,6 +16,7 @@ class RewardMethodConfig:
     learning_rate: float = 1e-3
     batch_size: int = 16
     max_length: int = 512
+    trainable_layers: int | None = None  # None: all; N: the top N blocks, the norm and the head
     seed: int = 0
 
 
@@ -51,6 +52,8 @@ def train_reward_model(
         base_model, num_labels=1, dtype=torch.float32, use_safetensors=True, **LOAD_KW
     )
     model.config.pad_token_id = tokenizer.pad_token_id
+    if config.trainable_layers is not None:
+        freeze_lower_layers(model, config.trainable_layers)
     progress = Progress("reward", config.max_steps, log)
     with tempfile.TemporaryDirectory(prefix="reward-") as scratch:
         args = RewardConfig(
@@ -100,3 +103,24 @@ def pairwise_accuracy(scorer, pairs: list[dict]) -> tuple[float, float]:
     wins = [c > r for c, r in zip(chosen, rejected, strict=True)]
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     return sum(wins) / len(wins), sum(margins) / len(margins)
+
+
+def freeze_lower_layers(model, trainable_layers: int) -> int:
+    """Train only the top ``trainable_layers`` blocks, the final norm and the score head.
+
+    Backward then stops early, which makes reward modelling several times cheaper on CPU; the lower
+    blocks keep the pretrained features. Returns the number of trainable parameters.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    blocks = backbone.layers
+    keep = set(range(max(0, len(blocks) - trainable_layers), len(blocks)))
+    for param in model.parameters():
+        param.requires_grad = False
+    for i in keep:
+        for param in blocks[i].parameters():
+            param.requires_grad = True
+    for param in backbone.norm.parameters():
+        param.requires_grad = True
+    for param in model.score.parameters():
+        param.requires_grad = True
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

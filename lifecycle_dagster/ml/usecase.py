@@ -10,12 +10,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import string
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lifecycle_dagster import settings
 from lifecycle_dagster.ml.errors import InputError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -106,6 +109,9 @@ class RewardSpec(_Strict):
     max_steps: int = Field(60, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(16, gt=0)
+    trainable_layers: int | None = Field(
+        None, gt=0, description="Train only the top N blocks and the head (None: all)."
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -312,16 +318,23 @@ def _has_path(raw: Any, loc: tuple) -> bool:
     return not loc or (isinstance(node, dict) and loc[-1] in node) or isinstance(node, list)
 
 
+def _expand(value: str) -> str:
+    """``${LIFECYCLE_HOME}`` (the state dir, also when unset) and other env vars, then ``~``."""
+    env = {**os.environ, "LIFECYCLE_HOME": str(settings.state_home())}
+    return os.path.expanduser(string.Template(value).safe_substitute(env))
+
+
 def _resolve_paths(raw: dict, base_dir: Path) -> dict:
     raw = copy.deepcopy(raw)
     data = raw.get("data")
     if isinstance(data, dict):
         for key in ("train", "eval", "preferences_train", "preferences_eval"):
-            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
-                data[key] = str((base_dir / data[key]).resolve())
+            if isinstance(data.get(key), str):
+                data[key] = str((base_dir / _expand(data[key])).resolve())
     for section in ("base_model", "reward"):
         spec = raw.get(section)
         if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+            spec["path"] = _expand(spec["path"])
             candidate = base_dir / spec["path"]
             if spec.get("source") in ("local", "gguf", "existing") or candidate.exists():
                 spec["path"] = str(candidate.resolve())
@@ -397,6 +410,7 @@ def _check_sources_exist(uc: UseCase, layers: list[tuple[Path, dict[tuple, int],
     if bm.source == "local" and not (Path(bm.path) / "config.json").exists():
         fail(("base_model", "path"), f"no HF model directory (config.json) at {bm.path}")
     if bm.source == "gguf" and not Path(bm.path).is_file():
-        fail(("base_model", "path"), f"GGUF file not found: {bm.path}")
+        hint = " (`make models` fetches the demo model)" if "SmolLM2" in bm.path else ""
+        fail(("base_model", "path"), f"GGUF file not found: {bm.path}{hint}")
     if uc.reward.source == "existing" and not (Path(uc.reward.path) / "config.json").exists():
         fail(("reward", "path"), f"no reward model directory (config.json) at {uc.reward.path}")

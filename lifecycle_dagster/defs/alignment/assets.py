@@ -49,6 +49,7 @@ def reward_model(
                     max_steps=uc.reward.max_steps,
                     learning_rate=uc.reward.learning_rate,
                     batch_size=uc.reward.batch_size,
+                    trainable_layers=uc.reward.trainable_layers,
                     seed=uc.reward.seed,
                 )
                 st.run.log_params(cfg.__dict__)

@@ -4,9 +4,16 @@ import json
 
 import dagster as dg
 
-from lifecycle_dagster.lib.stage import OWNERS, md_table, stage, upstream
+from lifecycle_dagster.lib.stage import OWNERS, md_table, stage, upstream, upstream_metadata
 from lifecycle_dagster.ml.data import format_prompt, read_rows
-from lifecycle_dagster.ml.export import ExportConfig, OrtDecoder, export_onnx, verify_against_torch
+from lifecycle_dagster.ml.evaluate import rouge_l
+from lifecycle_dagster.ml.export import (
+    ExportConfig,
+    OrtDecoder,
+    export_onnx,
+    generate_texts,
+    verify_against_torch,
+)
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.compute import Compute
@@ -62,6 +69,20 @@ def onnx_model(
             (tmp / "faithfulness.json").write_text(
                 json.dumps({k: v.__dict__ for k, v in checks.items()}, indent=2, default=str)
             )
+            # Task quality of the deployed variant on the evaluation split, against PyTorch's.
+            subset = evals[: uc.evaluation.max_examples] if uc.evaluation.max_examples else evals
+            preds, _ = generate_texts(
+                OrtDecoder(result.variants[result.selected], runtime.ort_threads),
+                tok,
+                [format_prompt(uc, r[uc.task.input_field]) for r in subset],
+                uc.evaluation.max_new_tokens,
+                log=st.log,
+                stage=f"onnx_model[{result.selected} eval]",
+            )
+            onnx_rouge = sum(rouge_l(preds, [r[uc.task.target_field] for r in subset])) / len(
+                subset
+            )
+        torch_rouge = upstream_metadata(context, "evaluation").get("aligned_rouge_l")
         fp32, chosen = checks["fp32"], checks[result.selected]
         passed = (
             fp32.max_abs_logit_diff <= c.logits_atol
@@ -96,6 +117,9 @@ def onnx_model(
                 "max_abs_logit_diff_fp32": fp32.max_abs_logit_diff,
                 "token_agreement": chosen.token_agreement,
                 "export_seconds": result.seconds,
+                "onnx_rouge_l": onnx_rouge,
+                "torch_rouge_l": torch_rouge,
+                "rouge_l_delta": onnx_rouge - torch_rouge if torch_rouge is not None else None,
             },
             metadata={
                 "selected_variant": result.selected,

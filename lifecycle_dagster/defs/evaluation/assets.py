@@ -153,7 +153,11 @@ def evaluation(
         sft_w, al_w = results["sft"]["mean_reward"], results[CANDIDATE]["mean_reward"]
         st.log(f"evaluation: verdict {'pass' if passed else 'fail ' + ', '.join(failed)}")
         return st.result(
-            metrics={**{f"{k}": v for k, v in cand.items()}, "passed": int(passed)},
+            metrics={
+                **cand,
+                **{f"{m}_{k}": v for m, res in results.items() for k, v in res.items()},
+                "passed": int(passed),
+            },
             metadata={
                 "verdict": "pass" if passed else "fail",
                 "failed_metrics": ", ".join(failed),

@@ -1,9 +1,13 @@
 """Select: the foundation model, from a local directory, a GGUF file, a hub id, or pre-trained."""
 
+import json
+
 import dagster as dg
 
+from lifecycle_dagster import settings
 from lifecycle_dagster.lib.stage import OWNERS, stage, upstream
 from lifecycle_dagster.ml.data import read_rows
+from lifecycle_dagster.ml.estimate import estimate, human_seconds
 from lifecycle_dagster.ml.models import materialize_base_model
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.compute import Compute
@@ -45,7 +49,12 @@ def base_model(
         )
         with artifact_store.write(st.target) as tmp:
             result = materialize_base_model(
-                uc.base_model, corpus, tmp / "model", runtime, log=st.log
+                uc.base_model,
+                corpus,
+                tmp / "model",
+                runtime,
+                log=st.log,
+                cache_dir=settings.state_home() / "cache" / "models",
             )
         curve = result.pretrain.get("loss_curve", [])
         st.run.log_curve("pretrain_loss", curve)
@@ -56,6 +65,24 @@ def base_model(
             "context_length": result.context_length,
             "device": runtime.describe(),
         }
+        config = json.loads((st.target / "model" / "config.json").read_text())
+        feasible = estimate(
+            result.parameters,
+            device=runtime.device,
+            hidden=config.get("hidden_size"),
+            layers=config.get("num_hidden_layers"),
+            lora_r=uc.adaptation.lora_r,
+        )
+        st.run.log_dict(feasible.as_dict(), "pretraining_feasibility.json")
+        meta["pretraining_feasibility"] = dg.MetadataValue.md(feasible.markdown())
+        meta["pretrain_estimate"] = human_seconds(feasible.pretrain_seconds)
+        meta["compute_optimal_tokens"] = feasible.tokens
+        meta["pretrain_flops"] = feasible.train_flops
+        meta["full_finetune_gib"] = round(feasible.full_finetune_bytes / 2**30, 3)
+        meta["lora_finetune_gib"] = round(feasible.lora_finetune_bytes / 2**30, 3)
+        for key in ("gguf_sha256", "conversion"):
+            if key in result.pretrain:
+                meta[key] = result.pretrain[key]
         if curve:
             meta["pretrain_loss_curve"] = st.plot(
                 {"loss": curve}, "pre-training loss", "pretrain_loss"
