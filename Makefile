@@ -47,6 +47,7 @@ tiny: setup
 	$(BIN)/lifecycle run --profile tiny
 
 test: setup models
+	export LIFECYCLE_DEMO_GGUF=$(SMOLLM_GGUF); \
 	$(BIN)/python -m pytest -q
 
 lint: setup
