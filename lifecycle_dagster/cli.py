@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from lifecycle_dagster import settings
 
 SUMMARY_METRICS = {
@@ -108,8 +110,14 @@ def cmd_run(args) -> int:
     from lifecycle_dagster.ml.errors import InputError
     from lifecycle_dagster.ml.usecase import load_use_case
 
-    try:  # fail fast, before Dagster starts, on a bad profile or use-case file
-        load_use_case(args.config, profile=args.profile)
+    try:  # fail fast, before Dagster starts, on a bad profile, use-case file or override
+        overrides = yaml.safe_load(args.override) if args.override else None
+        if overrides is not None and not isinstance(overrides, dict):
+            raise InputError("--override", "expected a YAML mapping")
+        load_use_case(args.config, profile=args.profile, overrides=overrides)
+    except yaml.YAMLError as exc:
+        print(f"lifecycle: --override is not valid YAML: {exc}", file=sys.stderr)
+        return 2
     except InputError as exc:
         print(f"lifecycle: {exc}", file=sys.stderr)
         return 2

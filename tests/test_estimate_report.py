@@ -24,13 +24,22 @@ def test_report_rows_follow_the_phases_and_sum_durations():
     meta = {
         "base_model": {"duration_s": 20.0, "source": "scratch", "parameters": 1e5},
         "prompt_baseline": {"duration_s": 2.0},
-        "sft_adapter": {"duration_s": 9.0, "method": "lora", "trainable_fraction": 0.1,
-                        "max_steps": 150, "device": "cpu"},
+        "sft_adapter": {
+            "duration_s": 9.0,
+            "method": "lora",
+            "trainable_fraction": 0.1,
+            "max_steps": 150,
+            "device": "cpu",
+        },
         "reward_model": {"duration_s": 12.0},
         "aligned_model": {"duration_s": 7.0, "method": "grpo", "max_steps": 30},
         "evaluation": {"duration_s": 2.0},
-        "onnx_model": {"duration_s": 7.0, "selected_variant": "int8", "size_ratio": 1.4,
-                       "speedup": 6.0},
+        "onnx_model": {
+            "duration_s": 7.0,
+            "selected_variant": "int8",
+            "size_ratio": 1.4,
+            "speedup": 6.0,
+        },
     }
     markdown, rows = build_report(meta)
     assert [r["phase"] for r in rows] == [p.name for p in PHASES]

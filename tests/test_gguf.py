@@ -8,9 +8,17 @@ import pytest
 
 from lifecycle_dagster.ml.models import convert_gguf, count_parameters, load_tokenizer
 
-GGUF = Path(os.environ.get("LIFECYCLE_DEMO_GGUF", str(
-    Path(__file__).resolve().parent.parent / ".lifecycle" / "models"
-    / "SmolLM2-135M-Instruct.Q4_1.gguf")))
+GGUF = Path(
+    os.environ.get(
+        "LIFECYCLE_DEMO_GGUF",
+        str(
+            Path(__file__).resolve().parent.parent
+            / ".lifecycle"
+            / "models"
+            / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        ),
+    )
+)
 
 pytestmark = pytest.mark.skipif(not GGUF.exists(), reason=f"{GGUF} not fetched (make models)")
 

@@ -72,7 +72,7 @@ def test_every_asset_materialized_and_every_check_passed(lifecycle_run):
         f"{c.asset_key.to_user_string()}:{c.check_name}": c.passed
         for c in lifecycle_run.get_asset_check_evaluations()
     }
-    assert len(checks) == 7
+    assert len(checks) == 8
     assert all(checks.values()), checks
 
 
@@ -246,7 +246,14 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
     m = meta(instance, "evaluation")
     assert m["verdict"] == "pass" and m["attempt"] == 2
     assert meta(instance, "sft_adapter")["lora_r"] == 16
+    # The failed verdict already acted on is not acted on again; the passing one needs nothing.
     again = readaptation_sensor(
-        dg.build_sensor_context(instance=instance, cursor=ctx.cursor, definitions=definitions)
+        dg.build_sensor_context(instance=instance, cursor=out.cursor, definitions=definitions)
     )
     assert not again.run_requests
+    assert "verdict pass at attempt 2" in again.skip_reason.skip_message
+    # The export is the candidate that passed evaluation, and it is the usable one.
+    assert Path(meta(instance, "evaluation")["candidate_path"]) == Path(
+        meta(instance, "aligned_model")["artifact_path"]
+    )
+    assert meta(instance, "onnx_model")["usable"] is True

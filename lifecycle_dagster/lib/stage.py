@@ -16,7 +16,12 @@ import dagster as dg
 
 from lifecycle_dagster.ml.artifacts import dir_size, read_manifest
 from lifecycle_dagster.ml.usecase import UseCase
-from lifecycle_dagster.resources.artifacts import PATH_KEY, ArtifactStore
+from lifecycle_dagster.resources.artifacts import (
+    PATH_KEY,
+    USABLE_KEY,
+    ArtifactStore,
+    select_record,
+)
 from lifecycle_dagster.resources.mlflow import MlflowTracking, StageRun
 
 ATTEMPT_TAG = "lifecycle/attempt"
@@ -26,26 +31,34 @@ OWNERS = ["team:ml-platform"]
 
 
 def attempt_of(context) -> int:
+    """The re-adaptation attempt: the run's tag, else the attempt of the current SFT weights (a
+    scheduled re-evaluation continues the ladder where it stands instead of restarting it)."""
     try:
-        return int(context.run.tags.get(ATTEMPT_TAG, "1"))
-    except (AttributeError, ValueError):
+        tag = context.run.tags.get(ATTEMPT_TAG)
+    except AttributeError:
         return 1
+    if tag is not None:
+        return int(tag) if tag.isdigit() else 1
+    if context.asset_key.to_user_string() == "sft_adapter":
+        return 1
+    return int(upstream_metadata(context, "sft_adapter").get("attempt", 1))
 
 
 def load_use_case(context, store: ArtifactStore) -> UseCase:
-    path = store.latest(context.instance, "use_case")
+    path = store.latest(context.instance, "use_case", run_id=context.run.run_id)
     return UseCase.model_validate_json((path / "use_case.json").read_text())
 
 
 def upstream(context, store: ArtifactStore, asset: str) -> Path:
-    return store.latest(context.instance, asset)
+    return store.latest(context.instance, asset, run_id=context.run.run_id)
 
 
 def upstream_metadata(context, asset: str) -> dict:
-    event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
-    if event is None or event.asset_materialization is None:
+    """Metadata of the materialization ``upstream`` would resolve (this run's, else usable)."""
+    record = select_record(context.instance, asset, context.run.run_id)
+    if record is None:
         return {}
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    return {k: v.value for k, v in record.asset_materialization.metadata.items()}
 
 
 def render_png(
@@ -169,6 +182,14 @@ class Stage:
         for key, value in metrics.items():
             meta[key] = float(value) if isinstance(value, float) else value
         meta.update(metadata or {})
+        blocking_failed = [
+            c.check_name
+            for c in check_results or []
+            if not c.passed and c.severity == dg.AssetCheckSeverity.ERROR
+        ]
+        meta[USABLE_KEY] = not blocking_failed
+        if blocking_failed:
+            self.run.set_tags({"blocked_by": ", ".join(blocking_failed)})
         return dg.MaterializeResult(
             metadata=meta,
             check_results=check_results,

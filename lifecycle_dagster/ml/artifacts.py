@@ -84,3 +84,13 @@ def verify(root: Path) -> dict:
         if file_sha256(Path(root) / rel) != info["sha256"]:
             raise ValueError(f"{Path(root) / rel}: hash differs from the manifest")
     return manifest
+
+
+def check_sizes(root: Path) -> dict:
+    """The manifest, after a cheap check that every listed file exists with its size."""
+    manifest = read_manifest(root)
+    for rel, info in manifest["files"].items():
+        path = Path(root) / rel
+        if not path.is_file() or path.stat().st_size != info["bytes"]:
+            raise ValueError(f"{path}: missing or not the size the manifest records")
+    return manifest

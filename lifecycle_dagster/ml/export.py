@@ -21,6 +21,9 @@ from pathlib import Path
 from lifecycle_dagster.ml.progress import Log
 
 MODEL_FILE = "model.onnx"
+# Decoding step by step with the KV cache must give the logits a full recomputation gives (both in
+# onnxruntime); anything beyond float noise means the cache is ignored or misaligned.
+CACHE_ATOL = 5e-2
 
 
 @dataclass(frozen=True)
@@ -70,15 +73,25 @@ def export_onnx(
     _plain_bytelevel_decoder(fp32)
     variants = {"fp32": fp32}
     if config.quantization == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         int8 = out_dir / "int8"
         int8.mkdir()
         if log:
-            log("onnx: quantising to int8 (dynamic, per-channel weights)")
-        quantize_dynamic(
-            fp32 / MODEL_FILE, int8 / MODEL_FILE, weight_type=QuantType.QInt8, per_channel=True
+            log("onnx: quantising MatMul weights to int8 (weight-only, blocks of 32)")
+        # Weight-only int8 (MatMulNBits): dynamic activation quantisation (quantize_dynamic) broke
+        # greedy agreement on SmolLM2 (59% of tokens); weight-only keeps it at 100%.
+        # accuracy_level 4 computes with int8 activations per block: the fast CPU kernel.
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(fp32 / MODEL_FILE)),
+            bits=8,
+            block_size=32,
+            is_symmetric=True,
+            accuracy_level=4,
         )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(int8 / MODEL_FILE), use_external_data_format=True)
         for extra in fp32.iterdir():
             if extra.suffix != ".onnx" and not extra.name.startswith(MODEL_FILE):
                 shutil.copy(extra, int8 / extra.name)
@@ -126,7 +139,8 @@ class OrtDecoder:
         self.layers = dec["num_hidden_layers"]
         self.kv_heads = dec["num_key_value_heads"]
         self.head_size = dec["head_size"]
-        self.eos = cfg["eos_token_id"]
+        eos = cfg["eos_token_id"]
+        self.eos = set(eos if isinstance(eos, list) else [eos])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -179,7 +193,7 @@ class OrtDecoder:
             last = logits[0, -1]
             token = int(last.argmax())
             chosen_logits.append(last)
-            if token == self.eos:
+            if token in self.eos:
                 break
             out.append(token)
             total += 1
@@ -255,7 +269,7 @@ def verify_against_torch(
             k = min(len(step_logits), full.shape[0] - len(ids) + 1)
             stepped = np.stack(step_logits[:k])
             recomputed = full[len(ids) - 1 : len(ids) - 1 + k]
-            if np.abs(stepped - recomputed).max() > max(1e-2, 10 * max_diff):
+            if np.abs(stepped - recomputed).max() > CACHE_ATOL:
                 cache_ok = False
     return Faithfulness(
         variant=variant,

@@ -122,12 +122,18 @@ def load_tokenizer(path: Path, padding_side: str = "left"):
     return tok
 
 
-def load_causal_lm(path: Path, runtime: Runtime, adapter: Path | None = None):
-    """A causal LM (optionally with a peft adapter on top) in eval mode on the runtime's device."""
+def load_causal_lm(
+    path: Path, runtime: Runtime, adapter: Path | None = None, training: bool = False
+):
+    """A causal LM (optionally with a peft adapter on top) in eval mode on the runtime's device.
+
+    Inference loads bf16 where the runtime supports it; training keeps fp32 master weights and
+    lets the trainer autocast, so small updates are not lost to bf16 rounding.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if runtime.bf16 else torch.float32
+    dtype = torch.bfloat16 if runtime.bf16 and not training else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **LOAD_KW)
     if adapter is not None:
         from peft import PeftModel

@@ -89,7 +89,11 @@ def pretrain(
     for text in texts:
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
     block = min(config.block_size, config.context_length)
-    n_blocks = max(1, len(stream) // block)
+    if len(stream) < block:
+        raise ValueError(
+            f"pre-training corpus has {len(stream)} tokens, fewer than one block ({block})"
+        )
+    n_blocks = len(stream) // block
     data = torch.tensor(stream[: n_blocks * block]).view(n_blocks, block)
 
     model_config = LlamaConfig(
@@ -112,7 +116,8 @@ def pretrain(
     def lr_at(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (config.steps - warmup)))
+        decay = max(1, config.steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / decay))
 
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
     progress = Progress("pretrain", config.steps, log)

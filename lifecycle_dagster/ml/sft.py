@@ -85,7 +85,7 @@ def train_sft(
 
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(base_model, padding_side="right")
-    model = load_causal_lm(base_model, runtime)
+    model = load_causal_lm(base_model, runtime, training=True)
     model.train()
     total = sum(p.numel() for p in model.parameters())
     progress = Progress(f"sft[{config.method}]", config.max_steps, log)
@@ -137,16 +137,18 @@ def train_sft(
     )
 
 
-def load_sft_model(base_model: Path, sft_dir: Path, runtime: Runtime, merge: bool = False):
+def load_sft_model(
+    base_model: Path, sft_dir: Path, runtime: Runtime, merge: bool = False, training: bool = False
+):
     """The fine-tuned model: the base with the adapter on top, or the fully fine-tuned weights."""
     from lifecycle_dagster.ml.models import load_causal_lm
 
     if (Path(sft_dir) / "adapter_config.json").exists():
-        model = load_causal_lm(base_model, runtime, adapter=sft_dir)
+        model = load_causal_lm(base_model, runtime, adapter=sft_dir, training=training)
         if merge and hasattr(model, "merge_and_unload") and _is_lora(sft_dir):
             model = model.merge_and_unload()
         return model
-    return load_causal_lm(sft_dir, runtime)
+    return load_causal_lm(sft_dir, runtime, training=training)
 
 
 def _is_lora(sft_dir: Path) -> bool:

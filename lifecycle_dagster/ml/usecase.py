@@ -71,6 +71,12 @@ class ScratchSpec(_Strict):
     learning_rate: float = Field(3e-3, gt=0)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ScratchSpec:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads, num_heads by num_kv_heads")
+        return self
+
 
 class BaseModelSpec(_Strict):
     source: Literal["scratch", "local", "gguf", "hub"] = "scratch"
@@ -86,8 +92,14 @@ class BaseModelSpec(_Strict):
 
 
 class PromptingSpec(_Strict):
-    shots: list[int] = Field(default_factory=lambda: [0, 1, 3])
+    shots: list[int] = Field(default_factory=lambda: [0, 1, 3], min_length=1)
     max_new_tokens: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _shots_in_range(self) -> PromptingSpec:
+        if any(k < 0 or k > 16 for k in self.shots):
+            raise ValueError("shots must be between 0 and 16")
+        return self
 
 
 class AdaptationSpec(_Strict):
@@ -131,6 +143,12 @@ class AlignmentSpec(_Strict):
     max_completion_length: int = Field(24, gt=0)
     temperature: float = Field(1.0, gt=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_holds_whole_groups(self) -> AlignmentSpec:
+        if self.method != "dpo" and self.batch_size % self.num_generations:
+            raise ValueError("batch_size must be a multiple of num_generations")
+        return self
 
 
 class Threshold(_Strict):
@@ -386,7 +404,7 @@ def load_use_case(
     if not layers:
         raise ValueError("load_use_case needs a use-case file or a profile")
     if overrides:
-        layers.append((Path("<run config overrides>"), {}, overrides))
+        layers.append((Path("<run config overrides>"), {}, _resolve_paths(overrides, Path.cwd())))
     merged: dict = {}
     for _, _, data in layers:
         merged = _deep_merge(merged, data)

@@ -16,9 +16,10 @@ import dagster as dg
 from pydantic import Field
 
 from lifecycle_dagster import settings
-from lifecycle_dagster.ml.artifacts import atomic_dir, read_manifest
+from lifecycle_dagster.ml.artifacts import atomic_dir, check_sizes
 
 PATH_KEY = "artifact_path"
+USABLE_KEY = "usable"
 
 
 class MissingUpstreamError(RuntimeError):
@@ -44,17 +45,39 @@ class ArtifactStore(dg.ConfigurableResource):
         with atomic_dir(target, extra) as tmp:
             yield tmp
 
-    def latest(self, instance: dg.DagsterInstance, asset: str) -> Path:
-        """The artifact of ``asset``'s latest materialization, checked for completeness."""
-        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-        if event is None or event.asset_materialization is None:
+    def latest(self, instance: dg.DagsterInstance, asset: str, run_id: str | None = None) -> Path:
+        """The artifact ``asset`` consumers should use, checked for completeness.
+
+        That is the one this run materialized, if any; else the newest materialization whose
+        blocking checks passed (``usable``), so an artifact that failed its gate never feeds a
+        later run and the last good one stays in use.
+        """
+        records = instance.fetch_materializations(dg.AssetKey(asset), limit=1).records
+        if not records:
             raise MissingUpstreamError(
                 f"'{asset}' has never been materialized; materialize it (or the whole lifecycle) "
                 "first"
             )
-        meta = event.asset_materialization.metadata
+        chosen = select_record(instance, asset, run_id)
+        if chosen is None:
+            raise MissingUpstreamError(
+                f"no usable materialization of '{asset}': the recent ones failed a blocking check"
+            )
+        meta = chosen.asset_materialization.metadata
         if PATH_KEY not in meta:
             raise MissingUpstreamError(f"'{asset}' materialization carries no {PATH_KEY}")
         path = Path(meta[PATH_KEY].value)
-        read_manifest(path)  # raises if the directory is incomplete or gone
+        check_sizes(path)  # raises if the directory is incomplete, gone or truncated
         return path
+
+
+def select_record(instance: dg.DagsterInstance, asset: str, run_id: str | None = None):
+    """This run's materialization of ``asset`` if any, else the newest usable one (or None)."""
+    records = instance.fetch_materializations(dg.AssetKey(asset), limit=50).records
+    chosen = next((r for r in records if run_id and r.run_id == run_id), None)
+    return chosen or next((r for r in records if _usable(r)), None)
+
+
+def _usable(record) -> bool:
+    meta = record.asset_materialization.metadata
+    return USABLE_KEY not in meta or bool(meta[USABLE_KEY].value)

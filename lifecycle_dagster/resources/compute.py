@@ -15,6 +15,11 @@ class Compute(dg.ConfigurableResource):
     torch_threads: int = Field(default=0, description="torch intra-op threads; 0 = all cores.")
     ort_threads: int = Field(default=0, description="onnxruntime intra-op threads; 0 = all cores.")
 
-    def runtime(self, use_case_device: str = "auto") -> Runtime:
-        device = self.device if self.device != "auto" else use_case_device
-        return select_runtime(device, self.torch_threads or None, self.ort_threads or None)
+    def runtime(self, spec=None) -> Runtime:
+        """The resource's settings win where set; else the use case's ``compute`` section."""
+        device = self.device if self.device != "auto" or spec is None else spec.device
+        return select_runtime(
+            device,
+            self.torch_threads or (spec.torch_threads if spec else None),
+            self.ort_threads or (spec.ort_threads if spec else None),
+        )

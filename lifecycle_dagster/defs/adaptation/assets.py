@@ -31,6 +31,7 @@ def eval_subset(uc, rows: list[dict]) -> list[dict]:
     owners=OWNERS,
     code_version="1",
     deps=["base_model", "task_dataset"],
+    pool="train",
 )
 def prompt_baseline(
     context: dg.AssetExecutionContext,
@@ -41,7 +42,7 @@ def prompt_baseline(
     """Prompt engineering: the base model with zero-, one- and few-shot prompts; no training."""
     with stage(context, "prompt_baseline", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
-        runtime = compute.runtime(uc.compute.device)
+        runtime = compute.runtime(uc.compute)
         model_dir = model_dir_of(upstream(context, artifact_store, "base_model"))
         data = upstream(context, artifact_store, "task_dataset")
         train, evals = (
@@ -134,7 +135,7 @@ def sft_adapter(
     """The fine-tuned weights: a LoRA or prompt-tuning adapter, or a fully fine-tuned model."""
     with stage(context, "sft_adapter", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
-        runtime = compute.runtime(uc.compute.device)
+        runtime = compute.runtime(uc.compute)
         method = sft_method_config(uc, config)
         st.run.log_params({k: v for k, v in method.__dict__.items()})
         model_dir = model_dir_of(upstream(context, artifact_store, "base_model"))

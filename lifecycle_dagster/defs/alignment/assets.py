@@ -35,7 +35,7 @@ def reward_model(
     """A scalar reward model trained on the preference pairs (or an existing one, reused)."""
     with stage(context, "reward_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
-        runtime = compute.runtime(uc.compute.device)
+        runtime = compute.runtime(uc.compute)
         prefs = upstream(context, artifact_store, "preference_dataset")
         train = preference_records(uc, read_rows(prefs / "preferences_train.jsonl"))
         held_out = preference_records(uc, read_rows(prefs / "preferences_eval.jsonl"))
@@ -62,7 +62,12 @@ def reward_model(
                 json.dumps({"pairwise_accuracy": accuracy, "mean_margin": margin})
             )
         st.run.log_curve("train_loss", curve)
-        meta = {"source": uc.reward.source, "held_out_pairs": len(held_out)}
+        meta = {
+            "source": uc.reward.source,
+            "held_out_pairs": len(held_out),
+            "max_steps": uc.reward.max_steps if uc.reward.source == "train" else 0,
+            "device": runtime.describe(),
+        }
         if curve:
             meta["loss_curve"] = st.plot({"loss": curve}, "reward model loss", "reward_loss")
         return st.result(
@@ -88,7 +93,7 @@ def aligned_model(
     """The SFT model aligned with the reward model (KL-regularised to the SFT reference), merged."""
     with stage(context, "aligned_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
-        runtime = compute.runtime(uc.compute.device)
+        runtime = compute.runtime(uc.compute)
         a = uc.alignment
         method = AlignMethodConfig(
             method=config.method or a.method,
@@ -125,7 +130,7 @@ def aligned_model(
         )
         scorer = RewardScorer(reward_dir, runtime)
         tok = load_tokenizer(base)
-        policy = load_sft_model(base, sft_dir, runtime, merge=True)
+        policy = load_sft_model(base, sft_dir, runtime, merge=True, training=True)
 
         def score(model, label):
             return evaluate_model(

@@ -1,6 +1,7 @@
 """Compress: the aligned model exported to ONNX with KV cache, quantised, verified against PyTorch."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 
@@ -15,6 +16,7 @@ from lifecycle_dagster.ml.export import (
     verify_against_torch,
 )
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
+from lifecycle_dagster.ml.runtime import select_runtime
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
@@ -46,8 +48,16 @@ def onnx_model(
     """The deployable artifact: ONNX with KV cache (fp32 and int8), run by onnxruntime."""
     with stage(context, "onnx_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
-        runtime = compute.runtime("cpu")  # the comparison runs where onnxruntime runs
-        source = upstream(context, artifact_store, "aligned_model") / "model"
+        # The comparison runs where onnxruntime runs: PyTorch on CPU in fp32.
+        runtime = select_runtime("cpu", uc.compute.torch_threads, uc.compute.ort_threads)
+        # Export exactly the candidate that evaluation passed, never a newer, unjudged one.
+        verdict = upstream_metadata(context, "evaluation")
+        if verdict.get("verdict") != "pass":
+            raise dg.Failure(
+                "onnx_model: no passing evaluation to export (latest verdict: "
+                f"{verdict.get('verdict', 'none')}); the candidate below thresholds is not exported"
+            )
+        source = Path(verdict["candidate_path"]) / "model"
         c = uc.compression
         with artifact_store.write(st.target) as tmp:
             result = export_onnx(source, tmp, ExportConfig(quantization=c.quantization), log=st.log)

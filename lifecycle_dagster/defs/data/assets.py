@@ -5,9 +5,17 @@ import shutil
 import dagster as dg
 
 from lifecycle_dagster.lib.stage import OWNERS, md_table, stage
-from lifecycle_dagster.ml.data import load_preference_data, load_task_data, overlap
+from lifecycle_dagster.ml.artifacts import file_sha256
+from lifecycle_dagster.ml.data import load_jsonl, load_preference_data, load_task_data, overlap
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.mlflow import MlflowTracking
+
+
+def snapshot(split, dest) -> None:
+    """Copy a validated file, refusing it if it changed since it was validated."""
+    shutil.copy(split.path, dest)
+    if file_sha256(dest) != split.sha256:
+        raise dg.Failure(f"{split.path} changed while it was being validated; run again")
 
 
 @dg.asset(
@@ -36,7 +44,7 @@ def task_dataset(
         splits = load_task_data(uc)
         with artifact_store.write(st.target) as tmp:
             for name, split in splits.items():
-                shutil.copy(split.path, tmp / f"{name}.jsonl")
+                snapshot(split, tmp / f"{name}.jsonl")
         leaked = overlap(splits["train"].rows, splits["eval"].rows, uc.task.input_field)
         stats = [{"split": n, **s.stats} for n, s in splits.items()]
         st.run.log_params({f"{n}.sha256": s.sha256 for n, s in splits.items()})
@@ -75,6 +83,12 @@ def task_dataset(
             description="In every pair the chosen and rejected responses differ.",
         ),
         dg.AssetCheckSpec(
+            "no_task_eval_in_pairs",
+            asset="preference_dataset",
+            blocking=True,
+            description="No task eval input is a preference training prompt (reward leakage).",
+        ),
+        dg.AssetCheckSpec(
             "no_train_eval_leakage",
             asset="preference_dataset",
             blocking=True,
@@ -92,9 +106,17 @@ def preference_dataset(
         splits = load_preference_data(st.use_case)
         with artifact_store.write(st.target) as tmp:
             for name, split in splits.items():
-                shutil.copy(split.path, tmp / f"preferences_{name}.jsonl")
+                snapshot(split, tmp / f"preferences_{name}.jsonl")
         same = [r["id"] for s in splits.values() for r in s.rows if r["chosen"] == r["rejected"]]
         leaked = overlap(splits["train"].rows, splits["eval"].rows, "prompt")
+        uc = st.use_case
+        field = uc.task.input_field
+        task_eval = load_jsonl(
+            uc.data.eval, ("id", field, uc.task.target_field), max_chars=uc.data.max_chars
+        ).rows
+        in_pairs = overlap(
+            [{"prompt": r[field]} for r in task_eval], splits["train"].rows, "prompt"
+        )
         stats = [{"split": n, **s.stats} for n, s in splits.items()]
         return st.result(
             metrics={
@@ -109,6 +131,12 @@ def preference_dataset(
                     passed=not same,
                     severity=dg.AssetCheckSeverity.ERROR,
                     metadata={"identical_pairs": len(same), "first_ids": ", ".join(same[:5])},
+                ),
+                dg.AssetCheckResult(
+                    check_name="no_task_eval_in_pairs",
+                    passed=in_pairs == 0,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={"leaked_rows": in_pairs},
                 ),
                 dg.AssetCheckResult(
                     check_name="no_train_eval_leakage",

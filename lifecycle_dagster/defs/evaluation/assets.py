@@ -48,6 +48,7 @@ def next_escalation(uc, attempt: int, sft_meta: dict) -> dict | None:
         "aligned_model",
         "task_dataset",
     ],
+    pool="train",
     check_specs=[
         dg.AssetCheckSpec(
             "meets_thresholds",
@@ -76,7 +77,7 @@ def evaluation(
     """Every lifecycle stage's model on one eval split: ROUGE-L, mean reward, perplexity; verdict."""
     with stage(context, "evaluation", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
-        runtime = compute.runtime(uc.compute.device)
+        runtime = compute.runtime(uc.compute)
         base = model_dir_of(upstream(context, artifact_store, "base_model"))
         data = upstream(context, artifact_store, "task_dataset")
         train, evals = read_rows(data / "train.jsonl"), read_rows(data / "eval.jsonl")
@@ -160,6 +161,9 @@ def evaluation(
             },
             metadata={
                 "verdict": "pass" if passed else "fail",
+                "candidate_path": dg.MetadataValue.path(
+                    str(upstream(context, artifact_store, "aligned_model"))
+                ),
                 "failed_metrics": ", ".join(failed),
                 "sft_method": sft_meta.get("method", ""),
                 "escalation": json.dumps(escalation) if escalation else "",

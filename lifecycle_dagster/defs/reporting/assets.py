@@ -66,7 +66,8 @@ def lifecycle_report(
         st.run.log_file(st.target / "lifecycle_report.md")
         return st.result(
             metrics={
-                f"seconds_{r['phase'].split()[0].replace('-', '_')}": r["seconds"] for r in rows
+                "seconds_" + "_".join(r["phase"].replace("-", " ").split()[:2]): r["seconds"]
+                for r in rows
             },
             metadata={
                 "report": dg.MetadataValue.md(body),

@@ -31,7 +31,7 @@ def base_model(
     """The foundation model (safetensors + tokenizer) every later stage starts from."""
     with stage(context, "base_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
-        runtime = compute.runtime(uc.compute.device)
+        runtime = compute.runtime(uc.compute)
         st.log(f"base_model: source {uc.base_model.source} on {runtime.describe()}")
         data = upstream(context, artifact_store, "task_dataset")
         rows = read_rows(data / "train.jsonl")
