@@ -223,3 +223,13 @@ def test_decoder_refuses_an_export_without_cache_inputs(tmp_path, tiny_base):
 
     with pytest.raises(ValueError, match="no KV-cache inputs"):
         OrtDecoder(tmp_path, 1)
+
+
+def test_cache_check_catches_a_cache_that_is_ignored():
+    from lifecycle_dagster.ml.export import cache_matches
+
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=(6, 50)).astype(np.float32) * 5
+    assert cache_matches(full + 1e-4, full)
+    # A decoder that ignores its cache sees only the last token: other logits, other argmax.
+    assert not cache_matches(rng.normal(size=(6, 50)).astype(np.float32) * 5, full)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lifecycle_dagster.ml.progress import Log, Progress, hf_callback
+from lifecycle_dagster.ml.progress import Log, Progress, hf_callback, trainer_kwargs
 from lifecycle_dagster.ml.runtime import Runtime
 
 
@@ -78,31 +78,23 @@ def align(
         target_modules="all-linear",
     )
     progress = Progress(config.method, config.max_steps, log)
-    common = dict(
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=config.seed,
-        bf16=runtime.bf16,
-        use_cpu=runtime.device == "cpu",
-        disable_tqdm=True,
-        lr_scheduler_type="constant",
-    )
     tokenizer.padding_side = "left"
     with tempfile.TemporaryDirectory(prefix="align-") as scratch:
+        common = trainer_kwargs(
+            output_dir=scratch,
+            max_steps=config.max_steps,
+            learning_rate=config.learning_rate,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            runtime=runtime,
+            scheduler="constant",
+        )
         if config.method == "dpo":
             from trl import DPOConfig, DPOTrainer
 
             if not pairs:
                 raise ValueError("DPO needs preference pairs")
-            args = DPOConfig(
-                output_dir=scratch,
-                beta=max(config.beta, 1e-3),
-                per_device_train_batch_size=config.batch_size,
-                **common,
-            )
+            args = DPOConfig(beta=max(config.beta, 1e-3), **common)
             trainer = DPOTrainer(
                 model=policy,
                 args=args,
@@ -121,8 +113,6 @@ def align(
                 from trl import RLOOConfig as Cfg
                 from trl import RLOOTrainer as Trainer
             args = Cfg(
-                output_dir=scratch,
-                per_device_train_batch_size=config.batch_size,
                 num_generations=config.num_generations,
                 max_completion_length=config.max_completion_length,
                 temperature=config.temperature,

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lifecycle_dagster.ml.progress import Log, Progress
+from lifecycle_dagster.ml.progress import Log, Progress, loss_ends
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
 
@@ -134,14 +134,12 @@ def pretrain(
         progress.update(step, loss=loss.item())
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
-    losses = [loss for _, loss in progress.series("loss")]
-    head = losses[: max(1, len(losses) // 10)]
-    tail = losses[-max(1, len(losses) // 10) :]
+    loss_start, loss_end = loss_ends(progress)
     return PretrainResult(
         path=out_dir,
         parameters=sum(p.numel() for p in model.parameters()),
         tokens_seen=config.steps * config.batch_size * block,
-        loss_start=sum(head) / len(head),
-        loss_end=sum(tail) / len(tail),
+        loss_start=loss_start,
+        loss_end=loss_end,
         loss_curve=progress.series("loss"),
     )

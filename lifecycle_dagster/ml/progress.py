@@ -59,3 +59,39 @@ def hf_callback(progress: Progress):
                 progress.update(state.global_step, **logs)
 
     return _Callback()
+
+
+def loss_ends(progress: Progress, key: str = "loss") -> tuple[float, float]:
+    """Mean of the first and of the last tenth of a logged curve: start and end, less noisy."""
+    values = [v for _, v in progress.series(key)] or [float("nan")]
+    k = max(1, len(values) // 10)
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def trainer_kwargs(
+    *,
+    output_dir: str,
+    max_steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    runtime,
+    scheduler: str = "cosine",
+) -> dict:
+    """The TrainingArguments every stage shares: no checkpoints, no reporters, our own progress."""
+    return {
+        "output_dir": output_dir,
+        "max_steps": max_steps,
+        "learning_rate": learning_rate,
+        "per_device_train_batch_size": batch_size,
+        "lr_scheduler_type": scheduler,
+        "warmup_steps": max(1, max_steps // 20) if scheduler == "cosine" else 0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": seed,
+        "bf16": runtime.bf16,
+        "use_cpu": runtime.device == "cpu",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }

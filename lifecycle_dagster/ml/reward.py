@@ -6,7 +6,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lifecycle_dagster.ml.progress import Log, Progress, hf_callback
+from lifecycle_dagster.ml.progress import Log, Progress, hf_callback, loss_ends, trainer_kwargs
 from lifecycle_dagster.ml.runtime import Runtime
 
 
@@ -57,20 +57,15 @@ def train_reward_model(
     progress = Progress("reward", config.max_steps, log)
     with tempfile.TemporaryDirectory(prefix="reward-") as scratch:
         args = RewardConfig(
-            output_dir=scratch,
-            max_steps=config.max_steps,
-            learning_rate=config.learning_rate,
-            per_device_train_batch_size=config.batch_size,
-            lr_scheduler_type="cosine",
-            warmup_steps=max(1, config.max_steps // 20),
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            seed=config.seed,
-            bf16=runtime.bf16,
-            use_cpu=runtime.device == "cpu",
             max_length=config.max_length,
-            disable_tqdm=True,
+            **trainer_kwargs(
+                output_dir=scratch,
+                max_steps=config.max_steps,
+                learning_rate=config.learning_rate,
+                batch_size=config.batch_size,
+                seed=config.seed,
+                runtime=runtime,
+            ),
         )
         trainer = RewardTrainer(
             model=model,
@@ -84,12 +79,11 @@ def train_reward_model(
     trainer.model.eval()
     trainer.model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    losses = [v for _, v in progress.series("loss")]
-    k = max(1, len(losses) // 10)
+    loss_start, loss_end = loss_ends(progress)
     return RewardResult(
         path=Path(out_dir),
-        loss_start=sum(losses[:k]) / k,
-        loss_end=sum(losses[-k:]) / k,
+        loss_start=loss_start,
+        loss_end=loss_end,
         loss_curve=progress.series("loss"),
         seconds=progress.elapsed,
     )
