@@ -160,3 +160,16 @@ def preference_records(uc: UseCase, rows: list[dict]) -> list[dict]:
         }
         for r in rows
     ]
+
+
+def eval_rows(uc: UseCase, rows: list[dict]) -> list[dict]:
+    """The evaluation split as every stage scores it (capped at ``evaluation.max_examples``)."""
+    return rows[: uc.evaluation.max_examples] if uc.evaluation.max_examples else rows
+
+
+def prompts_for(uc: UseCase, rows: list[dict], examples: list[dict] | None = None) -> list[str]:
+    return [format_prompt(uc, r[uc.task.input_field], examples) for r in rows]
+
+
+def references(uc: UseCase, rows: list[dict]) -> list[str]:
+    return [r[uc.task.target_field] for r in rows]

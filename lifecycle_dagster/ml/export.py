@@ -317,3 +317,21 @@ def generate_texts(
         if log and (i % 16 == 0 or i == len(prompts)):
             log(f"{stage}: {i}/{len(prompts)} generated")
     return texts, tokens / max(seconds, 1e-9)
+
+
+def faithful(
+    checks: dict[str, Faithfulness],
+    selected: str,
+    *,
+    logits_atol: float,
+    min_token_agreement: float,
+) -> bool:
+    """The export gate: fp32 matches PyTorch (logits within ``logits_atol``, identical text), every
+    variant decodes consistently with its cache, and the deployed variant agrees on greedy tokens."""
+    fp32 = checks["fp32"]
+    return (
+        fp32.max_abs_logit_diff <= logits_atol
+        and fp32.text_equal == 1.0
+        and all(ch.cache_consistent for ch in checks.values())
+        and checks[selected].token_agreement >= min_token_agreement
+    )

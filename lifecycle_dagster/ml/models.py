@@ -5,6 +5,7 @@ Every model the pipeline writes is safetensors; loading never runs remote code.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,23 +41,10 @@ def materialize_base_model(
     out_dir = Path(out_dir)
     info: dict = {}
     if spec.source == "scratch":
-        s = spec.scratch
         result = pretrain(
             corpus,
             out_dir,
-            PretrainConfig(
-                vocab_size=s.vocab_size,
-                hidden_size=s.hidden_size,
-                num_layers=s.num_layers,
-                num_heads=s.num_heads,
-                num_kv_heads=s.num_kv_heads,
-                intermediate_size=s.intermediate_size,
-                context_length=s.context_length,
-                steps=s.steps,
-                batch_size=s.batch_size,
-                learning_rate=s.learning_rate,
-                seed=s.seed,
-            ),
+            PretrainConfig(**spec.scratch.model_dump()),
             device=runtime.device,
             log=log,
         )
@@ -156,56 +144,51 @@ def convert_gguf(
     The conversion is cached by the file's sha256 under ``cache_dir``: the same GGUF is converted
     once; a changed file converts again (and so gives the base model a new DataVersion).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from lifecycle_dagster.ml.artifacts import atomic_dir, file_sha256
 
     digest = file_sha256(gguf)
-    cached = Path(cache_dir) / digest[:16] if cache_dir else None
-    if cached is None or not (cached / "MANIFEST.json").exists():
-        if log:
-            log(f"base_model: converting {gguf.name} (sha256 {digest[:12]}) to safetensors")
-        kwargs = {**LOAD_KW, "gguf_file": gguf.name}
-        target = cached or out_dir
-
-        def write(folder: Path) -> None:
-            quantized = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, dtype=torch.float32, **kwargs
-            )
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-            config = quantized.config
-            if hasattr(config, "quantization_config"):
-                delattr(config, "quantization_config")
-            # A GGUF-loaded model refuses to serialise; copy its (dequantised) weights into a
-            # plain model of the same config.
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            model.load_state_dict(quantized.state_dict(), strict=True)
-            model.generation_config = quantized.generation_config
-            model.save_pretrained(folder, safe_serialization=True)
-            tokenizer.save_pretrained(folder)
-
-        if cached is None:
-            write(out_dir)
-            return {"gguf_sha256": digest, "conversion": "converted"}
-        with atomic_dir(target, {"gguf_sha256": digest, "source": str(gguf)}) as tmp:
-            write(tmp)
-        reused = "converted"
-    else:
-        reused = "reused"
+    info = {"gguf_sha256": digest, "conversion": "converted"}
+    if cache_dir is None:
+        _convert_gguf(gguf, out_dir)
+        return info
+    cached = Path(cache_dir) / digest[:16]
+    if (cached / "MANIFEST.json").exists():
+        info["conversion"] = "reused"
         if log:
             log(f"base_model: reusing the conversion of {gguf.name} (sha256 {digest[:12]})")
+    else:
+        if log:
+            log(f"base_model: converting {gguf.name} (sha256 {digest[:12]}) to safetensors")
+        with atomic_dir(cached, {"gguf_sha256": digest, "source": str(gguf)}) as tmp:
+            _convert_gguf(gguf, tmp)
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in cached.iterdir():
         if item.name != "MANIFEST.json":
             _link_or_copy(item, out_dir / item.name)
-    return {"gguf_sha256": digest, "conversion": reused}
+    return info
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {**LOAD_KW, "gguf_file": gguf.name}
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    # A GGUF-loaded model refuses to serialise; copy its (dequantised) weights into a plain model
+    # of the same config.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.generation_config = quantized.generation_config
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link large files from the cache (same filesystem), else copy."""
-    import os
-
     try:
         os.link(src, dst)
     except OSError:

@@ -12,17 +12,20 @@ from lifecycle_dagster.lib.stage import (
     upstream,
     upstream_metadata,
 )
-from lifecycle_dagster.ml.data import format_prompt, read_rows, sft_records
+from lifecycle_dagster.ml.data import (
+    eval_rows,
+    format_prompt,
+    prompts_for,
+    read_rows,
+    references,
+    sft_records,
+)
 from lifecycle_dagster.ml.evaluate import evaluate_model
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
 from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft_model, train_sft
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
-
-
-def eval_subset(uc, rows: list[dict]) -> list[dict]:
-    return rows[: uc.evaluation.max_examples] if uc.evaluation.max_examples else rows
 
 
 @dg.asset(
@@ -47,14 +50,14 @@ def prompt_baseline(
         data = upstream(context, artifact_store, "task_dataset")
         train, evals = (
             read_rows(data / "train.jsonl"),
-            eval_subset(uc, read_rows(data / "eval.jsonl")),
+            eval_rows(uc, read_rows(data / "eval.jsonl")),
         )
         model, tok = load_causal_lm(model_dir, runtime), load_tokenizer(model_dir)
-        refs = [r[uc.task.target_field] for r in evals]
+        refs = references(uc, evals)
         results = []
         for k in uc.prompting.shots:
             shots = train[:k]
-            prompts = [format_prompt(uc, r[uc.task.input_field], shots) for r in evals]
+            prompts = prompts_for(uc, evals, shots)
             res = evaluate_model(
                 model,
                 tok,
@@ -141,7 +144,7 @@ def sft_adapter(
         model_dir = model_dir_of(upstream(context, artifact_store, "base_model"))
         data = upstream(context, artifact_store, "task_dataset")
         records = sft_records(uc, read_rows(data / "train.jsonl"))
-        evals = eval_subset(uc, read_rows(data / "eval.jsonl"))
+        evals = eval_rows(uc, read_rows(data / "eval.jsonl"))
         st.log(f"sft_adapter: {method.method}, {method.max_steps} steps on {runtime.describe()}")
         with artifact_store.write(st.target) as tmp:
             result = train_sft(model_dir, records, tmp / "adapter", method, runtime, log=st.log)
@@ -154,8 +157,8 @@ def sft_adapter(
         after = evaluate_model(
             model,
             tok,
-            [format_prompt(uc, r[uc.task.input_field]) for r in evals],
-            [r[uc.task.target_field] for r in evals],
+            prompts_for(uc, evals),
+            references(uc, evals),
             max_new_tokens=uc.evaluation.max_new_tokens,
             batch_size=uc.evaluation.batch_size,
             with_perplexity=False,

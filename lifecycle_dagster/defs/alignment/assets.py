@@ -8,7 +8,13 @@ import dagster as dg
 from lifecycle_dagster.lib.configs import AlignedModelConfig
 from lifecycle_dagster.lib.stage import OWNERS, stage, upstream
 from lifecycle_dagster.ml.align import AlignMethodConfig, align
-from lifecycle_dagster.ml.data import format_prompt, preference_records, read_rows
+from lifecycle_dagster.ml.data import (
+    eval_rows,
+    preference_records,
+    prompts_for,
+    read_rows,
+    references,
+)
 from lifecycle_dagster.ml.evaluate import RewardScorer, evaluate_model
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
 from lifecycle_dagster.ml.reward import RewardMethodConfig, pairwise_accuracy, train_reward_model
@@ -118,10 +124,10 @@ def aligned_model(
         data = upstream(context, artifact_store, "task_dataset")
         train = read_rows(data / "train.jsonl")
         evals = read_rows(data / "eval.jsonl")
-        evals = evals[: uc.evaluation.max_examples] if uc.evaluation.max_examples else evals
-        prompts = [format_prompt(uc, r[uc.task.input_field]) for r in train]
-        eval_prompts = [format_prompt(uc, r[uc.task.input_field]) for r in evals]
-        refs = [r[uc.task.target_field] for r in evals]
+        evals = eval_rows(uc, evals)
+        prompts = prompts_for(uc, train)
+        eval_prompts = prompts_for(uc, evals)
+        refs = references(uc, evals)
         pairs = preference_records(
             uc,
             read_rows(

@@ -6,12 +6,13 @@ from pathlib import Path
 import dagster as dg
 
 from lifecycle_dagster.lib.stage import OWNERS, md_table, stage, upstream, upstream_metadata
-from lifecycle_dagster.ml.data import format_prompt, read_rows
+from lifecycle_dagster.ml.data import eval_rows, prompts_for, read_rows, references
 from lifecycle_dagster.ml.evaluate import rouge_l
 from lifecycle_dagster.ml.export import (
     ExportConfig,
     OrtDecoder,
     export_onnx,
+    faithful,
     generate_texts,
     verify_against_torch,
 )
@@ -62,7 +63,7 @@ def onnx_model(
         with artifact_store.write(st.target) as tmp:
             result = export_onnx(source, tmp, ExportConfig(quantization=c.quantization), log=st.log)
             evals = read_rows(upstream(context, artifact_store, "task_dataset") / "eval.jsonl")
-            prompts = [format_prompt(uc, r[uc.task.input_field]) for r in evals[: c.check_prompts]]
+            prompts = prompts_for(uc, evals[: c.check_prompts])
             model, tok = load_causal_lm(source, runtime), load_tokenizer(source)
             checks = {
                 name: verify_against_torch(
@@ -80,25 +81,23 @@ def onnx_model(
                 json.dumps({k: v.__dict__ for k, v in checks.items()}, indent=2, default=str)
             )
             # Task quality of the deployed variant on the evaluation split, against PyTorch's.
-            subset = evals[: uc.evaluation.max_examples] if uc.evaluation.max_examples else evals
+            subset = eval_rows(uc, evals)
             preds, _ = generate_texts(
                 OrtDecoder(result.variants[result.selected], runtime.ort_threads),
                 tok,
-                [format_prompt(uc, r[uc.task.input_field]) for r in subset],
+                prompts_for(uc, subset),
                 uc.evaluation.max_new_tokens,
                 log=st.log,
                 stage=f"onnx_model[{result.selected} eval]",
             )
-            onnx_rouge = sum(rouge_l(preds, [r[uc.task.target_field] for r in subset])) / len(
-                subset
-            )
+            onnx_rouge = sum(rouge_l(preds, references(uc, subset))) / len(subset)
         torch_rouge = upstream_metadata(context, "evaluation").get("aligned_rouge_l")
         fp32, chosen = checks["fp32"], checks[result.selected]
-        passed = (
-            fp32.max_abs_logit_diff <= c.logits_atol
-            and fp32.text_equal == 1.0
-            and all(ch.cache_consistent for ch in checks.values())
-            and chosen.token_agreement >= c.min_token_agreement
+        passed = faithful(
+            checks,
+            result.selected,
+            logits_atol=c.logits_atol,
+            min_token_agreement=c.min_token_agreement,
         )
         rows = [
             {

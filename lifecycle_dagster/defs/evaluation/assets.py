@@ -12,7 +12,7 @@ from lifecycle_dagster.lib.stage import (
     upstream,
     upstream_metadata,
 )
-from lifecycle_dagster.ml.data import format_prompt, read_rows
+from lifecycle_dagster.ml.data import eval_rows, prompts_for, read_rows, references
 from lifecycle_dagster.ml.evaluate import RewardScorer, evaluate_model
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
 from lifecycle_dagster.ml.sft import load_sft_model
@@ -81,15 +81,15 @@ def evaluation(
         base = model_dir_of(upstream(context, artifact_store, "base_model"))
         data = upstream(context, artifact_store, "task_dataset")
         train, evals = read_rows(data / "train.jsonl"), read_rows(data / "eval.jsonl")
-        evals = evals[: uc.evaluation.max_examples] if uc.evaluation.max_examples else evals
+        evals = eval_rows(uc, evals)
         shots = json.loads(
             (upstream(context, artifact_store, "prompt_baseline") / "best.json").read_text()
         )["shots"]
         scorer = RewardScorer(upstream(context, artifact_store, "reward_model") / "model", runtime)
         tok = load_tokenizer(base)
-        refs = [r[uc.task.target_field] for r in evals]
-        zero = [format_prompt(uc, r[uc.task.input_field]) for r in evals]
-        few = [format_prompt(uc, r[uc.task.input_field], train[:shots]) for r in evals]
+        refs = references(uc, evals)
+        zero = prompts_for(uc, evals)
+        few = prompts_for(uc, evals, train[:shots])
         base_model = load_causal_lm(base, runtime)
         candidates = {
             "base": (lambda: base_model, zero),
