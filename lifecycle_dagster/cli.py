@@ -23,7 +23,8 @@ SUMMARY_METRICS = {
     "reward_model": ["pairwise_accuracy"],
     "aligned_model": ["reward_before", "reward_after", "mean_kl"],
     "evaluation": ["rouge_l", "mean_reward", "perplexity", "verdict"],
-    "onnx_model": ["size_ratio", "speedup", "onnx_rouge_l", "rouge_l_delta"],
+    "onnx_model": ["selected_variant", "size_ratio", "speedup", "onnx_rouge_l", "rouge_l_drop"],
+    "champion_model": ["onnx_champion", "aligned_champion"],
     "lifecycle_report": ["total_seconds"],
 }
 
@@ -178,6 +179,36 @@ def cmd_profiles(_args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from lifecycle_dagster.ml.errors import InputError
+    from lifecycle_dagster.ml.usecase import load_use_case
+    from lifecycle_dagster.resources.registry import registered_name
+    from lifecycle_dagster.serving import ServedModel, serve
+
+    name = args.model
+    if not name:
+        try:
+            name = registered_name(load_use_case(profile=args.profile).name, "onnx")
+        except InputError as exc:
+            print(f"lifecycle: {exc}", file=sys.stderr)
+            return 2
+    uri = settings.mlflow_uri()
+    try:
+        model = ServedModel.from_registry(uri, name, args.alias, threads=args.threads)
+    except (LookupError, FileNotFoundError, ValueError) as exc:
+        print(f"lifecycle serve: {exc}", file=sys.stderr)
+        return 1
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"lifecycle serve: WARNING binding to {args.host}: reachable beyond this machine")
+    print(
+        f"lifecycle serve: {model.name} version {model.version} ({args.alias}, {model.variant}) "
+        f"from {model.folder} on http://{args.host}:{args.port}",
+        flush=True,
+    )
+    serve(model, args.host, args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lifecycle", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--tokens-per-param", type=float, default=20.0)
     est.add_argument("--device", default="auto", help="where to measure the matmul rate")
     est.set_defaults(func=cmd_estimate)
+    srv = sub.add_parser("serve", help="serve the champion ONNX artifact over HTTP")
+    srv.add_argument("--model", help="registered model name (default: <use case>-onnx)")
+    srv.add_argument("--profile", default="demo", help="use case whose model to serve")
+    srv.add_argument("--alias", default="champion", help="registry alias to load")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    srv.set_defaults(func=cmd_serve)
     prof = sub.add_parser("profiles", help="list the named profiles")
     prof.set_defaults(func=cmd_profiles)
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ from lifecycle_dagster.resources.artifacts import (
     select_record,
 )
 from lifecycle_dagster.resources.mlflow import MlflowTracking, StageRun
+from lifecycle_dagster.resources.registry import registered_name
 
 ATTEMPT_TAG = "lifecycle/attempt"
 REASON_TAG = "lifecycle/reason"
@@ -136,10 +137,31 @@ class Stage:
     use_case: UseCase
     run: StageRun
     target: Path
+    tracking: MlflowTracking
     started: float = field(default_factory=time.monotonic)
 
     def log(self, message: str) -> None:
         self.context.log.info(message)
+
+    def register(self, kind: str, source: Path, tags: dict | None = None) -> tuple[str, str]:
+        """Register ``source`` (inside this stage's artifact) as a new version of the use case's
+        ``kind`` model; the version becomes the ``candidate``. Returns (name, version)."""
+        name = registered_name(self.use_case.name, kind)
+        version = self.tracking.registry().register(
+            name,
+            source,
+            run_id=self.run.run_id,
+            tags={
+                "dagster.run_id": self.context.run.run_id,
+                "dagster.asset_key": self.context.asset_key.to_user_string(),
+                "artifact.version": read_manifest(self.target)["version"],
+                "lifecycle.attempt": attempt_of(self.context),
+                **(tags or {}),
+            },
+            description=f"{self.use_case.name}: {kind} model ({self.use_case.description})".strip(),
+        )
+        self.log(f"{self.name}: registered {name} version {version} (alias candidate)")
+        return name, version
 
     def plot(
         self, curves: dict[str, list[tuple[int, float]]], title: str, name: str
@@ -227,6 +249,7 @@ def stage(
             use_case=uc,
             run=run,
             target=store.target(name, context.run.run_id),
+            tracking=mlflow,
         )
 
 

@@ -1,7 +1,8 @@
 """Export to ONNX with KV cache, quantise, run in onnxruntime, and verify against PyTorch.
 
 The export uses onnxruntime-genai's model builder (decoder-only transformers with a KV cache, fused
-attention). Quantisation is onnxruntime's dynamic int8. ``OrtDecoder`` runs the artifact with plain
+attention), once per variant: fp32, weight-only int8 and int4 (MatMulNBits), and optionally
+onnxruntime's dynamic int8. ``OrtDecoder`` runs the artifact with plain
 onnxruntime, feeding ``present.*`` back as ``past_key_values.*`` each step, so the check exercises the
 cache exactly as serving does.
 """
@@ -38,28 +39,86 @@ def cache_matches(stepped, recomputed) -> bool:
     return float(np.abs(stepped - recomputed).max()) <= max(CACHE_ATOL, CACHE_RTOL * spread)
 
 
+# What each variant is. int8/int4 are weight-only (MatMulNBits, blocks of ``block_size`` along the
+# input dimension, symmetric), exported by the model builder; int4 also quantises the embedding table
+# (GatherBlockQuantized, shared with the LM head when the model ties them). int8_dynamic is
+# onnxruntime's dynamic quantisation (int8 weights and activations) of the fp32 export.
+VARIANTS = {
+    "fp32": "fp32 weights and activations",
+    "int8": "int8 weight-only (MatMulNBits), fp32 embedding",
+    "int4": "int4 weight-only (MatMulNBits + GatherBlockQuantized embedding)",
+    "int8_dynamic": "int8 weights and activations (quantize_dynamic)",
+}
+
+
 @dataclass(frozen=True)
 class ExportConfig:
-    quantization: str = "int8"  # "none" or "int8"
-    threads: int = 1
+    variants: tuple[str, ...] = ("fp32", "int8", "int4")
+    block_size: int = 32
+    # 4: int8 activations per block inside MatMulNBits, the fast CPU kernel; 1: fp32 activations.
+    accuracy_level: int = 4
+
+    def __post_init__(self):
+        unknown = set(self.variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown ONNX variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
+        if "fp32" not in self.variants:
+            raise ValueError(
+                "the fp32 variant is required: it is what the others are checked against"
+            )
 
 
 @dataclass
 class ExportResult:
     path: Path
     variants: dict[str, Path]
-    selected: str
     sizes: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def onnx_bytes(folder: Path) -> int:
+    """Size on disk of the ONNX graph and its external weights."""
+    return sum(p.stat().st_size for p in Path(folder).glob(f"{MODEL_FILE}*"))
 
 
 def export_onnx(
     model_dir: Path, out_dir: Path, config: ExportConfig, log: Log | None = None
 ) -> ExportResult:
-    """Write ``out_dir/fp32`` (and ``out_dir/int8``), each a runnable onnxruntime-genai folder."""
-    start = time.monotonic()
+    """Write one runnable onnxruntime-genai folder per variant under ``out_dir``."""
     out_dir = Path(out_dir)
-    fp32 = out_dir / "fp32"
+    variants: dict[str, Path] = {}
+    seconds: dict[str, float] = {}
+    for name in config.variants:
+        start = time.monotonic()
+        folder = out_dir / name
+        if log:
+            log(f"onnx: exporting {name} ({VARIANTS[name]}, KV cache)")
+        if name == "int8_dynamic":
+            _quantize_dynamic(out_dir / "fp32", folder)
+        else:
+            extra = (
+                {}
+                if name == "fp32"
+                else {
+                    "block_size": config.block_size,
+                    "accuracy_level": config.accuracy_level,
+                    "op_types_to_quantize": "MatMul/Gather" if name == "int4" else "MatMul",
+                }
+            )
+            _build(model_dir, folder, name, extra)
+        _plain_bytelevel_decoder(folder)
+        variants[name] = folder
+        seconds[name] = time.monotonic() - start
+    return ExportResult(
+        path=out_dir,
+        variants=variants,
+        sizes={name: onnx_bytes(path) for name, path in variants.items()},
+        seconds=seconds,
+    )
+
+
+def _build(model_dir: Path, folder: Path, precision: str, extra: dict) -> None:
+    """onnxruntime-genai's model builder, in a subprocess (it holds the whole model in memory)."""
     with tempfile.TemporaryDirectory(prefix="onnx-cache-") as cache:
         cmd = [
             sys.executable,
@@ -68,58 +127,38 @@ def export_onnx(
             "-m",
             str(model_dir),
             "-o",
-            str(fp32),
+            str(folder),
             "-p",
-            "fp32",
+            precision,
             "-e",
             "cpu",
             "-c",
             cache,
         ]
-        if log:
-            log(f"onnx: exporting {model_dir} (fp32, KV cache)")
+        if extra:
+            cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra.items())]
         env = {**os.environ, "TQDM_DISABLE": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0 or not (fp32 / MODEL_FILE).exists():
-            raise RuntimeError(f"ONNX export of {model_dir} failed:\n{proc.stderr[-4000:]}")
-    _plain_bytelevel_decoder(fp32)
-    variants = {"fp32": fp32}
-    if config.quantization == "int8":
-        import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        int8 = out_dir / "int8"
-        int8.mkdir()
-        if log:
-            log("onnx: quantising MatMul weights to int8 (weight-only, blocks of 32)")
-        # Weight-only int8 (MatMulNBits): dynamic activation quantisation (quantize_dynamic) broke
-        # greedy agreement on SmolLM2 (59% of tokens); weight-only keeps it at 100%.
-        # accuracy_level 4 computes with int8 activations per block: the fast CPU kernel.
-        quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(fp32 / MODEL_FILE)),
-            bits=8,
-            block_size=32,
-            is_symmetric=True,
-            accuracy_level=4,
+    if proc.returncode != 0 or not (folder / MODEL_FILE).exists():
+        raise RuntimeError(
+            f"ONNX export ({precision}) of {model_dir} failed:\n{proc.stderr[-4000:]}"
         )
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(int8 / MODEL_FILE), use_external_data_format=True)
-        for extra in fp32.iterdir():
-            if extra.suffix != ".onnx" and not extra.name.startswith(MODEL_FILE):
-                shutil.copy(extra, int8 / extra.name)
-        variants["int8"] = int8
-    sizes = {
-        name: sum(p.stat().st_size for p in path.glob("model.onnx*"))
-        for name, path in variants.items()
-    }
-    selected = "int8" if "int8" in variants else "fp32"
-    return ExportResult(
-        path=out_dir,
-        variants=variants,
-        selected=selected,
-        sizes=sizes,
-        seconds=time.monotonic() - start,
+
+
+def _quantize_dynamic(fp32: Path, folder: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folder.mkdir(parents=True)
+    quantize_dynamic(
+        fp32 / MODEL_FILE,
+        folder / MODEL_FILE,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        use_external_data_format=True,
     )
+    for extra in fp32.iterdir():
+        if not extra.name.startswith(MODEL_FILE):
+            shutil.copy(extra, folder / extra.name)
 
 
 def _plain_bytelevel_decoder(folder: Path) -> None:
@@ -161,30 +200,34 @@ class OrtDecoder:
             str(Path(folder) / MODEL_FILE), opts, providers=["CPUExecutionProvider"]
         )
         self.input_names = {i.name for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
         if not any(n.startswith("past_key_values") for n in self.input_names):
             raise ValueError(f"{folder}: the exported model has no KV-cache inputs")
 
-    def _empty_past(self) -> dict:
+    def empty_past(self, batch: int = 1) -> dict:
         import numpy as np
 
-        shape = (1, self.kv_heads, 0, self.head_size)
+        shape = (batch, self.kv_heads, 0, self.head_size)
         return {
             f"past_key_values.{i}.{kv}": np.zeros(shape, dtype=np.float32)
             for i in range(self.layers)
             for kv in ("key", "value")
         }
 
-    def step(self, ids: list[int], past: dict, total: int):
+    def step(self, ids, past: dict, total: int):
+        """One forward pass: ``ids`` is one sequence (a list) or a batch of equal-length sequences
+        (a 2-D array, no padding); ``total`` is the length including the cache. Returns the logits
+        and the cache to feed next."""
         import numpy as np
 
+        batch = np.atleast_2d(np.asarray(ids, dtype=np.int64))
         feeds = {
-            "input_ids": np.array([ids], dtype=np.int64),
-            "attention_mask": np.ones((1, total), dtype=np.int64),
+            "input_ids": batch,
+            "attention_mask": np.ones((batch.shape[0], total), dtype=np.int64),
             **past,
         }
         outs = self.session.run(None, feeds)
-        names = [o.name for o in self.session.get_outputs()]
-        result = dict(zip(names, outs, strict=True))
+        result = dict(zip(self.output_names, outs, strict=True))
         present = {
             f"past_key_values.{i}.{kv}": result[f"present.{i}.{kv}"]
             for i in range(self.layers)
@@ -193,12 +236,12 @@ class OrtDecoder:
         return result["logits"], present
 
     def prefill_logits(self, ids: list[int]):
-        logits, _ = self.step(ids, self._empty_past(), len(ids))
+        logits, _ = self.step(ids, self.empty_past(), len(ids))
         return logits[0]
 
     def generate(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], list]:
         """Greedy tokens and the logits that chose each one."""
-        logits, past = self.step(ids, self._empty_past(), len(ids))
+        logits, past = self.step(ids, self.empty_past(), len(ids))
         out, chosen_logits = [], []
         total = len(ids)
         for _ in range(max_new_tokens):
@@ -317,21 +360,3 @@ def generate_texts(
         if log and (i % 16 == 0 or i == len(prompts)):
             log(f"{stage}: {i}/{len(prompts)} generated")
     return texts, tokens / max(seconds, 1e-9)
-
-
-def faithful(
-    checks: dict[str, Faithfulness],
-    selected: str,
-    *,
-    logits_atol: float,
-    min_token_agreement: float,
-) -> bool:
-    """The export gate: fp32 matches PyTorch (logits within ``logits_atol``, identical text), every
-    variant decodes consistently with its cache, and the deployed variant agrees on greedy tokens."""
-    fp32 = checks["fp32"]
-    return (
-        fp32.max_abs_logit_diff <= logits_atol
-        and fp32.text_equal == 1.0
-        and all(ch.cache_consistent for ch in checks.values())
-        and checks[selected].token_agreement >= min_token_agreement
-    )

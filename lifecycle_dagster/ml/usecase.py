@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lifecycle_dagster import settings
 from lifecycle_dagster.ml.errors import InputError
@@ -168,6 +175,9 @@ class Threshold(_Strict):
 
 
 class EvaluationSpec(_Strict):
+    primary_metric: Literal["rouge_l", "mean_reward"] = Field(
+        "rouge_l", description="What a candidate must beat the champion on to be promoted."
+    )
     max_examples: int | None = Field(None, gt=0, description="Cap on eval examples (None: all).")
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(32, gt=0)
@@ -177,13 +187,35 @@ class EvaluationSpec(_Strict):
 
 
 class CompressionSpec(_Strict):
-    quantization: Literal["none", "int8"] = "int8"
+    variants: list[Literal["fp32", "int8", "int4", "int8_dynamic"]] = Field(
+        default_factory=lambda: ["fp32", "int8", "int4"],
+        description="ONNX variants to export; fp32 is required (the others are checked against it).",
+    )
+    policy: Literal["smallest", "fastest"] = Field(
+        "smallest", description="Which variant within the quality budget is deployed."
+    )
+    block_size: Literal[16, 32, 64, 128, 256] = Field(
+        32, description="Weight-only int8/int4: weights per quantisation block."
+    )
+    accuracy_level: Literal[1, 2, 3, 4] = Field(
+        4, description="MatMulNBits activations: 4 int8 (fast on CPU), 1 fp32."
+    )
+    max_rouge_l_drop: float = Field(
+        0.01, ge=0, description="Quality budget: ROUGE-L lost against PyTorch (0.01 = 1 point)."
+    )
+    max_reward_drop_pct: float = Field(
+        2.0, ge=0, description="Quality budget: percent of mean reward lost against PyTorch."
+    )
     check_prompts: int = Field(4, gt=0, description="Eval prompts used by the faithfulness check.")
     logits_atol: float = Field(1e-3, gt=0, description="fp32 export: max |logit difference|.")
-    min_token_agreement: float = Field(
-        0.9, ge=0, le=1, description="Quantised export: share of greedy tokens equal to PyTorch's."
-    )
-    max_new_tokens: int = Field(16, gt=0)
+    max_new_tokens: int = Field(16, gt=0, description="Tokens per faithfulness-check prompt.")
+
+    @field_validator("variants")
+    @classmethod
+    def _fp32_first(cls, v: list[str]) -> list[str]:
+        if "fp32" not in v:
+            raise ValueError("must include fp32: the other variants are checked against it")
+        return ["fp32", *dict.fromkeys(x for x in v if x != "fp32")]
 
 
 class LadderStep(_Strict):

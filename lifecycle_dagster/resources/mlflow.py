@@ -77,6 +77,11 @@ class MlflowTracking(dg.ConfigurableResource):
 
         return MlflowClient(tracking_uri=self._uri())
 
+    def registry(self):
+        from lifecycle_dagster.resources.registry import ModelRegistry
+
+        return ModelRegistry(self._uri())
+
     def experiment_id(self, name: str) -> str:
         client = self.client()
         exp = client.get_experiment_by_name(name)

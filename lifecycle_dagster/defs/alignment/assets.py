@@ -171,6 +171,11 @@ def aligned_model(
         st.run.log_curve("kl", result.kl_curve)
         st.run.log_curve("train_loss", result.loss_curve)
         curves = {"reward": result.reward_curve} if result.reward_curve else {}
+        registered, version = st.register(
+            "aligned",
+            st.target,
+            {"reward_after": after.mean_reward, "rouge_l_after": after.rouge_l},
+        )
         return st.result(
             metrics={
                 "reward_before": before.mean_reward,
@@ -183,6 +188,8 @@ def aligned_model(
             metadata={
                 "method": method.method,
                 "beta": method.beta,
+                "registered_model": registered,
+                "registered_version": version,
                 "max_steps": method.max_steps,
                 "device": runtime.describe(),
                 **(

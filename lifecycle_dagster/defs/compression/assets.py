@@ -1,54 +1,50 @@
-"""Compress: the aligned model exported to ONNX with KV cache, quantised, verified against PyTorch."""
+"""Compress: the aligned model exported to ONNX with KV cache in fp32, int8 and int4, each proven
+against PyTorch and scored on the eval split; the use case's policy picks the one to deploy."""
 
-import json
 from pathlib import Path
 
 import dagster as dg
 
 from lifecycle_dagster.lib.stage import OWNERS, md_table, stage, upstream, upstream_metadata
+from lifecycle_dagster.ml.compress import CompressConfig, QualityBudget, compress
 from lifecycle_dagster.ml.data import eval_rows, prompts_for, read_rows, references
-from lifecycle_dagster.ml.evaluate import rouge_l
-from lifecycle_dagster.ml.export import (
-    ExportConfig,
-    OrtDecoder,
-    export_onnx,
-    faithful,
-    generate_texts,
-    verify_against_torch,
-)
-from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
+from lifecycle_dagster.ml.evaluate import RewardScorer
+from lifecycle_dagster.ml.export import ExportConfig
 from lifecycle_dagster.ml.runtime import select_runtime
 from lifecycle_dagster.resources.artifacts import ArtifactStore
-from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
+
+CHECKS = {
+    "fp32_matches_pytorch": "fp32 export: next-token logits within the use case's tolerance on the "
+    "check prompts, every greedy token and the decoded text equal to PyTorch's.",
+    "kv_cache_in_use": "Every variant: decoding step by step with the KV cache gives the tokens and "
+    "logits of a full recomputation (an export that silently drops its cache fails).",
+    "within_quality_budget": "The deployed variant loses at most the budgeted ROUGE-L points and "
+    "percent of mean reward on the eval split against the aligned model in PyTorch.",
+}
 
 
 @dg.asset(
     group_name="compression",
     kinds={"onnx", "mlflow"},
     owners=OWNERS,
-    code_version="1",
-    deps=["aligned_model", "evaluation", "task_dataset"],
+    code_version="2",
+    deps=["aligned_model", "evaluation", "task_dataset", "reward_model"],
     pool="train",
     check_specs=[
-        dg.AssetCheckSpec(
-            "onnx_matches_pytorch",
-            asset="onnx_model",
-            blocking=True,
-            description="fp32 logits within tolerance, KV cache consistent, deployed variant's "
-            "greedy tokens agree with PyTorch.",
-        )
+        dg.AssetCheckSpec(name, asset="onnx_model", blocking=True, description=text)
+        for name, text in CHECKS.items()
     ],
 )
 def onnx_model(
     context: dg.AssetExecutionContext,
     artifact_store: ArtifactStore,
     mlflow_tracking: MlflowTracking,
-    compute: Compute,
 ) -> dg.MaterializeResult:
-    """The deployable artifact: ONNX with KV cache (fp32 and int8), run by onnxruntime."""
+    """The deployable artifact: ONNX with KV cache run by onnxruntime, in the variant the use case's
+    compression policy picks (smallest or fastest within the quality budget)."""
     with stage(context, "onnx_model", artifact_store, mlflow_tracking) as st:
-        uc = st.use_case
+        uc, c = st.use_case, st.use_case.compression
         # The comparison runs where onnxruntime runs: PyTorch on CPU in fp32.
         runtime = select_runtime("cpu", uc.compute.torch_threads, uc.compute.ort_threads)
         # Export exactly the candidate that evaluation passed, never a newer, unjudged one.
@@ -59,94 +55,152 @@ def onnx_model(
                 f"{verdict.get('verdict', 'none')}); the candidate below thresholds is not exported"
             )
         source = Path(verdict["candidate_path"]) / "model"
-        c = uc.compression
-        with artifact_store.write(st.target) as tmp:
-            result = export_onnx(source, tmp, ExportConfig(quantization=c.quantization), log=st.log)
-            evals = read_rows(upstream(context, artifact_store, "task_dataset") / "eval.jsonl")
-            prompts = prompts_for(uc, evals[: c.check_prompts])
-            model, tok = load_causal_lm(source, runtime), load_tokenizer(source)
-            checks = {
-                name: verify_against_torch(
-                    model,
-                    tok,
-                    OrtDecoder(path, runtime.ort_threads),
-                    prompts,
-                    max_new_tokens=c.max_new_tokens,
-                    variant=name,
-                )
-                for name, path in result.variants.items()
-            }
-            (tmp / "selected.json").write_text(json.dumps({"variant": result.selected}))
-            (tmp / "faithfulness.json").write_text(
-                json.dumps({k: v.__dict__ for k, v in checks.items()}, indent=2, default=str)
-            )
-            # Task quality of the deployed variant on the evaluation split, against PyTorch's.
-            subset = eval_rows(uc, evals)
-            preds, _ = generate_texts(
-                OrtDecoder(result.variants[result.selected], runtime.ort_threads),
-                tok,
-                prompts_for(uc, subset),
-                uc.evaluation.max_new_tokens,
-                log=st.log,
-                stage=f"onnx_model[{result.selected} eval]",
-            )
-            onnx_rouge = sum(rouge_l(preds, references(uc, subset))) / len(subset)
-        torch_rouge = upstream_metadata(context, "evaluation").get("aligned_rouge_l")
-        fp32, chosen = checks["fp32"], checks[result.selected]
-        passed = faithful(
-            checks,
-            result.selected,
+        evals = read_rows(upstream(context, artifact_store, "task_dataset") / "eval.jsonl")
+        subset = eval_rows(uc, evals)
+        config = CompressConfig(
+            export=ExportConfig(
+                variants=tuple(c.variants),
+                block_size=c.block_size,
+                accuracy_level=c.accuracy_level,
+            ),
+            policy=c.policy,
+            budget=QualityBudget(c.max_rouge_l_drop, c.max_reward_drop_pct),
             logits_atol=c.logits_atol,
-            min_token_agreement=c.min_token_agreement,
+            check_new_tokens=c.max_new_tokens,
+            max_new_tokens=uc.evaluation.max_new_tokens,
+            threads=runtime.ort_threads,
         )
-        rows = [
-            {
-                "variant": n,
-                "bytes": result.sizes[n],
-                "max_logit_diff": ch.max_abs_logit_diff,
-                "token_agreement": ch.token_agreement,
-                "text_equal": ch.text_equal,
-                "cache_ok": ch.cache_consistent,
-                "ort_tok_s": round(ch.ort_tokens_per_s, 1),
-                "torch_tok_s": round(ch.torch_tokens_per_s, 1),
-            }
-            for n, ch in checks.items()
-        ]
-        st.run.log_text(md_table(rows), "faithfulness.md")
+        st.run.log_params({f"compression.{k}": v for k, v in c.model_dump().items()})
+        with artifact_store.write(st.target) as tmp:
+            result = compress(
+                source,
+                tmp,
+                config,
+                runtime=runtime,
+                check_prompts=prompts_for(uc, evals[: c.check_prompts]),
+                eval_prompts=prompts_for(uc, subset),
+                eval_references=references(uc, subset),
+                reward=RewardScorer(
+                    upstream(context, artifact_store, "reward_model") / "model", runtime
+                ),
+                reference={
+                    "rouge_l": verdict.get("aligned_rouge_l"),
+                    "mean_reward": verdict.get("aligned_mean_reward"),
+                },
+                serving={
+                    "use_case": uc.name,
+                    "prompt_template": uc.task.prompt_template,
+                    "instruction": uc.task.instruction,
+                    "max_new_tokens": uc.evaluation.max_new_tokens,
+                    "source_model": str(source),
+                },
+                log=st.log,
+            )
+        rows = [r.row() for r in result.variants.values()]
+        st.run.log_text(md_table(rows), "variants.md")
+        st.run.log_file(st.target / "selected.json")
         st.run.log_file(st.target / "faithfulness.json")
+        st.run.log_table(
+            [
+                {"variant": n, "id": row["id"], "prediction": p}
+                for n, r in result.variants.items()
+                for row, p in zip(subset, r.predictions, strict=True)
+            ],
+            "predictions.jsonl",
+        )
+        for n, r in result.variants.items():
+            st.run.log_metrics(
+                {
+                    f"{n}.{k}": v
+                    for k, v in r.row().items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                }
+            )
         torch_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
-        return st.result(
-            metrics={
-                "onnx_bytes": result.sizes[result.selected],
-                "pytorch_bytes": torch_bytes,
-                "size_ratio": torch_bytes / max(1, result.sizes[result.selected]),
-                "ort_tokens_per_s": chosen.ort_tokens_per_s,
-                "torch_tokens_per_s": chosen.torch_tokens_per_s,
-                "speedup": chosen.ort_tokens_per_s / max(1e-9, chosen.torch_tokens_per_s),
-                "max_abs_logit_diff_fp32": fp32.max_abs_logit_diff,
-                "token_agreement": chosen.token_agreement,
-                "export_seconds": result.seconds,
-                "onnx_rouge_l": onnx_rouge,
-                "torch_rouge_l": torch_rouge,
-                "rouge_l_delta": onnx_rouge - torch_rouge if torch_rouge is not None else None,
+        fp32 = result.variants["fp32"]
+        chosen = result.variants.get(result.selected or "", None)
+        st.log(
+            f"onnx_model: policy {c.policy}, deploying {result.selected or 'nothing'}"
+            + (f" ({chosen.bytes / 1e6:.0f} MB, {chosen.tokens_per_s:.1f} tok/s)" if chosen else "")
+        )
+        metrics = {
+            "pytorch_bytes": torch_bytes,
+            "torch_tokens_per_s": fp32.faithfulness.torch_tokens_per_s,
+            "max_abs_logit_diff_fp32": fp32.faithfulness.max_abs_logit_diff,
+            "reference_rouge_l": result.reference["rouge_l"],
+            "reference_mean_reward": result.reference.get("mean_reward"),
+            **{f"export_seconds_{n}": s for n, s in result.export_seconds.items()},
+        }
+        if chosen:
+            metrics |= {
+                "onnx_bytes": chosen.bytes,
+                "size_ratio": torch_bytes / max(1, chosen.bytes),
+                "ort_tokens_per_s": chosen.tokens_per_s,
+                "speedup": chosen.tokens_per_s / max(1e-9, fp32.faithfulness.torch_tokens_per_s),
+                "onnx_rouge_l": chosen.rouge_l,
+                "onnx_mean_reward": chosen.mean_reward,
+                "rouge_l_drop": chosen.rouge_l_drop,
+                "reward_drop_pct": chosen.reward_drop_pct,
+            }
+        registered, version = st.register(
+            "onnx",
+            st.target,
+            {
+                "variant": result.selected or "none",
+                "gates": "passed" if result.deployable else "failed",
+                "source_model": str(source),
+                **({"onnx_rouge_l": chosen.rouge_l, "bytes": chosen.bytes} if chosen else {}),
             },
+        )
+        budget = {
+            "max_rouge_l_drop": c.max_rouge_l_drop,
+            "max_reward_drop_pct": c.max_reward_drop_pct,
+        }
+        return st.result(
+            metrics=metrics,
             metadata={
-                "selected_variant": result.selected,
+                "selected_variant": result.selected or "none",
+                "policy": c.policy,
+                "registered_model": registered,
+                "registered_version": version,
                 "variants": dg.MetadataValue.md(md_table(rows)),
-                "deploy_path": dg.MetadataValue.path(str(st.target / result.selected)),
+                "deploy_path": dg.MetadataValue.path(
+                    str(st.target / result.selected) if result.selected else ""
+                ),
             },
             check_results=[
                 dg.AssetCheckResult(
-                    check_name="onnx_matches_pytorch",
-                    passed=passed,
+                    check_name="fp32_matches_pytorch",
+                    passed=result.fp32_matches,
                     severity=dg.AssetCheckSeverity.ERROR,
                     metadata={
                         "logits_atol": c.logits_atol,
-                        "max_abs_logit_diff_fp32": fp32.max_abs_logit_diff,
-                        "token_agreement": chosen.token_agreement,
-                        "min_token_agreement": c.min_token_agreement,
-                        "cache_consistent": all(ch.cache_consistent for ch in checks.values()),
+                        "max_abs_logit_diff": fp32.faithfulness.max_abs_logit_diff,
+                        "token_agreement": fp32.faithfulness.token_agreement,
+                        "text_equal": fp32.faithfulness.text_equal,
+                        "prompts": c.check_prompts,
                     },
-                )
+                ),
+                dg.AssetCheckResult(
+                    check_name="kv_cache_in_use",
+                    passed=result.cache_in_use,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={
+                        n: r.faithfulness.cache_consistent for n, r in result.variants.items()
+                    },
+                ),
+                dg.AssetCheckResult(
+                    check_name="within_quality_budget",
+                    passed=result.selected is not None,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={
+                        **budget,
+                        "selected": result.selected or "none",
+                        "within_budget": ", ".join(
+                            n for n, r in result.variants.items() if r.within_budget
+                        )
+                        or "none",
+                    },
+                ),
             ],
         )

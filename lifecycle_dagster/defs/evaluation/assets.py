@@ -138,6 +138,7 @@ def evaluation(
         passed = all(v["passed"] for v in verdicts)
         attempt = attempt_of(context)
         sft_meta = upstream_metadata(context, "sft_adapter")
+        aligned_meta = upstream_metadata(context, "aligned_model")
         escalation = None if passed else next_escalation(uc, attempt, sft_meta)
         with artifact_store.write(st.target) as tmp:
             (tmp / "summary.json").write_text(
@@ -164,6 +165,8 @@ def evaluation(
                 "candidate_path": dg.MetadataValue.path(
                     str(upstream(context, artifact_store, "aligned_model"))
                 ),
+                "candidate_model": aligned_meta.get("registered_model", ""),
+                "candidate_version": aligned_meta.get("registered_version", ""),
                 "failed_metrics": ", ".join(failed),
                 "sft_method": sft_meta.get("method", ""),
                 "escalation": json.dumps(escalation) if escalation else "",

@@ -1,0 +1,236 @@
+"""Compression: export every ONNX variant, prove it against PyTorch, score it on the eval split, and
+pick the one the use case's policy asks for within the quality budget.
+
+Three gates decide whether the artifact may ship:
+
+- fp32 matches PyTorch: next-token logits within ``logits_atol`` on a fixed prompt set, every greedy
+  token equal, decoded text equal.
+- the KV cache is in use: for every variant, decoding step by step with the cache gives what a full
+  recomputation gives (an export that drops or misaligns its cache fails).
+- the chosen variant is within the quality budget: ROUGE-L and mean reward on the eval split lose at
+  most ``max_rouge_l_drop`` and ``max_reward_drop_pct`` against the aligned model in PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lifecycle_dagster.ml.evaluate import rouge_l
+from lifecycle_dagster.ml.export import (
+    VARIANTS,
+    ExportConfig,
+    Faithfulness,
+    OrtDecoder,
+    export_onnx,
+    generate_texts,
+    verify_against_torch,
+)
+from lifecycle_dagster.ml.progress import Log
+
+POLICIES = ("smallest", "fastest")
+SELECTED_FILE = "selected.json"
+SERVING_FILE = "serving.json"
+
+
+@dataclass(frozen=True)
+class QualityBudget:
+    max_rouge_l_drop: float = 0.01  # absolute ROUGE-L: 0.01 is one point
+    max_reward_drop_pct: float = 2.0  # percent of the reference's |mean reward|
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    export: ExportConfig = ExportConfig()
+    policy: str = "smallest"
+    budget: QualityBudget = QualityBudget()
+    logits_atol: float = 1e-3
+    check_new_tokens: int = 16
+    max_new_tokens: int = 32
+    threads: int = 1
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"compression policy {self.policy!r}: expected one of {POLICIES}")
+
+
+@dataclass
+class VariantReport:
+    name: str
+    bytes: int
+    faithfulness: Faithfulness
+    rouge_l: float
+    mean_reward: float | None
+    tokens_per_s: float
+    rouge_l_drop: float
+    reward_drop_pct: float | None
+    within_budget: bool
+    predictions: list[str] = field(default_factory=list)
+
+    def row(self) -> dict:
+        f = self.faithfulness
+        return {
+            "variant": self.name,
+            "MB": round(self.bytes / 1e6, 1),
+            "rouge_l": round(self.rouge_l, 4),
+            "rouge_l_drop": round(self.rouge_l_drop, 4),
+            "mean_reward": None if self.mean_reward is None else round(self.mean_reward, 4),
+            "reward_drop_pct": None
+            if self.reward_drop_pct is None
+            else round(self.reward_drop_pct, 2),
+            "tok_s": round(self.tokens_per_s, 1),
+            "max_logit_diff": round(f.max_abs_logit_diff, 5),
+            "token_agreement": round(f.token_agreement, 3),
+            "cache_ok": f.cache_consistent,
+            "within_budget": self.within_budget,
+        }
+
+
+@dataclass
+class CompressionResult:
+    path: Path
+    variants: dict[str, VariantReport]
+    selected: str | None
+    policy: str
+    reference: dict[str, float | None]
+    fp32_matches: bool
+    cache_in_use: bool
+    export_seconds: dict[str, float]
+
+    @property
+    def deployable(self) -> bool:
+        return self.fp32_matches and self.cache_in_use and self.selected is not None
+
+
+def quality_drop(
+    reference: dict[str, float | None], rouge: float, reward: float | None, budget: QualityBudget
+) -> tuple[float, float | None, bool]:
+    """ROUGE-L points lost, reward percent lost, and whether both are within the budget."""
+    rouge_drop = reference["rouge_l"] - rouge
+    ok = rouge_drop <= budget.max_rouge_l_drop + 1e-9
+    reward_drop = None
+    ref_reward = reference.get("mean_reward")
+    if ref_reward is not None and reward is not None:
+        reward_drop = 100.0 * (ref_reward - reward) / max(abs(ref_reward), 1e-9)
+        ok = ok and reward_drop <= budget.max_reward_drop_pct + 1e-9
+    return rouge_drop, reward_drop, ok
+
+
+def select_variant(reports: Sequence[VariantReport], policy: str) -> str | None:
+    """The smallest (or fastest) variant within the quality budget whose cache works; None if none."""
+    fit = [r for r in reports if r.within_budget and r.faithfulness.cache_consistent]
+    if not fit:
+        return None
+    if policy == "fastest":
+        return min(fit, key=lambda r: (-r.tokens_per_s, r.bytes)).name
+    return min(fit, key=lambda r: (r.bytes, -r.tokens_per_s)).name
+
+
+def compress(
+    model_dir: Path,
+    out_dir: Path,
+    config: CompressConfig,
+    *,
+    runtime,
+    check_prompts: Sequence[str],
+    eval_prompts: Sequence[str],
+    eval_references: Sequence[str],
+    reward: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
+    reference: dict[str, float | None] | None = None,
+    serving: dict | None = None,
+    log: Log | None = None,
+) -> CompressionResult:
+    """Export, verify, score and select. ``reference`` holds the PyTorch model's ``rouge_l`` and
+    ``mean_reward`` on the same prompts (from evaluation); without it the fp32 export's scores are
+    the reference. Writes ``selected.json`` and ``serving.json`` (what a server needs) to ``out_dir``.
+    """
+    from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
+
+    exported = export_onnx(model_dir, out_dir, config.export, log=log)
+    model, tok = load_causal_lm(model_dir, runtime), load_tokenizer(model_dir)
+    scored: dict[str, tuple[Faithfulness, float, float | None, float, list[str]]] = {}
+    for name, folder in exported.variants.items():
+        decoder = OrtDecoder(folder, config.threads)
+        faith = verify_against_torch(
+            model,
+            tok,
+            decoder,
+            list(check_prompts),
+            max_new_tokens=config.check_new_tokens,
+            variant=name,
+        )
+        preds, tps = generate_texts(
+            decoder, tok, list(eval_prompts), config.max_new_tokens, log=log, stage=f"onnx[{name}]"
+        )
+        scores = rouge_l(preds, list(eval_references))
+        mean_rouge = sum(scores) / len(scores)
+        mean_reward = None
+        if reward is not None:
+            rewards = reward(list(eval_prompts), preds)
+            mean_reward = sum(rewards) / len(rewards)
+        scored[name] = (faith, mean_rouge, mean_reward, tps, preds)
+        if log:
+            log(
+                f"onnx[{name}]: {exported.sizes[name] / 1e6:.1f} MB, ROUGE-L {mean_rouge:.4f}, "
+                f"{tps:.1f} tok/s, token agreement {faith.token_agreement:.2f}"
+            )
+    if reference is None or reference.get("rouge_l") is None:
+        fp32 = scored["fp32"]
+        reference = {"rouge_l": fp32[1], "mean_reward": fp32[2]}
+    reports = {}
+    for name, (faith, mean_rouge, mean_reward, tps, preds) in scored.items():
+        drop, reward_drop, ok = quality_drop(reference, mean_rouge, mean_reward, config.budget)
+        reports[name] = VariantReport(
+            name=name,
+            bytes=exported.sizes[name],
+            faithfulness=faith,
+            rouge_l=mean_rouge,
+            mean_reward=mean_reward,
+            tokens_per_s=tps,
+            rouge_l_drop=drop,
+            reward_drop_pct=reward_drop,
+            within_budget=ok,
+            predictions=preds,
+        )
+    fp32 = reports["fp32"].faithfulness
+    result = CompressionResult(
+        path=Path(out_dir),
+        variants=reports,
+        selected=select_variant(list(reports.values()), config.policy),
+        policy=config.policy,
+        reference=reference,
+        fp32_matches=fp32.max_abs_logit_diff <= config.logits_atol
+        and fp32.token_agreement == 1.0
+        and fp32.text_equal == 1.0,
+        cache_in_use=all(r.faithfulness.cache_consistent for r in reports.values()),
+        export_seconds=exported.seconds,
+    )
+    (Path(out_dir) / SELECTED_FILE).write_text(
+        json.dumps(
+            {
+                "variant": result.selected,
+                "policy": result.policy,
+                "reference": reference,
+                "variants": {n: r.row() for n, r in reports.items()},
+                "descriptions": {n: VARIANTS[n] for n in reports},
+            },
+            indent=2,
+        )
+    )
+    (Path(out_dir) / "faithfulness.json").write_text(
+        json.dumps({n: asdict(r.faithfulness) for n, r in reports.items()}, indent=2, default=str)
+    )
+    if serving is not None:
+        (Path(out_dir) / SERVING_FILE).write_text(json.dumps(serving, indent=2))
+    return result
+
+
+def selected_folder(artifact: Path) -> Path:
+    """The folder of the variant chosen for deployment inside an ``onnx_model`` artifact."""
+    artifact = Path(artifact)
+    chosen = json.loads((artifact / SELECTED_FILE).read_text())["variant"]
+    if chosen is None:
+        raise ValueError(f"{artifact}: no variant was within the quality budget")
+    return artifact / chosen
