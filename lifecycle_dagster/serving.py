@@ -4,8 +4,8 @@
     POST /generate   {"input": "<task input>"} (formatted with the use case's prompt template)
                      or {"prompt": "<raw prompt>"}, optional "max_new_tokens"
 
-Generation is greedy, in onnxruntime, with the KV cache; requests are served one at a time (the
-decoder uses every thread it was given). Bad requests get 4xx with a reason.
+Generation is greedy, in onnxruntime-genai (onnxruntime with the KV cache reused across steps);
+requests are served one at a time (the generator uses every thread it was given). Bad requests get 4xx with a reason.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lifecycle_dagster.ml.compress import SERVING_FILE, selected_folder
 from lifecycle_dagster.ml.evaluate import clean_completion
-from lifecycle_dagster.ml.export import OrtDecoder
+from lifecycle_dagster.ml.export import GenaiGenerator
 from lifecycle_dagster.resources.registry import CHAMPION, ModelRegistry, local_path
 
 MAX_NEW_TOKENS = 256
@@ -71,7 +71,7 @@ class ServedModel:
     variant: str
     folder: Path
     serving: dict
-    decoder: OrtDecoder
+    generator: GenaiGenerator
     tokenizer: object
     context_length: int
 
@@ -97,7 +97,7 @@ class ServedModel:
         from tokenizers import Tokenizer
 
         folder = selected_folder(artifact)
-        config = json.loads((folder / "genai_config.json").read_text())["model"]
+        generator = GenaiGenerator(folder, threads)
         return cls(
             name=name,
             version=version,
@@ -105,9 +105,9 @@ class ServedModel:
             variant=folder.name,
             folder=folder,
             serving=json.loads((Path(artifact) / SERVING_FILE).read_text()),
-            decoder=OrtDecoder(folder, threads),
+            generator=generator,
             tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")),
-            context_length=int(config["context_length"]),
+            context_length=generator.context_length,
         )
 
     def prompt_for(self, request: GenerateRequest) -> str:
@@ -127,7 +127,7 @@ class ServedModel:
                 f"model's context of {self.context_length} tokens"
             )
         start = time.perf_counter()
-        out, _ = self.decoder.generate(ids, max_new)
+        out = self.generator.generate(ids, max_new)
         seconds = time.perf_counter() - start
         text = self.tokenizer.decode(out, skip_special_tokens=True)
         return GenerateResponse(

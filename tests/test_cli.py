@@ -12,7 +12,7 @@ FAST = (
     "{base_model: {scratch: {steps: 60}}, adaptation: {max_steps: 20}, "
     "reward: {max_steps: 20}, alignment: {max_steps: 2}, "
     "evaluation: {max_examples: 8, thresholds: {rouge_l: {min: 0.0}}}, prompting: {shots: [0, 1]}, "
-    "compression: {check_prompts: 2, min_token_agreement: 0.5}}"
+    "compression: {check_prompts: 2, variants: [fp32, int8]}}"
 )
 
 

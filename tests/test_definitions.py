@@ -23,6 +23,7 @@ EXPECTED_ASSETS = {
     "aligned_model": "alignment",
     "evaluation": "evaluation",
     "onnx_model": "compression",
+    "champion_model": "deployment",
     "lifecycle_report": "reporting",
 }
 EXPECTED_CHECKS = {
@@ -33,7 +34,9 @@ EXPECTED_CHECKS = {
     ("evaluation", "meets_thresholds"),
     ("evaluation", "sft_beats_prompt_baseline"),
     ("evaluation", "alignment_keeps_reward"),
-    ("onnx_model", "onnx_matches_pytorch"),
+    ("onnx_model", "fp32_matches_pytorch"),
+    ("onnx_model", "kv_cache_in_use"),
+    ("onnx_model", "within_quality_budget"),
 }
 
 
@@ -70,7 +73,12 @@ def test_checks_jobs_sensor_schedule():
         for spec in a.check_specs
         if spec.blocking
     }
-    assert {"meets_thresholds", "onnx_matches_pytorch"} <= blocking
+    assert {
+        "meets_thresholds",
+        "fp32_matches_pytorch",
+        "kv_cache_in_use",
+        "within_quality_budget",
+    } <= blocking
     jobs = {j.name for j in d.resolve_all_job_defs()}
     assert {"lifecycle_job", "adaptation_job", "evaluation_job"} <= jobs
     assert [s.name for s in d.sensors] == ["readaptation_sensor"]
@@ -81,6 +89,7 @@ def test_checks_jobs_sensor_schedule():
         "aligned_model",
         "evaluation",
         "onnx_model",
+        "champion_model",
         "lifecycle_report",
     }
 

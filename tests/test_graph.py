@@ -24,6 +24,7 @@ ASSETS = [
     "aligned_model",
     "evaluation",
     "onnx_model",
+    "champion_model",
     "lifecycle_report",
 ]
 
@@ -72,7 +73,7 @@ def test_every_asset_materialized_and_every_check_passed(lifecycle_run):
         f"{c.asset_key.to_user_string()}:{c.check_name}": c.passed
         for c in lifecycle_run.get_asset_check_evaluations()
     }
-    assert len(checks) == 8
+    assert len(checks) == 10
     assert all(checks.values()), checks
 
 
@@ -129,21 +130,111 @@ def test_adapter_and_aligned_model_load_and_generate(lifecycle_run, instance, ru
 
 def test_onnx_artifact_runs_in_onnxruntime_and_matches(lifecycle_run, instance, use_case):
     from lifecycle_dagster.ml.data import format_prompt
-    from lifecycle_dagster.ml.export import OrtDecoder
+    from lifecycle_dagster.ml.export import GenaiGenerator
     from lifecycle_dagster.ml.models import load_tokenizer
 
     m = meta(instance, "onnx_model")
-    assert m["selected_variant"] == "int8"
+    checks = {
+        c.check_name: c.passed
+        for c in lifecycle_run.get_asset_check_evaluations()
+        if c.asset_key.to_user_string() == "onnx_model"
+    }
+    assert checks == {
+        "fp32_matches_pytorch": True,
+        "kv_cache_in_use": True,
+        "within_quality_budget": True,
+    }
+    assert m["selected_variant"] in {"fp32", "int8", "int4"}
     assert m["max_abs_logit_diff_fp32"] < 1e-3
-    assert m["token_agreement"] >= 0.9
+    assert m["rouge_l_drop"] <= use_case.compression.max_rouge_l_drop + 1e-9
+    assert m["size_ratio"] > 1 and m["onnx_bytes"] < m["pytorch_bytes"]
+    selected = json.loads((Path(m["artifact_path"]) / "selected.json").read_text())
+    assert set(selected["variants"]) == {"fp32", "int8", "int4"}
     deploy = Path(m["deploy_path"])
     tok = load_tokenizer(Path(meta(instance, "aligned_model")["artifact_path"]) / "model")
     ids = tok(
         format_prompt(use_case, "#Person1#: My router is broken.\n#Person2#: Try restarting it."),
         add_special_tokens=False,
     )["input_ids"]
-    tokens, _ = OrtDecoder(deploy, 1).generate(ids, 12)
+    tokens = GenaiGenerator(deploy, 1).generate(ids, 12)
     assert tokens and tok.decode(tokens).strip()
+
+
+def test_registry_holds_candidate_and_champion(lifecycle_run, instance):
+    from lifecycle_dagster.resources.registry import ModelRegistry
+
+    registry = ModelRegistry(settings.mlflow_uri())
+    onnx, aligned = meta(instance, "onnx_model"), meta(instance, "aligned_model")
+    for name, version in (
+        (onnx["registered_model"], onnx["registered_version"]),
+        (aligned["registered_model"], aligned["registered_version"]),
+    ):
+        assert registry.aliases(name) == {"candidate": version, "champion": version}
+        mv = registry.by_alias(name, "champion")
+        assert mv.tags["dagster.run_id"] == lifecycle_run.run_id
+        assert mv.tags["promotion"] == "first champion"
+        assert "metric.rouge_l" in mv.tags
+    assert meta(instance, "champion_model")["onnx_champion"] == onnx["registered_version"]
+
+
+def test_serve_answers_with_the_champion(lifecycle_run, instance):
+    """`lifecycle serve` loads the champion from the registry, answers, and refuses bad requests."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = Path(sys.executable).parent / "lifecycle"
+    proc = subprocess.Popen(
+        [str(cli), "serve", "--profile", "tiny", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                health = requests.get(f"{url}/health", timeout=2).json()
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.5)
+        onnx = meta(instance, "onnx_model")
+        assert health["version"] == onnx["registered_version"]
+        assert health["variant"] == onnx["selected_variant"]
+        ok = requests.post(
+            f"{url}/generate",
+            json={"input": "#Person1#: Is the bus late?\n#Person2#: Yes, ten minutes."},
+            timeout=30,
+        )
+        assert ok.status_code == 200, ok.text
+        body = ok.json()
+        assert body["text"] and body["completion_tokens"] > 0
+        assert body["model"] == onnx["registered_model"]
+        bad = {
+            "empty": ({"input": "  "}, 422, "empty"),
+            "both": ({"input": "a", "prompt": "b"}, 422, "exactly one"),
+            "tokens": ({"prompt": "hi", "max_new_tokens": 100000}, 422, "max_new_tokens"),
+            "unknown": ({"prompt": "hi", "temperature": 2}, 422, "temperature"),
+            "too long": ({"prompt": "word " * 2000}, 400, "context"),
+        }
+        for case, (payload, status, reason) in bad.items():
+            r = requests.post(f"{url}/generate", json=payload, timeout=30)
+            assert r.status_code == status, (case, r.text)
+            assert reason in r.json()["error"], (case, r.text)
+        r = requests.post(f"{url}/generate", data="not json", timeout=30)
+        assert r.status_code == 422
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_mlflow_holds_one_run_per_stage_with_metrics(lifecycle_run):
@@ -257,3 +348,13 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
         meta(instance, "aligned_model")["artifact_path"]
     )
     assert meta(instance, "onnx_model")["usable"] is True
+    # The passing escalation beats the first run's champion: champion moves to its versions.
+    from lifecycle_dagster.resources.registry import ModelRegistry
+
+    registry = ModelRegistry(settings.mlflow_uri())
+    onnx = meta(instance, "onnx_model")
+    assert registry.aliases(onnx["registered_model"])["champion"] == onnx["registered_version"]
+    aligned = meta(instance, "aligned_model")
+    aliases = registry.aliases(aligned["registered_model"])
+    assert aliases == {"candidate": aligned["registered_version"], "champion": aliases["champion"]}
+    assert aliases["champion"] == aligned["registered_version"]

@@ -154,39 +154,82 @@ def test_alignment_trains_and_saves_a_merged_model(
     assert changed
 
 
-def test_onnx_export_matches_pytorch_and_uses_cache(tmp_path, tiny_base, use_case, data, runtime):
-    from lifecycle_dagster.ml.export import (
-        ExportConfig,
-        OrtDecoder,
-        export_onnx,
-        verify_against_torch,
-    )
+def test_compress_exports_every_variant_checks_them_and_picks_by_policy(
+    tmp_path, tiny_base, use_case, data, runtime
+):
+    """fp32, int8 and int4 exported with KV cache; fp32 matches PyTorch (logits, tokens, text); every
+    variant's cache is consistent; the policy picks the smallest (or fastest) within budget."""
+    import json
 
-    result = export_onnx(tiny_base, tmp_path / "onnx", ExportConfig(quantization="int8"))
-    assert set(result.variants) == {"fp32", "int8"}
-    assert result.sizes["int8"] < result.sizes["fp32"]
-    model, tok = load_causal_lm(tiny_base, runtime), load_tokenizer(tiny_base)
-    prompts = [format_prompt(use_case, r["dialogue"]) for r in data[0]["eval"].rows[:2]]
-    fp32 = verify_against_torch(
-        model,
-        tok,
-        OrtDecoder(result.variants["fp32"], 1),
-        prompts,
-        max_new_tokens=8,
-        variant="fp32",
+    from lifecycle_dagster.ml.compress import CompressConfig, QualityBudget, compress
+    from lifecycle_dagster.ml.export import ExportConfig, GenaiGenerator
+
+    evals = data[0]["eval"].rows[:12]
+    prompts = [format_prompt(use_case, r["dialogue"]) for r in evals]
+    refs = [r["summary"] for r in evals]
+    out = tmp_path / "onnx"
+    out.mkdir()
+    result = compress(
+        tiny_base,
+        out,
+        CompressConfig(
+            export=ExportConfig(variants=("fp32", "int8", "int4"), block_size=16),
+            budget=QualityBudget(max_rouge_l_drop=1.0),  # the tiny model: policy, not quality
+            check_new_tokens=8,
+            max_new_tokens=12,
+        ),
+        runtime=runtime,
+        check_prompts=prompts[:2],
+        eval_prompts=prompts,
+        eval_references=refs,
+        serving={"prompt_template": use_case.task.prompt_template},
     )
+    sizes = {n: r.bytes for n, r in result.variants.items()}
+    assert set(sizes) == {"fp32", "int8", "int4"}
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
+    fp32 = result.variants["fp32"].faithfulness
     assert fp32.max_abs_logit_diff < 1e-3
     assert fp32.token_agreement == 1.0 and fp32.text_equal == 1.0
-    assert fp32.cache_consistent
-    int8 = verify_against_torch(
-        model,
-        tok,
-        OrtDecoder(result.variants["int8"], 1),
-        prompts,
-        max_new_tokens=8,
-        variant="int8",
-    )
-    assert int8.cache_consistent and int8.token_agreement >= 0.5
+    assert result.fp32_matches and result.cache_in_use and result.deployable
+    # No reference given: fp32's own scores are the reference, so fp32 loses nothing.
+    assert result.variants["fp32"].rouge_l_drop == 0.0
+    assert result.selected == "int4"  # smallest, and the budget admits every variant
+    chosen = json.loads((out / "selected.json").read_text())
+    assert chosen["variant"] == "int4" and set(chosen["variants"]) == set(sizes)
+    assert (out / "serving.json").exists()
+    # What serving runs (onnxruntime-genai) continues a prompt; the text is not empty.
+    gen = GenaiGenerator(out / "int4", 1)
+    ids = load_tokenizer(tiny_base)(prompts[0], add_special_tokens=False)["input_ids"]
+    assert len(gen.generate(ids, 8, ignore_eos=True)) == 8
+
+
+def test_policy_and_quality_budget():
+    from lifecycle_dagster.ml.compress import QualityBudget, VariantReport, quality_drop
+    from lifecycle_dagster.ml.compress import select_variant as pick
+    from lifecycle_dagster.ml.export import Faithfulness
+
+    budget = QualityBudget(max_rouge_l_drop=0.01, max_reward_drop_pct=2.0)
+    ref = {"rouge_l": 0.70, "mean_reward": 2.0}
+    assert quality_drop(ref, 0.695, 1.97, budget)[2]  # 0.5 pt, 1.5 %
+    assert not quality_drop(ref, 0.685, 1.99, budget)[2]  # 1.5 pts
+    assert not quality_drop(ref, 0.70, 1.9, budget)[2]  # 5 % of reward
+    # A negative mean reward: the loss is a fraction of its magnitude.
+    assert not quality_drop({"rouge_l": 0.7, "mean_reward": -1.0}, 0.7, -1.05, budget)[2]
+
+    def report(name, size, tps, ok, cache=True):
+        faith = Faithfulness(name, 0.0, 1.0, 1.0, cache, tps, 10.0)
+        return VariantReport(name, size, faith, 0.7, None, tps, 0.0, None, ok)
+
+    reports = [
+        report("fp32", 500, 30, True),
+        report("int8", 250, 90, True),
+        report("int4", 120, 80, True),
+        report("int4_bad", 90, 120, False),
+    ]
+    assert pick(reports, "smallest") == "int4"
+    assert pick(reports, "fastest") == "int8"
+    assert pick([report("int4", 120, 80, True, cache=False), reports[0]], "smallest") == "fp32"
+    assert pick([reports[3]], "smallest") is None
 
 
 def test_decoder_refuses_an_export_without_cache_inputs(tmp_path, tiny_base):

@@ -23,6 +23,7 @@ from lifecycle_dagster.ml.export import (
     VARIANTS,
     ExportConfig,
     Faithfulness,
+    GenaiGenerator,
     OrtDecoder,
     export_onnx,
     generate_texts,
@@ -152,17 +153,23 @@ def compress(
     model, tok = load_causal_lm(model_dir, runtime), load_tokenizer(model_dir)
     scored: dict[str, tuple[Faithfulness, float, float | None, float, list[str]]] = {}
     for name, folder in exported.variants.items():
-        decoder = OrtDecoder(folder, config.threads)
+        generator = GenaiGenerator(folder, config.threads)
         faith = verify_against_torch(
             model,
             tok,
-            decoder,
+            OrtDecoder(folder, config.threads),
             list(check_prompts),
             max_new_tokens=config.check_new_tokens,
             variant=name,
+            generator=generator,
         )
         preds, tps = generate_texts(
-            decoder, tok, list(eval_prompts), config.max_new_tokens, log=log, stage=f"onnx[{name}]"
+            generator,
+            tok,
+            list(eval_prompts),
+            config.max_new_tokens,
+            log=log,
+            stage=f"onnx[{name}]",
         )
         scores = rouge_l(preds, list(eval_references))
         mean_rouge = sum(scores) / len(scores)

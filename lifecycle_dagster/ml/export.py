@@ -57,6 +57,11 @@ class ExportConfig:
     block_size: int = 32
     # 4: int8 activations per block inside MatMulNBits, the fast CPU kernel; 1: fp32 activations.
     accuracy_level: int = 4
+    # int4 only. k_quant picks scales that minimise the weighted error (RTN rounds to nearest);
+    # mixed precision keeps the LM head and the most sensitive layers (llama.cpp's Q4_K_M choice:
+    # first and last eighth, every third layer's qkv/v/down) in int8.
+    int4_algorithm: str = "k_quant"
+    int4_mixed_precision: bool = True
 
     def __post_init__(self):
         unknown = set(self.variants) - set(VARIANTS)
@@ -96,16 +101,7 @@ def export_onnx(
         if name == "int8_dynamic":
             _quantize_dynamic(out_dir / "fp32", folder)
         else:
-            extra = (
-                {}
-                if name == "fp32"
-                else {
-                    "block_size": config.block_size,
-                    "accuracy_level": config.accuracy_level,
-                    "op_types_to_quantize": "MatMul/Gather" if name == "int4" else "MatMul",
-                }
-            )
-            _build(model_dir, folder, name, extra)
+            _build(model_dir, folder, name, _builder_options(name, config))
         _plain_bytelevel_decoder(folder)
         variants[name] = folder
         seconds[name] = time.monotonic() - start
@@ -115,6 +111,19 @@ def export_onnx(
         sizes={name: onnx_bytes(path) for name, path in variants.items()},
         seconds=seconds,
     )
+
+
+def _builder_options(variant: str, config: ExportConfig) -> dict:
+    if variant == "fp32":
+        return {}
+    options = {"block_size": config.block_size, "accuracy_level": config.accuracy_level}
+    if variant == "int8":
+        # Only MatMuls: the builder quantises an embedding Gather to 4 bits only.
+        return options | {"op_types_to_quantize": "MatMul"}
+    options |= {"op_types_to_quantize": "MatMul/Gather", "algo_config": config.int4_algorithm}
+    if config.int4_mixed_precision:
+        options["matmul_mixed_precision"] = "last_matmul:int8,mixed_layers:int8"
+    return options
 
 
 def _build(model_dir: Path, folder: Path, precision: str, extra: dict) -> None:
@@ -256,6 +265,71 @@ class OrtDecoder:
         return out, chosen_logits
 
 
+class GenaiGenerator:
+    """Greedy generation with onnxruntime-genai: the decode loop in C++ over onnxruntime, the KV
+    cache kept in buffers it reuses across steps. What serving and the quality checks run."""
+
+    def __init__(self, folder: Path, threads: int = 1):
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(str(folder))
+        config.overlay(
+            json.dumps(
+                {
+                    "model": {
+                        "decoder": {
+                            "session_options": {
+                                "intra_op_num_threads": threads,
+                                "inter_op_num_threads": 1,
+                            }
+                        }
+                    }
+                }
+            )
+        )
+        self.model = og.Model(config)
+        cfg = json.loads((Path(folder) / "genai_config.json").read_text())["model"]
+        eos = cfg["eos_token_id"]
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.context_length = int(cfg["context_length"])
+
+    def _generator(self, batch, max_new_tokens: int, ignore_eos: bool):
+        import numpy as np
+
+        ids = np.asarray(batch, dtype=np.int32)
+        params = self.og.GeneratorParams(self.model)
+        total = ids.shape[1] + max_new_tokens
+        options = {"max_length": total, "do_sample": False, "batch_size": ids.shape[0]}
+        if ignore_eos:
+            options["min_length"] = total
+        params.set_search_options(**options)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(ids)
+        return generator
+
+    def generate(self, ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+        """Greedy continuation of one prompt, without the EOS token."""
+        generator = self._generator([ids], max_new_tokens, ignore_eos)
+        while not generator.is_done():
+            generator.generate_next_token()
+        out = [int(t) for t in generator.get_sequence(0)[len(ids) :]]
+        if not ignore_eos:
+            for i, token in enumerate(out):
+                if token in self.eos:
+                    return out[:i]
+        return out
+
+    def decode_batch(self, batch: list[list[int]], max_new_tokens: int) -> float:
+        """Seconds spent decoding ``max_new_tokens`` for each of a batch of equal-length prompts
+        (the prefill excluded), EOS ignored: a throughput measurement."""
+        generator = self._generator(batch, max_new_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        while not generator.is_done():
+            generator.generate_next_token()
+        return time.perf_counter() - start
+
+
 @dataclass
 class Faithfulness:
     variant: str
@@ -269,9 +343,17 @@ class Faithfulness:
 
 
 def verify_against_torch(
-    model, tokenizer, decoder: OrtDecoder, prompts: list[str], *, max_new_tokens: int, variant: str
+    model,
+    tokenizer,
+    decoder: OrtDecoder,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    variant: str,
+    generator: GenaiGenerator | None = None,
 ) -> Faithfulness:
-    """Compare prefill logits, greedy tokens and decoded text of ONNX and PyTorch, batch 1.
+    """Compare prefill logits, greedy tokens and decoded text of ONNX and PyTorch, batch 1. The
+    tokens come from ``generator`` (what serving runs) when given, else from ``decoder``.
 
     Also checks that decoding with the cache gives the logits a full recomputation gives: an export
     that silently ignores its cache fails here.
@@ -306,7 +388,10 @@ def verify_against_torch(
         ref_tokens = [t for t in gen[0, len(ids) :].tolist() if t != tokenizer.eos_token_id]
         torch_tokens += max(1, len(ref_tokens))
         t0 = time.perf_counter()
-        ort_tok, _ = decoder.generate(ids, max_new_tokens)
+        if generator is not None:
+            ort_tok = generator.generate(ids, max_new_tokens)
+        else:
+            ort_tok, _ = decoder.generate(ids, max_new_tokens)
         ort_time += time.perf_counter() - t0
         ort_tokens += max(1, len(ort_tok))
 
@@ -339,7 +424,7 @@ def verify_against_torch(
 
 
 def generate_texts(
-    decoder: OrtDecoder,
+    generator: GenaiGenerator,
     tokenizer,
     prompts: list[str],
     max_new_tokens: int,
@@ -353,7 +438,7 @@ def generate_texts(
     for i, prompt in enumerate(prompts, 1):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         start = time.perf_counter()
-        out, _ = decoder.generate(ids, max_new_tokens)
+        out = generator.generate(ids, max_new_tokens)
         seconds += time.perf_counter() - start
         tokens += max(1, len(out))
         texts.append(clean_completion(tokenizer.decode(out, skip_special_tokens=True)))

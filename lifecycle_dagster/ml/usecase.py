@@ -200,6 +200,12 @@ class CompressionSpec(_Strict):
     accuracy_level: Literal[1, 2, 3, 4] = Field(
         4, description="MatMulNBits activations: 4 int8 (fast on CPU), 1 fp32."
     )
+    int4_algorithm: Literal["rtn", "k_quant"] = Field(
+        "k_quant", description="int4 scales: round to nearest, or k-quant (lower weighted error)."
+    )
+    int4_mixed_precision: bool = Field(
+        True, description="int4: keep the LM head and the most sensitive layers in int8."
+    )
     max_rouge_l_drop: float = Field(
         0.01, ge=0, description="Quality budget: ROUGE-L lost against PyTorch (0.01 = 1 point)."
     )

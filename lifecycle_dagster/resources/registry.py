@@ -72,7 +72,7 @@ class ModelRegistry:
             return None
 
     def aliases(self, name: str) -> dict[str, str]:
-        return dict(self.client.get_registered_model(name).aliases)
+        return {k: str(v) for k, v in self.client.get_registered_model(name).aliases.items()}
 
     def promote(
         self,

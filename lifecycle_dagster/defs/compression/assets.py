@@ -62,6 +62,8 @@ def onnx_model(
                 variants=tuple(c.variants),
                 block_size=c.block_size,
                 accuracy_level=c.accuracy_level,
+                int4_algorithm=c.int4_algorithm,
+                int4_mixed_precision=c.int4_mixed_precision,
             ),
             policy=c.policy,
             budget=QualityBudget(c.max_rouge_l_drop, c.max_reward_drop_pct),

@@ -58,9 +58,7 @@ def champion_model(
                 "champion_before": d.previous_version or "-",
                 "promoted": d.promoted,
                 "reason": d.reason,
-                "champion_now": registry.by_alias(d.name, CHAMPION).version
-                if registry.by_alias(d.name, CHAMPION)
-                else "-",
+                "champion_now": registry.aliases(d.name).get(CHAMPION, "-"),
             }
             for d in decisions
         ]
