@@ -184,7 +184,7 @@ class OrtEngine:
         self.gen = GenaiGenerator(folder, threads)
 
     def prefill(self, ids: list[int]) -> None:
-        self.gen._generator([ids], 1, ignore_eos=False)
+        self.gen.start([ids], 1)
 
     def greedy(self, ids: list[int], n: int, stop: set[int] | None) -> list[int]:
         return self.gen.generate(ids, n, ignore_eos=not stop)

@@ -294,7 +294,8 @@ class GenaiGenerator:
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.context_length = int(cfg["context_length"])
 
-    def _generator(self, batch, max_new_tokens: int, ignore_eos: bool):
+    def start(self, batch, max_new_tokens: int, ignore_eos: bool = False):
+        """A generator with ``batch`` (equal-length prompts) already prefilled."""
         import numpy as np
 
         ids = np.asarray(batch, dtype=np.int32)
@@ -310,7 +311,7 @@ class GenaiGenerator:
 
     def generate(self, ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
         """Greedy continuation of one prompt, without the EOS token."""
-        generator = self._generator([ids], max_new_tokens, ignore_eos)
+        generator = self.start([ids], max_new_tokens, ignore_eos)
         while not generator.is_done():
             generator.generate_next_token()
         out = [int(t) for t in generator.get_sequence(0)[len(ids) :]]
@@ -323,7 +324,7 @@ class GenaiGenerator:
     def decode_batch(self, batch: list[list[int]], max_new_tokens: int) -> float:
         """Seconds spent decoding ``max_new_tokens`` for each of a batch of equal-length prompts
         (the prefill excluded), EOS ignored: a throughput measurement."""
-        generator = self._generator(batch, max_new_tokens, ignore_eos=True)
+        generator = self.start(batch, max_new_tokens, ignore_eos=True)
         start = time.perf_counter()
         while not generator.is_done():
             generator.generate_next_token()

@@ -32,7 +32,10 @@ PHASES = (
     ),
     Phase("evaluation", ("evaluation",), "minutes", "measure every stage on one split"),
     Phase(
-        "compression and deployment", ("onnx_model",), "minutes to hours", "inference performance"
+        "compression and deployment",
+        ("onnx_model", "champion_model"),
+        "minutes to hours",
+        "inference performance",
     ),
 )
 
@@ -91,7 +94,8 @@ def _compute(phase: str, meta: dict[str, dict]) -> str:
     o = m("onnx_model")
     if o:
         return (
-            f"export + int8 quantisation; {o.get('size_ratio', 0):.1f}x smaller, "
+            f"export of {o.get('selected_variant', '?')} (policy {o.get('policy', '?')}); "
+            f"{o.get('size_ratio', 0):.1f}x smaller, "
             f"{o.get('speedup', 0):.1f}x faster decode than PyTorch"
         )
     return "-"

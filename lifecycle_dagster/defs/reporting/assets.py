@@ -38,7 +38,7 @@ def lifecycle_report(
             body += (
                 f"\nONNX ({onnx.get('selected_variant')}): ROUGE-L "
                 f"{onnx.get('onnx_rouge_l', float('nan')):.4f} against PyTorch "
-                f"{onnx.get('torch_rouge_l', float('nan')):.4f}; "
+                f"{onnx.get('reference_rouge_l', float('nan')):.4f}; "
                 f"{onnx.get('size_ratio', 0):.1f}x smaller, "
                 f"{onnx.get('speedup', 0):.1f}x decode speed.\n"
             )
