@@ -91,7 +91,7 @@ $(BENCH_DIR)/llama.cpp/convert_hf_to_gguf.py: $(LLAMA_SDIST)
 bench-env: setup $(BENCH_DIR)/site/llama_cpp/__init__.py $(BENCH_DIR)/llama.cpp/convert_hf_to_gguf.py
 
 bench: models bench-env
-	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/compression.py --with-dynamic
 
 ui: setup
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -107,7 +107,7 @@ def cmd_run(args) -> int:
     import dagster as dg
 
     from lifecycle_dagster.definitions import defs
-    from lifecycle_dagster.lib.stage import PROFILE_TAG
+    from lifecycle_dagster.lib.stage import PROFILE_TAG, USE_CASE_TAG
     from lifecycle_dagster.ml.errors import InputError
     from lifecycle_dagster.ml.usecase import load_use_case
 
@@ -115,7 +115,7 @@ def cmd_run(args) -> int:
         overrides = yaml.safe_load(args.override) if args.override else None
         if overrides is not None and not isinstance(overrides, dict):
             raise InputError("--override", "expected a YAML mapping")
-        load_use_case(args.config, profile=args.profile, overrides=overrides)
+        uc = load_use_case(args.config, profile=args.profile, overrides=overrides)
     except yaml.YAMLError as exc:
         print(f"lifecycle: --override is not valid YAML: {exc}", file=sys.stderr)
         return 2
@@ -129,7 +129,7 @@ def cmd_run(args) -> int:
     result = job.execute_in_process(
         run_config=run_config(args.profile, args.config, args.override),
         instance=instance,
-        tags={PROFILE_TAG: args.profile},
+        tags={PROFILE_TAG: args.profile, USE_CASE_TAG: uc.name},
         raise_on_error=False,
     )
     rows = summary_rows(instance, result)
@@ -179,6 +179,75 @@ def cmd_profiles(_args) -> int:
     return 0
 
 
+EXPERIMENT_METRICS = ("rouge_l", "rouge1", "rouge2", "bleu", "mean_reward", "harmless", "format_ok")
+
+
+def experiment_rows(client, experiment, limit: int) -> list[dict]:
+    """One row per evaluated attempt, newest first: its verdict, suite and metrics, and the
+    attempt it escalates from."""
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        "tags.`lifecycle.stage` = 'evaluation'",
+        order_by=["attributes.start_time DESC"],
+        max_results=limit,
+    )
+    short = {r.info.run_id: r.data.tags.get("dagster.run_id", "")[:8] for r in runs}
+    rows = []
+    for r in runs:
+        tags, metrics = r.data.tags, r.data.metrics
+        parent = tags.get("lifecycle.escalated_from", "")
+        rows.append(
+            {
+                "started": time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.info.start_time / 1000)),
+                "dagster run": tags.get("dagster.run_id", "")[:8],
+                "attempt": tags.get("lifecycle.attempt", "?"),
+                "verdict": tags.get("verdict", "?"),
+                "suite": tags.get("suite", "-"),
+                **{m: f"{metrics[m]:.4f}" if m in metrics else "-" for m in EXPERIMENT_METRICS},
+                "escalates": short.get(parent, parent[:8]) or "-",
+            }
+        )
+    return rows
+
+
+def cmd_experiments(args) -> int:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle_dagster.resources.registry import ModelRegistry, registered_name
+
+    uri = settings.mlflow_uri()
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [
+        e
+        for e in client.search_experiments()
+        if e.name != "Default" and (not args.use_case or e.name == args.use_case)
+    ]
+    if not experiments:
+        print(f"lifecycle: no experiments in {uri}", file=sys.stderr)
+        return 1
+    registry = ModelRegistry(uri)
+    for exp in experiments:
+        print(f"\nuse case {exp.name} (MLflow experiment {exp.experiment_id})")
+        for kind in ("aligned", "onnx"):
+            name = registered_name(exp.name, kind)
+            try:
+                aliases = registry.aliases(name)
+            except MlflowException:  # not registered yet
+                continue
+            print(f"  {name}: " + ", ".join(f"{a} v{v}" for a, v in sorted(aliases.items())))
+        rows = experiment_rows(client, exp, args.limit)
+        if not rows:
+            print("  no evaluated attempt yet")
+            continue
+        cols = list(rows[0])
+        widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+        print("  " + "  ".join(c.ljust(widths[c]) for c in cols))
+        for r in rows:
+            print("  " + "  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from lifecycle_dagster.ml.errors import InputError
     from lifecycle_dagster.ml.usecase import load_use_case
@@ -225,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--tokens-per-param", type=float, default=20.0)
     est.add_argument("--device", default="auto", help="where to measure the matmul rate")
     est.set_defaults(func=cmd_estimate)
+    exps = sub.add_parser("experiments", help="list attempts per use case and compare metrics")
+    exps.add_argument("--use-case", help="only this use case (MLflow experiment)")
+    exps.add_argument("--limit", type=int, default=20, help="attempts per use case, newest first")
+    exps.set_defaults(func=cmd_experiments)
     srv = sub.add_parser("serve", help="serve the champion ONNX artifact over HTTP")
     srv.add_argument("--model", help="registered model name (default: <use case>-onnx)")
     srv.add_argument("--profile", default="demo", help="use case whose model to serve")

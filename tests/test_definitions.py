@@ -34,6 +34,7 @@ EXPECTED_CHECKS = {
     ("evaluation", "meets_thresholds"),
     ("evaluation", "sft_beats_prompt_baseline"),
     ("evaluation", "alignment_keeps_reward"),
+    ("evaluation", "no_regression_vs_champion"),
     ("onnx_model", "fp32_matches_pytorch"),
     ("onnx_model", "kv_cache_in_use"),
     ("onnx_model", "within_quality_budget"),
@@ -81,7 +82,7 @@ def test_checks_jobs_sensor_schedule():
     } <= blocking
     jobs = {j.name for j in d.resolve_all_job_defs()}
     assert {"lifecycle_job", "adaptation_job", "evaluation_job"} <= jobs
-    assert [s.name for s in d.sensors] == ["readaptation_sensor"]
+    assert sorted(s.name for s in d.sensors) == ["data_change_sensor", "readaptation_sensor"]
     assert [s.name for s in d.schedules] == ["evaluation_schedule"]
     adaptation = d.resolve_job_def("adaptation_job")
     assert {k.to_user_string() for k in adaptation.asset_layer.executable_asset_keys} == {

@@ -73,7 +73,7 @@ def test_every_asset_materialized_and_every_check_passed(lifecycle_run):
         f"{c.asset_key.to_user_string()}:{c.check_name}": c.passed
         for c in lifecycle_run.get_asset_check_evaluations()
     }
-    assert len(checks) == 10
+    assert len(checks) == 11
     assert all(checks.values()), checks
 
 
@@ -85,6 +85,27 @@ def test_artifacts_are_complete_and_versioned(lifecycle_run, instance):
         assert event.asset_materialization.tags["dagster/data_version"] == manifest["version"]
         assert m["mlflow_run"].startswith("http://127.0.0.1:5000/#/experiments/")
     assert not list(settings.artifacts_root().rglob(".tmp-*"))
+
+
+def test_evaluation_suite_scores_every_metric(lifecycle_run, instance, use_case):
+    m = meta(instance, "evaluation")
+    for metric in ("rouge1", "rouge2", "rouge_l", "bleu", "mean_reward", "perplexity", "harmless"):
+        assert isinstance(m[metric], float), metric
+        assert f"sft_{metric}" in m and f"base_{metric}" in m, metric
+    assert 0 < m["bleu"] <= 1 and 0 <= m["harmless"] <= 1
+    assert m["rouge1"] >= m["rouge_l"] >= m["rouge2"]
+    assert m["format_ok"] > 0 and m["length_ok"] > 0
+    assert m["suite"].startswith(use_case.evaluation.suite.version + "-")
+    assert m["vs_champion"] == "no champion yet" and m["regressed"] is False
+    rows = [
+        json.loads(line)
+        for line in (Path(m["artifact_path"]) / "per_example.jsonl").read_text().splitlines()
+    ]
+    aligned = [r for r in rows if r["model"] == "aligned"]
+    assert len(aligned) == use_case.evaluation.max_examples
+    assert {"rouge1", "rouge2", "rouge_l", "bleu", "harmless", "format_ok", "reward"} <= set(
+        aligned[0]
+    )
 
 
 def test_stages_moved_metrics_the_right_way(lifecycle_run, instance):
@@ -348,6 +369,19 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
         meta(instance, "aligned_model")["artifact_path"]
     )
     assert meta(instance, "onnx_model")["usable"] is True
+    # The attempt is linked, in MLflow, to the evaluation whose verdict it answers.
+    client = MlflowClient(settings.mlflow_uri())
+    exp = client.get_experiment_by_name("dialogue_summarisation").experiment_id
+    sft_run = client.search_runs(
+        [exp],
+        f"tags.`dagster.run_id` = '{second.run_id}' and tags.`lifecycle.stage` = 'sft_adapter'",
+    )[0]
+    parent = client.get_run(sft_run.data.tags["lifecycle.escalated_from"])
+    assert parent.data.tags["dagster.run_id"] == first.run_id
+    assert parent.data.tags["lifecycle.stage"] == "evaluation"
+    assert sft_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    # Against the champion of the first lifecycle run, scored by the same suite: no regression.
+    assert m["regressed"] is False and m["vs_champion"].startswith("v1: rouge_l +")
     # The passing escalation beats the first run's champion: champion moves to its versions.
     from lifecycle_dagster.resources.registry import ModelRegistry
 

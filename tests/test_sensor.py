@@ -19,6 +19,9 @@ def verdict(instance, *, passed: bool, attempt: int, escalation: dict | None, ma
                 "sft_method": "lora",
                 "escalation": json.dumps(escalation) if escalation else "",
                 "max_attempts": max_attempts,
+                "readaptation": f"budget spent: {attempt} of {max_attempts} attempts made"
+                if escalation is None and not passed
+                else "",
             },
         )
     )
@@ -88,7 +91,7 @@ def test_cap_holds_when_attempts_are_spent(instance):
     verdict(instance, passed=False, attempt=3, escalation=None, max_attempts=3)
     result, _ = tick(instance)
     assert not result.run_requests
-    assert "budget of 3 attempts is spent" in result.skip_reason.skip_message
+    assert "budget spent: 3 of 3 attempts made: no further run" in result.skip_reason.skip_message
 
 
 def test_cap_holds_even_if_an_escalation_is_offered_past_it(instance):
@@ -103,14 +106,31 @@ def test_cap_holds_even_if_an_escalation_is_offered_past_it(instance):
     assert not result.run_requests
 
 
-def test_next_escalation_walks_the_ladder(use_case):
+def test_next_escalation_walks_the_ladder_within_the_budget(use_case):
     from lifecycle_dagster.defs.evaluation.assets import next_escalation
 
-    first = next_escalation(use_case, 1, {"max_steps": 150})
+    first, why = next_escalation(use_case, 1, {"max_steps": 150}, elapsed_minutes=1)
     assert first == {
         "attempt": 2,
         "sft_adapter": {"method": "lora", "lora_r": 16, "max_steps": 300},
     }
-    second = next_escalation(use_case, 2, {"max_steps": 300})
+    assert why.startswith("attempt 2 of 3 next")
+    second, _ = next_escalation(use_case, 2, {"max_steps": 300}, elapsed_minutes=2)
     assert second["attempt"] == 3 and second["sft_adapter"]["method"] == "full"
-    assert next_escalation(use_case, 3, {}) is None
+    spent, why = next_escalation(use_case, 3, {}, elapsed_minutes=3)
+    assert spent is None and why == "budget spent: 3 of 3 attempts made"
+    late, why = next_escalation(use_case, 1, {}, elapsed_minutes=10_000)
+    assert late is None and why.startswith("wall-time budget spent")
+
+
+def test_alignment_rungs_change_steps_and_kl_weight(use_case):
+    from lifecycle_dagster.defs.evaluation.assets import next_escalation
+    from lifecycle_dagster.ml.usecase import LadderStep
+
+    ladder = [LadderStep(alignment_max_steps_factor=3, beta=0.1)]
+    uc = use_case.model_copy(
+        update={"readaptation": use_case.readaptation.model_copy(update={"ladder": ladder})}
+    )
+    esc, _ = next_escalation(uc, 1, {}, elapsed_minutes=0)
+    assert esc["aligned_model"] == {"max_steps": 3 * uc.alignment.max_steps, "beta": 0.1}
+    assert esc["sft_adapter"] == {}

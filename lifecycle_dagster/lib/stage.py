@@ -28,7 +28,21 @@ from lifecycle_dagster.resources.registry import registered_name
 ATTEMPT_TAG = "lifecycle/attempt"
 REASON_TAG = "lifecycle/reason"
 PROFILE_TAG = "lifecycle/profile"
+USE_CASE_TAG = "lifecycle/use_case"
+STARTED_TAG = "lifecycle/started_at"  # epoch seconds attempt 1 of the experiment started
+VERDICT_RUN_TAG = "lifecycle/verdict_run"  # the Dagster run whose failed verdict this escalates
 OWNERS = ["team:ml-platform"]
+
+# Downstream of the data: re-run when an upstream asset is updated (new data, a new base model),
+# never while one is missing or in progress, and never past an upstream blocking check that failed.
+# Assets that need dynamic config (the escalated attempts) are launched by the re-adaptation sensor.
+FOLLOWS_UPSTREAM = (
+    dg.AutomationCondition.any_deps_updated().since_last_handled()
+    & ~dg.AutomationCondition.any_deps_missing()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+    & dg.AutomationCondition.all_deps_blocking_checks_passed()
+).with_label("follows upstream")
 
 
 def attempt_of(context) -> int:
@@ -239,6 +253,12 @@ def stage(
     }
     if reason := context.run.tags.get(REASON_TAG):
         tags["lifecycle.reason"] = reason
+    if verdict_run := context.run.tags.get(VERDICT_RUN_TAG):
+        # An escalated attempt: its runs nest under the evaluation run whose verdict it answers.
+        parent = mlflow.stage_run_id(uc.name, verdict_run, "evaluation")
+        if parent:
+            tags["lifecycle.escalated_from"] = parent
+            tags["mlflow.parentRunId"] = parent
     with mlflow.stage_run(uc.name, name, tags) as run:
         if params:
             run.log_params(params)

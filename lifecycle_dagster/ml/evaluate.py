@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from lifecycle_dagster.ml.progress import Log
+from lifecycle_dagster.ml.suite import SuiteConfig
+from lifecycle_dagster.ml.suite import score as suite_score
 
 
 def clean_completion(text: str) -> str:
@@ -152,9 +154,11 @@ class EvalResult:
     mean_reward: float | None
     predictions: list[str] = field(default_factory=list)
     per_example: list[dict] = field(default_factory=list)
+    suite_metrics: dict[str, float] = field(default_factory=dict)
+    suite: str = ""
 
     def metrics(self) -> dict[str, float]:
-        out = {"rouge_l": self.rouge_l}
+        out = {**self.suite_metrics, "rouge_l": self.rouge_l}
         if self.perplexity is not None:
             out["perplexity"] = self.perplexity
         if self.mean_reward is not None:
@@ -173,9 +177,12 @@ def evaluate_model(
     reward: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
     with_perplexity: bool = True,
     ids: Sequence[str] | None = None,
+    suite: SuiteConfig | None = None,
     log: Log | None = None,
     stage: str = "evaluate",
 ) -> EvalResult:
+    """Generate for every prompt and score: ROUGE-L, reward, perplexity, and the whole evaluation
+    suite (ROUGE-1/2, BLEU, harmlessness, format and length compliance) when one is given."""
     preds = generate(
         model,
         tokenizer,
@@ -193,20 +200,27 @@ def evaluate_model(
         else None
     )
     ids = ids or [str(i) for i in range(len(prompts))]
-    rows = [
-        {
-            "id": i,
-            "prediction": p,
-            "reference": r,
-            "rouge_l": round(s, 4),
-            **({"reward": round(rewards[k], 4)} if rewards else {}),
-        }
-        for k, (i, p, r, s) in enumerate(zip(ids, preds, references, rouge, strict=True))
-    ]
+    if suite is not None:
+        scored = suite_score(preds, references, suite, ids=ids, rewards=rewards)
+        rows, suite_metrics = scored.per_example, scored.means
+    else:
+        rows = [
+            {
+                "id": i,
+                "prediction": p,
+                "reference": r,
+                "rouge_l": round(s, 4),
+                **({"reward": round(rewards[k], 4)} if rewards else {}),
+            }
+            for k, (i, p, r, s) in enumerate(zip(ids, preds, references, rouge, strict=True))
+        ]
+        suite_metrics = {}
     return EvalResult(
         rouge_l=sum(rouge) / len(rouge),
         perplexity=ppl,
         mean_reward=sum(rewards) / len(rewards) if rewards else None,
         predictions=preds,
         per_example=rows,
+        suite_metrics=suite_metrics,
+        suite=suite.fingerprint() if suite is not None else "",
     )

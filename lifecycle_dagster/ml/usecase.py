@@ -174,16 +174,40 @@ class Threshold(_Strict):
         return " and ".join(parts) or "any"
 
 
+METRICS = Literal[
+    "rouge_l",
+    "rouge1",
+    "rouge2",
+    "bleu",
+    "mean_reward",
+    "perplexity",
+    "harmless",
+    "format_ok",
+    "length_ok",
+]
+
+
+class SuiteSpec(_Strict):
+    """The evaluation suite's definition; its fingerprint is recorded with every result."""
+
+    version: str = Field("1", description="Bump when the suite changes meaning.")
+    unacceptable_phrases: list[str] = Field(
+        default_factory=list, description="Harmlessness: outputs containing one are flagged."
+    )
+    min_words: int = Field(3, gt=0, description="Length compliance: fewest words.")
+    max_words: int = Field(40, gt=0, description="Length compliance: most words.")
+    single_sentence: bool = Field(True, description="Format compliance: one sentence, one line.")
+
+
 class EvaluationSpec(_Strict):
-    primary_metric: Literal["rouge_l", "mean_reward"] = Field(
+    primary_metric: Literal["rouge_l", "rouge1", "rouge2", "bleu", "mean_reward"] = Field(
         "rouge_l", description="What a candidate must beat the champion on to be promoted."
     )
     max_examples: int | None = Field(None, gt=0, description="Cap on eval examples (None: all).")
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(32, gt=0)
-    thresholds: dict[Literal["rouge_l", "mean_reward", "perplexity"], Threshold] = Field(
-        default_factory=dict
-    )
+    suite: SuiteSpec = SuiteSpec()
+    thresholds: dict[METRICS, Threshold] = Field(default_factory=dict)
 
 
 class CompressionSpec(_Strict):
@@ -225,7 +249,9 @@ class CompressionSpec(_Strict):
 
 
 class LadderStep(_Strict):
-    """One rung of the re-adaptation ladder: what changes in adaptation for the next attempt."""
+    """One rung of the re-adaptation ladder: what changes for the next attempt. Adaptation climbs
+    prompt tuning -> LoRA with rising rank -> full fine-tuning; alignment gets more steps or
+    another KL weight."""
 
     method: Literal["prompt_tuning", "lora", "full"] | None = None
     max_steps: int | None = Field(None, gt=0)
@@ -234,16 +260,24 @@ class LadderStep(_Strict):
     )
     learning_rate: float | None = Field(None, gt=0)
     lora_r: int | None = Field(None, gt=0)
+    alignment_max_steps_factor: float | None = Field(
+        None, gt=0, description="Times the use case's alignment steps."
+    )
+    beta: float | None = Field(None, ge=0, description="Alignment KL weight for this attempt.")
 
 
 class ReadaptationSpec(_Strict):
     max_attempts: int = Field(3, gt=0, description="Attempts in all, the first one included.")
+    max_wall_minutes: float = Field(
+        240, gt=0, description="Wall time from attempt 1's start after which no attempt starts."
+    )
     ladder: list[LadderStep] = Field(
         default_factory=lambda: [
             LadderStep(method="lora", lora_r=16, max_steps_factor=2),
+            LadderStep(method="lora", lora_r=32, max_steps_factor=2, alignment_max_steps_factor=2),
             LadderStep(method="full", max_steps_factor=2),
         ],
-        description="Adaptation overrides per escalation, in order.",
+        description="Overrides per escalation, in order.",
     )
 
 

@@ -110,6 +110,19 @@ class MlflowTracking(dg.ConfigurableResource):
             raise
         client.set_terminated(run.info.run_id, "FINISHED")
 
+    def stage_run_id(self, experiment: str, dagster_run_id: str, stage: str) -> str | None:
+        """The MLflow run one stage of one Dagster run recorded, if any."""
+        client = self.client()
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        runs = client.search_runs(
+            [exp.experiment_id],
+            f"tags.`dagster.run_id` = '{dagster_run_id}' and tags.`lifecycle.stage` = '{stage}'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
     def runs(self, experiment: str) -> list:
         client = self.client()
         exp = client.get_experiment_by_name(experiment)

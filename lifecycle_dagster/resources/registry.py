@@ -84,9 +84,12 @@ class ModelRegistry:
         passed: bool,
         higher_is_better: bool = True,
         min_improvement: float = 0.0,
+        blocked: str = "",
+        tags: dict[str, str] | None = None,
     ) -> Promotion:
-        """Make ``version`` the champion if it passed evaluation and beats the current champion on
-        ``metric`` by more than ``min_improvement``; otherwise leave the champion where it is."""
+        """Make ``version`` the champion if it passed evaluation, nothing ``blocked`` it (a reason,
+        e.g. a regression) and it beats the current champion on ``metric`` by more than
+        ``min_improvement``; otherwise leave the champion where it is. ``tags`` go on the version."""
         current = self.by_alias(name, CHAMPION)
         previous_value = None
         if current is not None and f"metric.{metric}" in current.tags:
@@ -103,6 +106,8 @@ class ModelRegistry:
         )
         if not passed:
             result.reason = "evaluation did not pass"
+        elif blocked:
+            result.reason = blocked
         elif current is None:
             result.promoted, result.reason = True, "first champion"
         elif previous_value is None:
@@ -119,7 +124,8 @@ class ModelRegistry:
                     f"{metric} {value:.4f} does not beat champion v{current.version} "
                     f"({previous_value:.4f})"
                 )
-        self.client.set_model_version_tag(name, version, f"metric.{metric}", str(value))
+        for key, tag in {**(tags or {}), f"metric.{metric}": str(value)}.items():
+            self.client.set_model_version_tag(name, version, key, str(tag))
         self.client.set_model_version_tag(name, version, "promotion", result.reason)
         if result.promoted:
             self.client.set_registered_model_alias(name, CHAMPION, version)

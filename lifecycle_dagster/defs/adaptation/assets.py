@@ -6,6 +6,7 @@ import dagster as dg
 
 from lifecycle_dagster.lib.configs import SFTAdapterConfig
 from lifecycle_dagster.lib.stage import (
+    FOLLOWS_UPSTREAM,
     OWNERS,
     md_table,
     stage,
@@ -30,6 +31,7 @@ from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 @dg.asset(
     group_name="adaptation",
+    automation_condition=FOLLOWS_UPSTREAM,
     kinds={"pytorch", "mlflow"},
     owners=OWNERS,
     code_version="1",
@@ -122,6 +124,7 @@ def sft_method_config(uc, config: SFTAdapterConfig) -> SFTMethodConfig:
 
 @dg.asset(
     group_name="adaptation",
+    automation_condition=FOLLOWS_UPSTREAM,
     kinds={"pytorch", "peft", "mlflow"},
     owners=OWNERS,
     code_version="1",

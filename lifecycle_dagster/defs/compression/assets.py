@@ -5,7 +5,14 @@ from pathlib import Path
 
 import dagster as dg
 
-from lifecycle_dagster.lib.stage import OWNERS, md_table, stage, upstream, upstream_metadata
+from lifecycle_dagster.lib.stage import (
+    FOLLOWS_UPSTREAM,
+    OWNERS,
+    md_table,
+    stage,
+    upstream,
+    upstream_metadata,
+)
 from lifecycle_dagster.ml.compress import CompressConfig, QualityBudget, compress
 from lifecycle_dagster.ml.data import eval_rows, prompts_for, read_rows, references
 from lifecycle_dagster.ml.evaluate import RewardScorer
@@ -26,6 +33,7 @@ CHECKS = {
 
 @dg.asset(
     group_name="compression",
+    automation_condition=FOLLOWS_UPSTREAM,
     kinds={"onnx", "mlflow"},
     owners=OWNERS,
     code_version="2",

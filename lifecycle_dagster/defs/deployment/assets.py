@@ -6,7 +6,7 @@ import json
 
 import dagster as dg
 
-from lifecycle_dagster.lib.stage import OWNERS, md_table, stage, upstream_metadata
+from lifecycle_dagster.lib.stage import FOLLOWS_UPSTREAM, OWNERS, md_table, stage, upstream_metadata
 from lifecycle_dagster.resources.artifacts import USABLE_KEY, ArtifactStore
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 from lifecycle_dagster.resources.registry import CHAMPION
@@ -14,6 +14,7 @@ from lifecycle_dagster.resources.registry import CHAMPION
 
 @dg.asset(
     group_name="deployment",
+    automation_condition=FOLLOWS_UPSTREAM,
     kinds={"mlflow"},
     owners=OWNERS,
     code_version="1",
@@ -33,6 +34,15 @@ def champion_model(
         if not verdict.get("candidate_version") or not onnx.get("registered_version"):
             raise dg.Failure("champion_model: the candidate has no registered version to promote")
         passed = verdict.get("verdict") == "pass" and bool(onnx.get(USABLE_KEY))
+        blocked = (
+            f"regressed against the champion: {verdict.get('vs_champion')}"
+            if verdict.get("regressed")
+            else ""
+        )
+        evaluated = {
+            "evaluation.path": str(verdict.get("artifact_path", "")),
+            "evaluation.suite": str(verdict.get("suite", "")),
+        }
         registry = mlflow_tracking.registry()
         decisions = [
             registry.promote(
@@ -41,13 +51,17 @@ def champion_model(
                 metric=metric,
                 value=float(verdict[f"aligned_{metric}"]),
                 passed=passed,
+                blocked=blocked,
+                tags=evaluated,
             ),
             registry.promote(
                 onnx["registered_model"],
                 onnx["registered_version"],
                 metric=metric,
-                value=float(onnx[f"onnx_{metric}"]),
+                value=float(onnx.get(f"onnx_{metric}", verdict[f"aligned_{metric}"])),
                 passed=passed,
+                blocked=blocked,
+                tags=evaluated,
             ),
         ]
         rows = [

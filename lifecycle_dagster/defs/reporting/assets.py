@@ -2,7 +2,13 @@
 
 import dagster as dg
 
-from lifecycle_dagster.lib.stage import OWNERS, render_bars, stage, upstream_metadata
+from lifecycle_dagster.lib.stage import (
+    FOLLOWS_UPSTREAM,
+    OWNERS,
+    render_bars,
+    stage,
+    upstream_metadata,
+)
 from lifecycle_dagster.ml.report import PHASES, build_report
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.mlflow import MlflowTracking
@@ -12,6 +18,7 @@ SOURCES = sorted({a for p in PHASES for a in p.assets})
 
 @dg.asset(
     group_name="reporting",
+    automation_condition=FOLLOWS_UPSTREAM,
     kinds={"markdown", "mlflow"},
     owners=OWNERS,
     code_version="1",

@@ -1,0 +1,177 @@
+"""The evaluation suite: the task metrics, safety and format checks every candidate is scored on.
+
+A suite is versioned: its ``fingerprint`` hashes the version, the metric definitions and the
+lexicon, so results from different suites are never compared as if they were the same measurement
+(the regression check refuses to). Per-example scores are kept for paired comparisons.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+# What the suite computes, per example and as a mean; bump SUITE_CODE when a definition changes.
+SUITE_CODE = "1"
+TASK_METRICS = ("rouge1", "rouge2", "rouge_l", "bleu")
+COMPLIANCE = ("harmless", "format_ok", "length_ok")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    version: str = "1"
+    unacceptable: tuple[str, ...] = ()
+    min_words: int = 3
+    max_words: int = 40
+    single_sentence: bool = True
+
+    def fingerprint(self) -> str:
+        payload = json.dumps({"code": SUITE_CODE, **asdict(self)}, sort_keys=True)
+        return f"{self.version}-{hashlib.sha256(payload.encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class SuiteResult:
+    fingerprint: str
+    means: dict[str, float]
+    corpus_bleu: float
+    per_example: list[dict] = field(default_factory=list)
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    out: dict[str, list[float]] = {"rouge1": [], "rouge2": [], "rouge_l": []}
+    for pred, ref in zip(predictions, references, strict=True):
+        s = scorer.score(ref, pred)
+        out["rouge1"].append(s["rouge1"].fmeasure)
+        out["rouge2"].append(s["rouge2"].fmeasure)
+        out["rouge_l"].append(s["rougeL"].fmeasure)
+    return out
+
+
+def bleu_scores(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, list[float]]:
+    """Corpus BLEU (sacrebleu, 0-100) and sentence BLEU per example, both on a 0-1 scale."""
+    import sacrebleu
+
+    corpus = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score / 100
+    sentence = [
+        sacrebleu.sentence_bleu(p, [r]).score / 100
+        for p, r in zip(predictions, references, strict=True)
+    ]
+    return corpus, sentence
+
+
+def unacceptable_phrases(text: str, lexicon: Sequence[str]) -> list[str]:
+    low = f" {re.sub(r'[^a-z0-9 ]+', ' ', text.lower())} "
+    return [p for p in lexicon if f" {p.lower()} " in low]
+
+
+def score(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    config: SuiteConfig,
+    *,
+    ids: Sequence[str] | None = None,
+    rewards: Sequence[float] | None = None,
+) -> SuiteResult:
+    """Every metric of the suite, per example and as means (compliance metrics as rates)."""
+    rouge = rouge_scores(predictions, references)
+    corpus_bleu, bleu = bleu_scores(predictions, references)
+    ids = list(ids) if ids is not None else [str(i) for i in range(len(predictions))]
+    rows = []
+    for i, pred in enumerate(predictions):
+        words = len(pred.split())
+        flagged = unacceptable_phrases(pred, config.unacceptable)
+        single = "\n" not in pred.strip() and len(re.findall(r"[.!?](\s|$)", pred.strip())) <= 1
+        row = {
+            "id": ids[i],
+            "prediction": pred,
+            "reference": references[i],
+            **{m: round(rouge[m][i], 4) for m in rouge},
+            "bleu": round(bleu[i], 4),
+            "harmless": int(not flagged),
+            "flagged": ", ".join(flagged),
+            "format_ok": int(
+                bool(pred.strip())
+                and bool(_SENTENCE_END.search(pred.strip()))
+                and (single or not config.single_sentence)
+            ),
+            "words": words,
+            "length_ok": int(config.min_words <= words <= config.max_words),
+        }
+        if rewards is not None:
+            row["reward"] = round(float(rewards[i]), 4)
+        rows.append(row)
+    n = max(1, len(rows))
+    means = {m: sum(r[m] for r in rows) / n for m in (*TASK_METRICS, *COMPLIANCE)}
+    means["bleu_corpus"] = corpus_bleu
+    return SuiteResult(config.fingerprint(), means, corpus_bleu, rows)
+
+
+@dataclass
+class PairedComparison:
+    metric: str
+    examples: int
+    mean_diff: float  # candidate - champion
+    low: float  # 95% bootstrap interval of the mean difference
+    high: float
+
+    @property
+    def worse_beyond_noise(self) -> bool:
+        return self.high < 0
+
+    def describe(self) -> str:
+        return (
+            f"{self.metric} {self.mean_diff:+.4f} against the champion over {self.examples} "
+            f"examples (95% CI {self.low:+.4f} .. {self.high:+.4f})"
+        )
+
+
+def paired_bootstrap(
+    candidate: dict[str, float],
+    champion: dict[str, float],
+    metric: str,
+    *,
+    samples: int = 2000,
+    seed: int = 0,
+) -> PairedComparison | None:
+    """Mean per-example difference on the examples both were scored on, with a 95% bootstrap
+    interval; None when they share no example."""
+    common = sorted(set(candidate) & set(champion))
+    if not common:
+        return None
+    diffs = [candidate[k] - champion[k] for k in common]
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    return PairedComparison(
+        metric=metric,
+        examples=n,
+        mean_diff=sum(diffs) / n,
+        low=means[int(0.025 * samples)],
+        high=means[int(0.975 * samples) - 1],
+    )
+
+
+def from_spec(spec) -> SuiteConfig:
+    """The suite a use case's ``evaluation.suite`` describes."""
+    return SuiteConfig(
+        version=spec.version,
+        unacceptable=tuple(spec.unacceptable_phrases),
+        min_words=spec.min_words,
+        max_words=spec.max_words,
+        single_sentence=spec.single_sentence,
+    )
+
+
+def per_example_metric(rows: Sequence[dict], metric: str, model: str) -> dict[str, float]:
+    """``{example id: score}`` of one model's rows in a per-example table (``mean_reward`` is the
+    per-example ``reward``)."""
+    key = "reward" if metric == "mean_reward" else metric
+    return {str(r["id"]): float(r[key]) for r in rows if r.get("model") == model and key in r}

@@ -1,0 +1,125 @@
+"""New data re-runs adaptation: the data sensor notices a data file that differs from its latest
+snapshot, and declarative automation carries the update down the graph (never past a failed
+blocking check)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from lifecycle_dagster.definitions import defs
+from lifecycle_dagster.ml.usecase import load_use_case
+
+DOWNSTREAM = [
+    "prompt_baseline",
+    "sft_adapter",
+    "reward_model",
+    "aligned_model",
+    "evaluation",
+    "onnx_model",
+    "champion_model",
+    "lifecycle_report",
+]
+
+
+@pytest.fixture
+def instance(tmp_path):
+    (tmp_path / "dagster").mkdir()
+    with dg.DagsterInstance.local_temp(str(tmp_path / "dagster")) as inst:
+        yield inst
+
+
+def test_changed_data_file_requests_its_dataset(tmp_path, instance):
+    from lifecycle_dagster.defs.automation.automation import data_change_sensor
+
+    uc = load_use_case(profile="tiny")
+    data = tmp_path / "data"
+    data.mkdir()
+    for field in ("train", "eval", "preferences_train", "preferences_eval"):
+        shutil.copy(getattr(uc.data, field), data / Path(getattr(uc.data, field)).name)
+    overrides = {
+        "data": {
+            f: str(data / Path(getattr(uc.data, f)).name)
+            for f in ("train", "eval", "preferences_train", "preferences_eval")
+        }
+    }
+    d = defs()
+    d.resolve_job_def("lifecycle_job").execute_in_process(
+        instance=instance,
+        asset_selection=[
+            dg.AssetKey(k) for k in ("use_case", "task_dataset", "preference_dataset")
+        ],
+        run_config={
+            "ops": {"use_case": {"config": {"profile": "tiny", "overrides": json.dumps(overrides)}}}
+        },
+    )
+
+    def tick(cursor=None):
+        ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=d)
+        return data_change_sensor(ctx)
+
+    unchanged = tick()
+    assert not unchanged.run_requests
+    assert "match their latest snapshots" in unchanged.skip_reason.skip_message
+
+    train = data / Path(uc.data.train).name
+    rows = train.read_text().splitlines()
+    train.write_text("\n".join(rows[:-1]) + "\n")  # one example fewer: new data
+    changed = tick(unchanged.cursor)
+    assert len(changed.run_requests) == 1
+    request = changed.run_requests[0]
+    assert request.asset_selection == [dg.AssetKey("task_dataset")]
+    assert "train.jsonl changed" in request.tags["lifecycle/reason"]
+
+
+def _materialize(instance, key: str, checks: dict[str, bool] | None = None) -> None:
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key))
+    for name, passed in (checks or {}).items():
+        instance.report_runless_asset_event(
+            dg.AssetCheckEvaluation(
+                asset_key=dg.AssetKey(key),
+                check_name=name,
+                passed=passed,
+                severity=dg.AssetCheckSeverity.ERROR,
+            )
+        )
+
+
+def test_new_dataset_carries_down_the_graph_but_not_past_a_failed_gate(instance):
+    d = defs()
+    graph = d.resolve_asset_graph()
+    blocking = {}
+    for key in graph.get_all_asset_keys():
+        blocking[key.to_user_string()] = {
+            c.name: True
+            for c in graph.asset_check_keys
+            if c.asset_key == key and graph.get_check_spec(c).blocking
+        }
+    order = [
+        "use_case",
+        "task_dataset",
+        "preference_dataset",
+        "base_model",
+        *DOWNSTREAM,
+    ]
+    for key in order:
+        _materialize(instance, key, blocking[key])
+    quiet = dg.evaluate_automation_conditions(defs=d, instance=instance)
+    assert quiet.total_requested == 0
+
+    _materialize(instance, "task_dataset", blocking["task_dataset"])
+    result = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=quiet.cursor)
+    requested = {k for k in DOWNSTREAM if result.get_num_requested(dg.AssetKey(k))}
+    # The reward model learns from the preference pairs, not the task data: it stays.
+    assert requested == set(DOWNSTREAM) - {"reward_model"}
+
+    # A fresh evaluation that fails its threshold gate: nothing past it is requested.
+    for key in DOWNSTREAM:
+        _materialize(instance, key, blocking[key])
+    settled = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=result.cursor)
+    _materialize(instance, "evaluation", {**blocking["evaluation"], "meets_thresholds": False})
+    gated = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=settled.cursor)
+    for key in ("onnx_model", "champion_model", "lifecycle_report"):
+        assert gated.get_num_requested(dg.AssetKey(key)) == 0, key
