@@ -1,15 +1,16 @@
 """PyTorch eager fp32 against the ONNX variants (onnxruntime) and llama.cpp at the same bit widths,
 on the demo model, in one process and one sitting.
 
-    make bench-compression            # sets up llama.cpp in the bench environment first
+    make bench                        # sets up llama.cpp in the bench environment first
     python bench/compression.py [--model DIR] [--examples 32] [--threads N]
 
 The model is the newest aligned model in the state dir (``make demo`` makes one), else SmolLM2 from
 the demo GGUF file. For each engine: prefill latency (128-token prompt), decode tokens/s at batch 1
 and batch 8 (64 and 32 new tokens, EOS ignored), peak resident memory over the process's baseline,
 size on disk, and quality on the eval split (ROUGE-L, greedy token agreement with PyTorch). It also
-measures memory bandwidth (a numpy copy) and gives each engine's batch-1 decode rate as a fraction of
-the bound that bandwidth sets: bandwidth / weight bytes read per token.
+measures memory read bandwidth (a reduction over 1 GiB on the same threads) and gives each engine's
+batch-1 decode rate as a fraction of the bound that bandwidth sets: bandwidth / weight bytes read per
+token.
 
 Prints a markdown table (and writes it to bench/results/compression.md) with ratios from this run.
 llama.cpp (llama-cpp-python, built from source) lives in the bench environment only: the
@@ -24,6 +25,7 @@ import ctypes
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -203,7 +205,7 @@ class LlamaCppEngine:
         self.lib = llama_cpp
         self.llm = llama_cpp.Llama(
             model_path=str(gguf),
-            n_ctx=1024,
+            n_ctx=4096,
             n_batch=512,
             n_threads=threads,
             n_threads_batch=threads,
@@ -495,6 +497,7 @@ def main() -> None:
             indent=2,
         )
     )
+    shutil.rmtree(work, ignore_errors=True)  # GBs of exports and GGUF files
     log(f"wrote {out}")
 
 

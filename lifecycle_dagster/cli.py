@@ -204,10 +204,17 @@ def experiment_rows(client, experiment, limit: int) -> list[dict]:
                 "verdict": tags.get("verdict", "?"),
                 "suite": tags.get("suite", "-"),
                 **{m: f"{metrics[m]:.4f}" if m in metrics else "-" for m in EXPERIMENT_METRICS},
-                "escalates": short.get(parent, parent[:8]) or "-",
+                "escalates": (short.get(parent) or _dagster_run_of(client, parent)) or "-",
             }
         )
     return rows
+
+
+def _dagster_run_of(client, mlflow_run_id: str) -> str:
+    """The Dagster run (id prefix) an MLflow run was recorded by."""
+    if not mlflow_run_id:
+        return ""
+    return client.get_run(mlflow_run_id).data.tags.get("dagster.run_id", "")[:8]
 
 
 def cmd_experiments(args) -> int:

@@ -136,13 +136,16 @@ def test_daemon_escalates_a_shortfall_once_and_stops(deployment):
     instance = dg.DagsterInstance.from_config(str(deployment["home"]))
 
     # 1. Attempt 1 runs from the queue and evaluation records a failed verdict.
-    failed = wait_for(
-        "the failed verdict of attempt 1",
-        lambda: next((e for e in evaluations(instance) if e["run_id"] == first), None),
-        proc,
-        deadline,
-        log,
-    )
+    def verdict_of_first():
+        found = next((e for e in evaluations(instance) if e["run_id"] == first), None)
+        run = instance.get_run_by_id(first)
+        if found is None and run is not None and run.is_finished:
+            pytest.fail(
+                f"attempt 1 ended {run.status} without a verdict:\n{log.read_text()[-6000:]}"
+            )
+        return found
+
+    failed = wait_for("the failed verdict of attempt 1", verdict_of_first, proc, deadline, log)
     assert failed["verdict"] == "fail" and failed["attempt"] == 1
     assert "rouge_l" in failed["failed_metrics"]
 

@@ -115,10 +115,23 @@ def test_new_dataset_carries_down_the_graph_but_not_past_a_failed_gate(instance)
     # The reward model learns from the preference pairs, not the task data: it stays.
     assert requested == set(DOWNSTREAM) - {"reward_model"}
 
-    # A fresh evaluation that fails its threshold gate: nothing past it is requested.
     for key in DOWNSTREAM:
         _materialize(instance, key, blocking[key])
     settled = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=result.cursor)
+    assert settled.total_requested == 0
+
+    # A new aligned model that passes evaluation is exported and considered for promotion...
+    _materialize(instance, "aligned_model")
+    _materialize(instance, "evaluation", blocking["evaluation"])
+    passing = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=settled.cursor)
+    assert passing.get_num_requested(dg.AssetKey("onnx_model")) == 1
+    assert passing.get_num_requested(dg.AssetKey("champion_model")) == 1
+    for key in ("onnx_model", "champion_model", "lifecycle_report"):
+        _materialize(instance, key, blocking[key])
+    settled = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=passing.cursor)
+
+    # ...one that fails its threshold gate is not: nothing past the gate is requested.
+    _materialize(instance, "aligned_model")
     _materialize(instance, "evaluation", {**blocking["evaluation"], "meets_thresholds": False})
     gated = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=settled.cursor)
     for key in ("onnx_model", "champion_model", "lifecycle_report"):

@@ -198,7 +198,7 @@ def test_registry_holds_candidate_and_champion(lifecycle_run, instance):
     assert meta(instance, "champion_model")["onnx_champion"] == onnx["registered_version"]
 
 
-def test_serve_answers_with_the_champion(lifecycle_run, instance):
+def test_serve_answers_with_the_champion(lifecycle_run, instance, tmp_path):
     """`lifecycle serve` loads the champion from the registry, answers, and refuses bad requests."""
     import socket
     import subprocess
@@ -211,17 +211,18 @@ def test_serve_answers_with_the_champion(lifecycle_run, instance):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cli = Path(sys.executable).parent / "lifecycle"
-    proc = subprocess.Popen(
-        [str(cli), "serve", "--profile", "tiny", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(cli), "serve", "--profile", "tiny", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, log.read_text()
             try:
                 health = requests.get(f"{url}/health", timeout=2).json()
                 break

@@ -33,16 +33,26 @@ STARTED_TAG = "lifecycle/started_at"  # epoch seconds attempt 1 of the experimen
 VERDICT_RUN_TAG = "lifecycle/verdict_run"  # the Dagster run whose failed verdict this escalates
 OWNERS = ["team:ml-platform"]
 
+
 # Downstream of the data: re-run when an upstream asset is updated (new data, a new base model),
 # never while one is missing or in progress, and never past an upstream blocking check that failed.
 # Assets that need dynamic config (the escalated attempts) are launched by the re-adaptation sensor.
-FOLLOWS_UPSTREAM = (
-    dg.AutomationCondition.any_deps_updated().since_last_handled()
-    & ~dg.AutomationCondition.any_deps_missing()
-    & ~dg.AutomationCondition.any_deps_in_progress()
-    & ~dg.AutomationCondition.in_progress()
-    & dg.AutomationCondition.all_deps_blocking_checks_passed()
-).with_label("follows upstream")
+def follows_upstream(*ignoring: str) -> dg.AutomationCondition:
+    """Re-run when an upstream asset (other than ``ignoring``) is updated, never while one is
+    missing or in progress, and never past an upstream blocking check that failed."""
+    updated = dg.AutomationCondition.any_deps_updated()
+    if ignoring:
+        updated = updated.ignore(dg.AssetSelection.assets(*ignoring))
+    return (
+        updated.since_last_handled()
+        & ~dg.AutomationCondition.any_deps_missing()
+        & ~dg.AutomationCondition.any_deps_in_progress()
+        & ~dg.AutomationCondition.in_progress()
+        & dg.AutomationCondition.all_deps_blocking_checks_passed()
+    ).with_label("follows upstream")
+
+
+FOLLOWS_UPSTREAM = follows_upstream()
 
 
 def attempt_of(context) -> int:
@@ -71,6 +81,17 @@ def upstream(context, store: ArtifactStore, asset: str) -> Path:
 def upstream_metadata(context, asset: str) -> dict:
     """Metadata of the materialization ``upstream`` would resolve (this run's, else usable)."""
     record = select_record(context.instance, asset, context.run.run_id)
+    if record is None:
+        return {}
+    return {k: v.value for k, v in record.asset_materialization.metadata.items()}
+
+
+def newest_metadata(context, asset: str) -> dict:
+    """Metadata of this run's materialization of ``asset``, else of the newest one, usable or not
+    (a gate reads the latest verdict, not the last good one)."""
+    records = context.instance.fetch_materializations(dg.AssetKey(asset), limit=50).records
+    record = next((r for r in records if r.run_id == context.run.run_id), None)
+    record = record or (records[0] if records else None)
     if record is None:
         return {}
     return {k: v.value for k, v in record.asset_materialization.metadata.items()}

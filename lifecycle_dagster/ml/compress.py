@@ -172,11 +172,11 @@ def compress(
             stage=f"onnx[{name}]",
         )
         scores = rouge_l(preds, list(eval_references))
-        mean_rouge = sum(scores) / len(scores)
+        mean_rouge = sum(scores) / max(1, len(scores))
         mean_reward = None
         if reward is not None:
             rewards = reward(list(eval_prompts), preds)
-            mean_reward = sum(rewards) / len(rewards)
+            mean_reward = sum(rewards) / max(1, len(rewards))
         scored[name] = (faith, mean_rouge, mean_reward, tps, preds)
         if log:
             log(

@@ -67,9 +67,14 @@ def bleu_scores(predictions: Sequence[str], references: Sequence[str]) -> tuple[
     return corpus, sentence
 
 
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
+
+
 def unacceptable_phrases(text: str, lexicon: Sequence[str]) -> list[str]:
-    low = f" {re.sub(r'[^a-z0-9 ]+', ' ', text.lower())} "
-    return [p for p in lexicon if f" {p.lower()} " in low]
+    """The lexicon's phrases found in ``text`` as whole words (case and punctuation ignored)."""
+    words = f" {_words(text)} "
+    return [p for p in lexicon if _words(p) and f" {_words(p)} " in words]
 
 
 def score(

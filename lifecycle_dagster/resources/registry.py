@@ -86,10 +86,13 @@ class ModelRegistry:
         min_improvement: float = 0.0,
         blocked: str = "",
         tags: dict[str, str] | None = None,
+        follow: Promotion | None = None,
     ) -> Promotion:
         """Make ``version`` the champion if it passed evaluation, nothing ``blocked`` it (a reason,
         e.g. a regression) and it beats the current champion on ``metric`` by more than
-        ``min_improvement``; otherwise leave the champion where it is. ``tags`` go on the version."""
+        ``min_improvement``; otherwise leave the champion where it is. ``tags`` go on the version.
+        With ``follow``, the decision taken for another model is applied (the ONNX artifact follows
+        the aligned model it was exported from, so both champions are the same model)."""
         current = self.by_alias(name, CHAMPION)
         previous_value = None
         if current is not None and f"metric.{metric}" in current.tags:
@@ -104,7 +107,13 @@ class ModelRegistry:
             previous_version=str(current.version) if current is not None else None,
             previous_value=previous_value,
         )
-        if not passed:
+        if current is not None and str(current.version) == str(version):
+            result.reason = f"v{version} is already the champion"
+            return result
+        if follow is not None:
+            result.promoted = follow.promoted
+            result.reason = f"follows {follow.name} v{follow.version}: {follow.reason}"
+        elif not passed:
             result.reason = "evaluation did not pass"
         elif blocked:
             result.reason = blocked

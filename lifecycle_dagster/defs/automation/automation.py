@@ -133,17 +133,19 @@ def changed_datasets(instance: dg.DagsterInstance, hashes: dict) -> tuple[list[s
 
     ``hashes`` caches file digests by (size, mtime) so a tick re-reads only files that moved."""
     use_case = select_record(instance, "use_case")
-    if use_case is None:
+    try:
+        path = Path(str(use_case.asset_materialization.metadata["artifact_path"].value))
+        uc = UseCase.model_validate_json((path / "use_case.json").read_text())
+    except (AttributeError, KeyError, OSError, ValueError):
         return [], []
-    path = Path(str(use_case.asset_materialization.metadata["artifact_path"].value))
-    uc = UseCase.model_validate_json((path / "use_case.json").read_text())
     changed, why = [], []
     for asset, files in DATA_FILES.items():
         record = select_record(instance, asset)
-        if record is None:
-            continue
-        snapshot = Path(str(record.asset_materialization.metadata["artifact_path"].value))
-        manifest = read_manifest(snapshot)["files"]
+        try:
+            snapshot = Path(str(record.asset_materialization.metadata["artifact_path"].value))
+            manifest = read_manifest(snapshot)["files"]
+        except (AttributeError, KeyError, OSError, ValueError):
+            continue  # never materialized, or its snapshot is gone: nothing to compare with
         for field, name in files.items():
             source = Path(getattr(uc.data, field))
             if not source.is_file() or name not in manifest:
@@ -154,7 +156,9 @@ def changed_datasets(instance: dg.DagsterInstance, hashes: dict) -> tuple[list[s
             hashes[key] = digest
             if digest != manifest[name]["sha256"]:
                 changed.append(asset)
-                why.append(f"{source.name} changed (sha256 {digest[:12]})")
+                why.append(
+                    f"{source.name} changed (sha256 {digest[:12]}, snapshot {record.storage_id})"
+                )
                 break
     return changed, why
 

@@ -6,12 +6,12 @@ from pathlib import Path
 import dagster as dg
 
 from lifecycle_dagster.lib.stage import (
-    FOLLOWS_UPSTREAM,
     OWNERS,
+    follows_upstream,
     md_table,
+    newest_metadata,
     stage,
     upstream,
-    upstream_metadata,
 )
 from lifecycle_dagster.ml.compress import CompressConfig, QualityBudget, compress
 from lifecycle_dagster.ml.data import eval_rows, prompts_for, read_rows, references
@@ -33,7 +33,8 @@ CHECKS = {
 
 @dg.asset(
     group_name="compression",
-    automation_condition=FOLLOWS_UPSTREAM,
+    # A new aligned model is exported; a re-evaluation of the same one (the daily schedule) is not.
+    automation_condition=follows_upstream("evaluation", "task_dataset", "reward_model"),
     kinds={"onnx", "mlflow"},
     owners=OWNERS,
     code_version="2",
@@ -55,8 +56,9 @@ def onnx_model(
         uc, c = st.use_case, st.use_case.compression
         # The comparison runs where onnxruntime runs: PyTorch on CPU in fp32.
         runtime = select_runtime("cpu", uc.compute.torch_threads, uc.compute.ort_threads)
-        # Export exactly the candidate that evaluation passed, never a newer, unjudged one.
-        verdict = upstream_metadata(context, "evaluation")
+        # Export exactly the candidate the newest evaluation passed, never a newer, unjudged one,
+        # and nothing at all while the newest verdict is a failure.
+        verdict = newest_metadata(context, "evaluation")
         if verdict.get("verdict") != "pass":
             raise dg.Failure(
                 "onnx_model: no passing evaluation to export (latest verdict: "
@@ -146,7 +148,9 @@ def onnx_model(
                 "onnx_bytes": chosen.bytes,
                 "size_ratio": torch_bytes / max(1, chosen.bytes),
                 "ort_tokens_per_s": chosen.tokens_per_s,
-                "speedup": chosen.tokens_per_s / max(1e-9, fp32.faithfulness.torch_tokens_per_s),
+                # Both rates on the same check prompts and token budget, batch 1.
+                "speedup": chosen.faithfulness.ort_tokens_per_s
+                / max(1e-9, chosen.faithfulness.torch_tokens_per_s),
                 "onnx_rouge_l": chosen.rouge_l,
                 "onnx_mean_reward": chosen.mean_reward,
                 "rouge_l_drop": chosen.rouge_l_drop,
@@ -173,6 +177,7 @@ def onnx_model(
                 "policy": c.policy,
                 "registered_model": registered,
                 "registered_version": version,
+                "source_model": str(source),
                 "variants": dg.MetadataValue.md(md_table(rows)),
                 "deploy_path": dg.MetadataValue.path(
                     str(st.target / result.selected) if result.selected else ""

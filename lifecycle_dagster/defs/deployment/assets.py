@@ -3,10 +3,18 @@
 its gates and beats the current champion on the use case's primary metric."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 
-from lifecycle_dagster.lib.stage import FOLLOWS_UPSTREAM, OWNERS, md_table, stage, upstream_metadata
+from lifecycle_dagster.lib.stage import (
+    FOLLOWS_UPSTREAM,
+    OWNERS,
+    md_table,
+    newest_metadata,
+    stage,
+    upstream_metadata,
+)
 from lifecycle_dagster.resources.artifacts import USABLE_KEY, ArtifactStore
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 from lifecycle_dagster.resources.registry import CHAMPION
@@ -29,7 +37,7 @@ def champion_model(
     on its ONNX artifact, moved only when the candidate passed and beats the current champion."""
     with stage(context, "champion_model", artifact_store, mlflow_tracking) as st:
         metric = st.use_case.evaluation.primary_metric
-        verdict = upstream_metadata(context, "evaluation")
+        verdict = newest_metadata(context, "evaluation")
         onnx = upstream_metadata(context, "onnx_model")
         if not verdict.get("candidate_version") or not onnx.get("registered_version"):
             raise dg.Failure("champion_model: the candidate has no registered version to promote")
@@ -44,26 +52,29 @@ def champion_model(
             "evaluation.suite": str(verdict.get("suite", "")),
         }
         registry = mlflow_tracking.registry()
-        decisions = [
-            registry.promote(
-                verdict["candidate_model"],
-                verdict["candidate_version"],
-                metric=metric,
-                value=float(verdict[f"aligned_{metric}"]),
-                passed=passed,
-                blocked=blocked,
-                tags=evaluated,
-            ),
-            registry.promote(
-                onnx["registered_model"],
-                onnx["registered_version"],
-                metric=metric,
-                value=float(onnx.get(f"onnx_{metric}", verdict[f"aligned_{metric}"])),
-                passed=passed,
-                blocked=blocked,
-                tags=evaluated,
-            ),
-        ]
+        if onnx.get("source_model") != str(Path(verdict["candidate_path"]) / "model"):
+            blocked = blocked or "the ONNX artifact was exported from another candidate"
+        aligned = registry.promote(
+            verdict["candidate_model"],
+            verdict["candidate_version"],
+            metric=metric,
+            value=float(verdict[f"aligned_{metric}"]),
+            passed=passed,
+            blocked=blocked,
+            tags=evaluated,
+        )
+        # The ONNX artifact is promoted with the model it was exported from, never on its own.
+        exported = registry.promote(
+            onnx["registered_model"],
+            onnx["registered_version"],
+            metric=metric,
+            value=float(onnx.get(f"onnx_{metric}", verdict[f"aligned_{metric}"])),
+            passed=passed,
+            blocked=blocked,
+            tags=evaluated,
+            follow=aligned,
+        )
+        decisions = [aligned, exported]
         rows = [
             {
                 "model": d.name,
