@@ -193,9 +193,14 @@ def test_registry_holds_candidate_and_champion(lifecycle_run, instance):
         assert registry.aliases(name) == {"candidate": version, "champion": version}
         mv = registry.by_alias(name, "champion")
         assert mv.tags["dagster.run_id"] == lifecycle_run.run_id
-        assert mv.tags["promotion"] == "first champion"
+        assert mv.tags["promotion"].endswith("first champion")
         assert "metric.rouge_l" in mv.tags
     assert meta(instance, "champion_model")["onnx_champion"] == onnx["registered_version"]
+    # The ONNX artifact is promoted with the aligned model it was exported from.
+    onnx_champion = registry.by_alias(onnx["registered_model"], "champion")
+    assert onnx_champion.tags["promotion"] == (
+        f"follows {aligned['registered_model']} v{aligned['registered_version']}: first champion"
+    )
 
 
 def test_serve_answers_with_the_champion(lifecycle_run, instance, tmp_path):
