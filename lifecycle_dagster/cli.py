@@ -87,14 +87,21 @@ def summary_rows(instance, result) -> list[dict]:
     return rows
 
 
+def table_lines(rows: list[dict], cols: list[str], indent: str = "") -> list[str]:
+    """Columns padded to their widest cell: a header line, then one line per row."""
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    return [
+        indent + "  ".join(str(r[c]).ljust(widths[c]) for c in cols)
+        for r in [{c: c for c in cols}, *rows]
+    ]
+
+
 def print_table(rows: list[dict], file=sys.stdout) -> None:
-    cols = ["stage", "status", "duration", "metrics", "artifact"]
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-    line = "  ".join(c.ljust(widths[c]) for c in cols)
-    print(line, file=file)
-    print("-" * len(line), file=file)
-    for r in rows:
-        print("  ".join(r[c].ljust(widths[c]) for c in cols), file=file)
+    header, *body = table_lines(rows, ["stage", "status", "duration", "metrics", "artifact"])
+    print(header, file=file)
+    print("-" * len(header), file=file)
+    for line in body:
+        print(line, file=file)
     urls = [(r["stage"], r["mlflow"]) for r in rows if r["mlflow"] != "-"]
     if urls:
         print("\nMLflow runs:", file=file)
@@ -247,11 +254,7 @@ def cmd_experiments(args) -> int:
         if not rows:
             print("  no evaluated attempt yet")
             continue
-        cols = list(rows[0])
-        widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-        print("  " + "  ".join(c.ljust(widths[c]) for c in cols))
-        for r in rows:
-            print("  " + "  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+        print("\n".join(table_lines(rows, list(rows[0]), indent="  ")))
     return 0
 
 

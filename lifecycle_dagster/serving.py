@@ -73,7 +73,6 @@ class ServedModel:
     serving: dict
     generator: GenaiGenerator
     tokenizer: object
-    context_length: int
 
     @classmethod
     def from_registry(
@@ -107,7 +106,6 @@ class ServedModel:
             serving=json.loads((Path(artifact) / SERVING_FILE).read_text()),
             generator=generator,
             tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")),
-            context_length=generator.context_length,
         )
 
     def prompt_for(self, request: GenerateRequest) -> str:
@@ -121,10 +119,10 @@ class ServedModel:
         prompt = self.prompt_for(request)
         max_new = request.max_new_tokens or int(self.serving.get("max_new_tokens", 32))
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        if len(ids) + max_new > self.context_length:
+        if len(ids) + max_new > self.generator.context_length:
             raise RequestError(
                 f"prompt is {len(ids)} tokens; with max_new_tokens {max_new} it exceeds the "
-                f"model's context of {self.context_length} tokens"
+                f"model's context of {self.generator.context_length} tokens"
             )
         start = time.perf_counter()
         out = self.generator.generate(ids, max_new)
@@ -171,7 +169,7 @@ def build_app(model: ServedModel):
             "alias": model.alias,
             "variant": model.variant,
             "use_case": model.serving.get("use_case"),
-            "context_length": model.context_length,
+            "context_length": model.generator.context_length,
         }
 
     @app.post("/generate", response_model=GenerateResponse)

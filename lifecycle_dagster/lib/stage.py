@@ -80,10 +80,7 @@ def upstream(context, store: ArtifactStore, asset: str) -> Path:
 
 def upstream_metadata(context, asset: str) -> dict:
     """Metadata of the materialization ``upstream`` would resolve (this run's, else usable)."""
-    record = select_record(context.instance, asset, context.run.run_id)
-    if record is None:
-        return {}
-    return {k: v.value for k, v in record.asset_materialization.metadata.items()}
+    return _metadata(select_record(context.instance, asset, context.run.run_id))
 
 
 def newest_metadata(context, asset: str) -> dict:
@@ -91,7 +88,10 @@ def newest_metadata(context, asset: str) -> dict:
     (a gate reads the latest verdict, not the last good one)."""
     records = context.instance.fetch_materializations(dg.AssetKey(asset), limit=50).records
     record = next((r for r in records if r.run_id == context.run.run_id), None)
-    record = record or (records[0] if records else None)
+    return _metadata(record or (records[0] if records else None))
+
+
+def _metadata(record) -> dict:
     if record is None:
         return {}
     return {k: v.value for k, v in record.asset_materialization.metadata.items()}
