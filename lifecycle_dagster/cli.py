@@ -114,7 +114,7 @@ def cmd_run(args) -> int:
     import dagster as dg
 
     from lifecycle_dagster.definitions import defs
-    from lifecycle_dagster.lib.stage import PROFILE_TAG, USE_CASE_TAG
+    from lifecycle_dagster.lib.stage import PROFILE_TAG, USE_CASE_TAG, USE_CASES
     from lifecycle_dagster.ml.errors import InputError
     from lifecycle_dagster.ml.usecase import load_use_case
 
@@ -131,11 +131,18 @@ def cmd_run(args) -> int:
         return 2
     instance = dg.DagsterInstance.get()
     job = defs().resolve_job_def("lifecycle_job")
-    print(f"lifecycle: profile {args.profile}, state in {settings.state_home()}", flush=True)
+    # The use case is the partition: its runs, lineage and history stay apart from other use cases'.
+    instance.add_dynamic_partitions(USE_CASES.name, [uc.name])
+    print(
+        f"lifecycle: use case {uc.name} (partition), profile {args.profile}, "
+        f"state in {settings.state_home()}",
+        flush=True,
+    )
     start = time.monotonic()
     result = job.execute_in_process(
         run_config=run_config(args.profile, args.config, args.override),
         instance=instance,
+        partition_key=uc.name,
         tags={PROFILE_TAG: args.profile, USE_CASE_TAG: uc.name},
         raise_on_error=False,
     )

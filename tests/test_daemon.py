@@ -23,6 +23,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 600
 OVERRIDES = "{evaluation: {thresholds: {rouge_l: {min: 0.4}}}}"
+UC = "dialogue_summarisation"  # the use case, hence the partition
 
 
 def free_port() -> int:
@@ -32,7 +33,8 @@ def free_port() -> int:
 
 
 def evaluations(instance) -> list[dict]:
-    records = instance.fetch_materializations(dg.AssetKey("evaluation"), limit=20).records
+    where = dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation"), asset_partitions=[UC])
+    records = instance.fetch_materializations(where, limit=20).records
     out = []
     for r in sorted(records, key=lambda r: r.storage_id):
         meta = {k: v.value for k, v in r.event_log_entry.asset_materialization.metadata.items()}
@@ -128,12 +130,13 @@ def test_daemon_escalates_a_shortfall_once_and_stops(deployment):
 
     wait_for("the webserver", webserver_up, proc, deadline, log)
     client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+    instance = dg.DagsterInstance.from_config(str(deployment["home"]))
+    instance.add_dynamic_partitions("use_cases", [UC])  # what `lifecycle run` does first
     first = client.submit_job_execution(
         "lifecycle_job",
         run_config={"ops": {"use_case": {"config": {"profile": "tiny", "overrides": OVERRIDES}}}},
-        tags={"lifecycle/profile": "tiny"},
+        tags={"lifecycle/profile": "tiny", "dagster/partition": UC},
     )
-    instance = dg.DagsterInstance.from_config(str(deployment["home"]))
 
     # 1. Attempt 1 runs from the queue and evaluation records a failed verdict.
     def verdict_of_first():
@@ -158,6 +161,7 @@ def test_daemon_escalates_a_shortfall_once_and_stops(deployment):
     assert second.job_name == "adaptation_job"
     assert second.tags["dagster/sensor_name"] == "readaptation_sensor"
     assert second.tags["lifecycle/verdict_run"] == first
+    assert second.tags["dagster/partition"] == UC
     assert "attempt 1 failed rouge_l" in second.tags["lifecycle/reason"]
     sft = second.run_config["ops"]["sft_adapter"]["config"]
     assert sft["lora_r"] == 16

@@ -4,6 +4,7 @@ blocking check)."""
 
 import json
 import shutil
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -12,6 +13,7 @@ import pytest
 from lifecycle_dagster.definitions import defs
 from lifecycle_dagster.ml.usecase import load_use_case
 
+UC = "dialogue_summarisation"
 DOWNSTREAM = [
     "prompt_baseline",
     "sft_adapter",
@@ -28,6 +30,7 @@ DOWNSTREAM = [
 def instance(tmp_path):
     (tmp_path / "dagster").mkdir()
     with dg.DagsterInstance.local_temp(str(tmp_path / "dagster")) as inst:
+        inst.add_dynamic_partitions("use_cases", [UC])
         yield inst
 
 
@@ -48,6 +51,7 @@ def test_changed_data_file_requests_its_dataset(tmp_path, instance):
     d = defs()
     d.resolve_job_def("lifecycle_job").execute_in_process(
         instance=instance,
+        partition_key=UC,
         asset_selection=[
             dg.AssetKey(k) for k in ("use_case", "task_dataset", "preference_dataset")
         ],
@@ -71,19 +75,36 @@ def test_changed_data_file_requests_its_dataset(tmp_path, instance):
     assert len(changed.run_requests) == 1
     request = changed.run_requests[0]
     assert request.asset_selection == [dg.AssetKey("task_dataset")]
+    assert request.partition_key == UC
     assert "train.jsonl changed" in request.tags["lifecycle/reason"]
 
 
 def _materialize(instance, key: str, checks: dict[str, bool] | None = None) -> None:
-    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key))
+    """A materialization of ``key`` (partition UC) and its check results, as one run would record
+    them. Each call gets its own run id: the event log keys check executions by run and partition,
+    so runless partitioned check results would collide."""
+    from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
+
+    run_id = str(uuid.uuid4())
+    events = [
+        (
+            DagsterEventType.ASSET_MATERIALIZATION,
+            StepMaterializationData(dg.AssetMaterialization(asset_key=key, partition=UC)),
+        )
+    ]
     for name, passed in (checks or {}).items():
-        instance.report_runless_asset_event(
-            dg.AssetCheckEvaluation(
-                asset_key=dg.AssetKey(key),
-                check_name=name,
-                passed=passed,
-                severity=dg.AssetCheckSeverity.ERROR,
-            )
+        evaluation = dg.AssetCheckEvaluation(
+            asset_key=dg.AssetKey(key),
+            check_name=name,
+            partition=UC,
+            passed=passed,
+            severity=dg.AssetCheckSeverity.ERROR,
+        )
+        events.append((DagsterEventType.ASSET_CHECK_EVALUATION, evaluation))
+    for kind, data in events:
+        instance.report_dagster_event(
+            DagsterEvent(event_type_value=kind.value, event_specific_data=data, job_name="test"),
+            run_id=run_id,
         )
 
 

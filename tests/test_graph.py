@@ -12,7 +12,9 @@ from mlflow.tracking import MlflowClient
 from lifecycle_dagster import settings
 from lifecycle_dagster.definitions import defs
 from lifecycle_dagster.ml.artifacts import verify
+from lifecycle_dagster.resources.artifacts import records_of
 
+UC = "dialogue_summarisation"  # the use case, hence the partition, of every run here
 ASSETS = [
     "use_case",
     "task_dataset",
@@ -39,6 +41,7 @@ def instance(tmp_path_factory):
     with dg.DagsterInstance.local_temp(
         str(tmp_path_factory.mktemp("dagster")), overrides={"telemetry": {"enabled": False}}
     ) as inst:
+        inst.add_dynamic_partitions("use_cases", [UC])
         yield inst
 
 
@@ -47,19 +50,24 @@ def lifecycle_run(definitions, instance):
     job = definitions.resolve_job_def("lifecycle_job")
     result = job.execute_in_process(
         instance=instance,
+        partition_key=UC,
         raise_on_error=False,
         run_config={"ops": {"use_case": {"config": {"profile": "tiny"}}}},
     )
     return result
 
 
-def meta(instance, asset: str) -> dict:
-    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+def latest(instance, asset: str, use_case: str = UC):
+    return records_of(instance, asset, use_case, limit=1)[0]
 
 
-def latest_storage_id(instance, asset: str) -> int:
-    return instance.fetch_materializations(dg.AssetKey(asset), limit=1).records[0].storage_id
+def meta(instance, asset: str, use_case: str = UC) -> dict:
+    record = latest(instance, asset, use_case)
+    return {k: v.value for k, v in record.asset_materialization.metadata.items()}
+
+
+def latest_storage_id(instance, asset: str, use_case: str = UC) -> int:
+    return latest(instance, asset, use_case).storage_id
 
 
 def test_every_asset_materialized_and_every_check_passed(lifecycle_run):
@@ -79,10 +87,11 @@ def test_every_asset_materialized_and_every_check_passed(lifecycle_run):
 
 def test_artifacts_are_complete_and_versioned(lifecycle_run, instance):
     for asset in ASSETS:
-        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-        m = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+        materialization = latest(instance, asset).asset_materialization
+        m = {k: v.value for k, v in materialization.metadata.items()}
         manifest = verify(Path(m["artifact_path"]))
-        assert event.asset_materialization.tags["dagster/data_version"] == manifest["version"]
+        assert Path(m["artifact_path"]).parent == settings.artifacts_root() / UC / asset
+        assert materialization.tags["dagster/data_version"] == manifest["version"]
         assert m["mlflow_run"].startswith("http://127.0.0.1:5000/#/experiments/")
     assert not list(settings.artifacts_root().rglob(".tmp-*"))
 
@@ -297,6 +306,7 @@ def test_bad_data_stops_the_run_before_training_and_keeps_last_good(
     layer.write_text(f"data:\n  train: {data / 'train.jsonl'}\n")
     result = definitions.resolve_job_def("lifecycle_job").execute_in_process(
         instance=instance,
+        partition_key=UC,
         raise_on_error=False,
         run_config={
             "ops": {"use_case": {"config": {"profile": "tiny", "use_case_file": str(layer)}}}
@@ -316,9 +326,45 @@ def test_bad_data_stops_the_run_before_training_and_keeps_last_good(
     # Restore the good use case for the tests that follow.
     definitions.resolve_job_def("lifecycle_job").execute_in_process(
         instance=instance,
+        partition_key=UC,
         asset_selection=[dg.AssetKey("use_case"), dg.AssetKey("task_dataset")],
         run_config={"ops": {"use_case": {"config": {"profile": "tiny"}}}},
     )
+
+
+def test_a_second_use_case_is_a_partition_of_its_own(lifecycle_run, definitions, instance):
+    """Two use cases in one deployment: each is a partition with its own artifacts and history,
+    and a use case launched under another's partition is refused."""
+    other = "meeting_minutes"
+    instance.add_dynamic_partitions("use_cases", [other])
+    before = {a: latest_storage_id(instance, a) for a in ("use_case", "task_dataset")}
+    job = definitions.resolve_job_def("lifecycle_job")
+    tiny = {"ops": {"use_case": {"config": {"profile": "tiny"}}}}
+    wrong = job.execute_in_process(
+        instance=instance,
+        partition_key=other,
+        asset_selection=[dg.AssetKey("use_case")],
+        run_config=tiny,
+        raise_on_error=False,
+    )
+    assert not wrong.success
+    failure = next(e for e in wrong.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error.to_string()
+    assert f"named '{UC}'" in message and f"partition '{other}'" in message
+
+    tiny["ops"]["use_case"]["config"]["overrides"] = f"{{name: {other}}}"
+    job.execute_in_process(
+        instance=instance,
+        partition_key=other,
+        asset_selection=[dg.AssetKey("use_case"), dg.AssetKey("task_dataset")],
+        run_config=tiny,
+    )
+    m = meta(instance, "task_dataset", other)
+    assert Path(m["artifact_path"]).parent == settings.artifacts_root() / other / "task_dataset"
+    assert meta(instance, "use_case", other)["name"] == other
+    # The first use case's history is untouched, and its consumers still resolve its artifacts.
+    assert {a: latest_storage_id(instance, a) for a in before} == before
+    assert meta(instance, "use_case")["name"] == UC
 
 
 def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
@@ -330,6 +376,7 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
     job = definitions.resolve_job_def("lifecycle_job")
     job.execute_in_process(
         instance=instance,
+        partition_key=UC,
         asset_selection=[dg.AssetKey("use_case")],
         run_config={
             "ops": {
@@ -343,7 +390,7 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
         },
     )
     adaptation = definitions.resolve_job_def("adaptation_job")
-    first = adaptation.execute_in_process(instance=instance, raise_on_error=False)
+    first = adaptation.execute_in_process(instance=instance, partition_key=UC, raise_on_error=False)
     assert meta(instance, "evaluation")["verdict"] == "fail"
     assert not any(
         e.materialization.asset_key.to_user_string() == "onnx_model"
@@ -358,7 +405,11 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
     assert request.run_config["ops"]["sft_adapter"]["config"]["lora_r"] == 16
 
     second = adaptation.execute_in_process(
-        instance=instance, run_config=request.run_config, tags=request.tags, raise_on_error=False
+        instance=instance,
+        partition_key=UC,
+        run_config=request.run_config,
+        tags=request.tags,
+        raise_on_error=False,
     )
     assert second.success
     m = meta(instance, "evaluation")

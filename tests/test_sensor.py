@@ -7,11 +7,22 @@ import pytest
 
 from lifecycle_dagster.defs.automation.automation import readaptation_sensor
 
+UC = "dialogue_summarisation"
 
-def verdict(instance, *, passed: bool, attempt: int, escalation: dict | None, max_attempts=3):
+
+def verdict(
+    instance,
+    *,
+    passed: bool,
+    attempt: int,
+    escalation: dict | None,
+    max_attempts=3,
+    use_case=UC,
+):
     instance.report_runless_asset_event(
         dg.AssetMaterialization(
             asset_key="evaluation",
+            partition=use_case,
             metadata={
                 "verdict": "pass" if passed else "fail",
                 "attempt": attempt,
@@ -61,6 +72,7 @@ def test_shortfall_requests_the_escalated_run(instance):
     assert len(result.run_requests) == 1
     request = result.run_requests[0]
     assert request.run_key.startswith("readapt-")
+    assert request.partition_key == UC and request.tags["lifecycle/use_case"] == UC
     assert request.tags["lifecycle/attempt"] == "2"
     assert "rouge_l" in request.tags["lifecycle/reason"]
     config = request.run_config["ops"]["sft_adapter"]["config"]
@@ -85,6 +97,23 @@ def test_same_verdict_twice_gives_one_run(instance):
     assert len(first.run_requests) == 1
     second, _ = tick(instance, cursor)
     assert isinstance(second, dg.SkipReason) and "no new verdict" in second.skip_message
+
+
+def test_each_use_case_gets_its_own_decision(instance):
+    """Two use cases in one deployment: each newest verdict is decided in its own partition, and
+    an older verdict of the same use case is superseded by its newer one."""
+    escalate = {"attempt": 2, "sft_adapter": {"method": "full"}}
+    verdict(instance, passed=False, attempt=1, escalation=escalate, use_case="support_triage")
+    verdict(instance, passed=False, attempt=1, escalation=escalate)
+    verdict(instance, passed=True, attempt=2, escalation=None, use_case="support_triage")
+    result, cursor = tick(instance)
+    assert [(r.partition_key, r.tags["lifecycle/attempt"]) for r in result.run_requests] == [
+        (UC, "2")
+    ]
+    nothing, _ = tick(instance, cursor)
+    assert "no new verdict" in nothing.skip_message
+    assert "support_triage: verdict pass at attempt 2" in nothing.skip_message
+    assert f"{UC}: attempt 1 failed rouge_l" in nothing.skip_message
 
 
 def test_cap_holds_when_attempts_are_spent(instance):

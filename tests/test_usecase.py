@@ -111,3 +111,20 @@ def test_missing_data_file_names_field(tmp_path):
 def test_unknown_profile():
     with pytest.raises(InputError, match="unknown profile 'nope'"):
         load_use_case(profile="nope")
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"adaptation": {"method": "prompt_tuning"}}, "adaptation.method"),
+        (
+            {"readaptation": {"ladder": [{"method": "lora"}, {"method": "prompt_tuning"}]}},
+            "readaptation.ladder.1.method",
+        ),
+    ],
+)
+def test_a_rung_the_graph_cannot_align_or_export_is_refused_up_front(overrides, field):
+    with pytest.raises(InputError) as err:
+        load_use_case(profile="tiny", overrides=overrides)
+    assert err.value.field == field
+    assert "cannot be merged" in str(err.value)

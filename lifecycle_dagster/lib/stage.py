@@ -20,6 +20,7 @@ from lifecycle_dagster.resources.artifacts import (
     PATH_KEY,
     USABLE_KEY,
     ArtifactStore,
+    records_of,
     select_record,
 )
 from lifecycle_dagster.resources.mlflow import MlflowTracking, StageRun
@@ -32,6 +33,12 @@ USE_CASE_TAG = "lifecycle/use_case"
 STARTED_TAG = "lifecycle/started_at"  # epoch seconds attempt 1 of the experiment started
 VERDICT_RUN_TAG = "lifecycle/verdict_run"  # the Dagster run whose failed verdict this escalates
 OWNERS = ["team:ml-platform"]
+
+# One partition per use case: each experiment keeps its own lineage and materialization history,
+# and two use cases in one deployment never read each other's artifacts. A partition is added
+# when a use case is first launched (`lifecycle run`, or "Add partition" in the UI); attempts
+# within it are runs tagged with ATTEMPT_TAG.
+USE_CASES = dg.DynamicPartitionsDefinition(name="use_cases")
 
 
 # Downstream of the data: re-run when an upstream asset is updated (new data, a new base model),
@@ -69,24 +76,35 @@ def attempt_of(context) -> int:
     return int(upstream_metadata(context, "sft_adapter").get("attempt", 1))
 
 
+def use_case_key(context) -> str | None:
+    """The use case this materialization belongs to: its partition key (None if unpartitioned)."""
+    try:
+        return context.partition_key if context.has_partition_key else None
+    except (AttributeError, dg.DagsterInvariantViolationError):
+        return None
+
+
 def load_use_case(context, store: ArtifactStore) -> UseCase:
-    path = store.latest(context.instance, "use_case", run_id=context.run.run_id)
-    return UseCase.model_validate_json((path / "use_case.json").read_text())
+    return UseCase.model_validate_json(
+        (upstream(context, store, "use_case") / "use_case.json").read_text()
+    )
 
 
 def upstream(context, store: ArtifactStore, asset: str) -> Path:
-    return store.latest(context.instance, asset, run_id=context.run.run_id)
+    return store.latest(context.instance, asset, context.run.run_id, use_case_key(context))
 
 
 def upstream_metadata(context, asset: str) -> dict:
     """Metadata of the materialization ``upstream`` would resolve (this run's, else usable)."""
-    return _metadata(select_record(context.instance, asset, context.run.run_id))
+    return _metadata(
+        select_record(context.instance, asset, context.run.run_id, use_case_key(context))
+    )
 
 
 def newest_metadata(context, asset: str) -> dict:
     """Metadata of this run's materialization of ``asset``, else of the newest one, usable or not
     (a gate reads the latest verdict, not the last good one)."""
-    records = context.instance.fetch_materializations(dg.AssetKey(asset), limit=50).records
+    records = records_of(context.instance, asset, use_case_key(context))
     record = next((r for r in records if r.run_id == context.run.run_id), None)
     return _metadata(record or (records[0] if records else None))
 
@@ -289,7 +307,7 @@ def stage(
             name=name,
             use_case=uc,
             run=run,
-            target=store.target(name, context.run.run_id),
+            target=store.target(name, context.run.run_id, use_case_key(context)),
             tracking=mlflow,
         )
 

@@ -34,10 +34,12 @@ class ArtifactStore(dg.ConfigurableResource):
     def _root(self) -> Path:
         return Path(self.root) if self.root else settings.artifacts_root()
 
-    def target(self, asset: str, run_id: str) -> Path:
-        """Where one materialization of ``asset`` goes (a new directory per run)."""
+    def target(self, asset: str, run_id: str, use_case: str | None = None) -> Path:
+        """Where one materialization of ``asset`` goes: a new directory per run, under its use
+        case (the asset's partition) when it has one."""
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        return self._root() / asset / f"{stamp}-{run_id[:8]}"
+        root = self._root() / use_case if use_case else self._root()
+        return root / asset / f"{stamp}-{run_id[:8]}"
 
     @contextlib.contextmanager
     def write(self, target: Path, extra: dict | None = None) -> Iterator[Path]:
@@ -45,23 +47,30 @@ class ArtifactStore(dg.ConfigurableResource):
         with atomic_dir(target, extra) as tmp:
             yield tmp
 
-    def latest(self, instance: dg.DagsterInstance, asset: str, run_id: str | None = None) -> Path:
+    def latest(
+        self,
+        instance: dg.DagsterInstance,
+        asset: str,
+        run_id: str | None = None,
+        use_case: str | None = None,
+    ) -> Path:
         """The artifact ``asset`` consumers should use, checked for completeness.
 
         That is the one this run materialized, if any; else the newest materialization whose
         blocking checks passed (``usable``), so an artifact that failed its gate never feeds a
-        later run and the last good one stays in use.
+        later run and the last good one stays in use. With ``use_case``, only that partition's.
         """
-        records = instance.fetch_materializations(dg.AssetKey(asset), limit=1).records
-        if not records:
+        where = f" for use case '{use_case}'" if use_case else ""
+        if not records_of(instance, asset, use_case, limit=1):
             raise MissingUpstreamError(
-                f"'{asset}' has never been materialized; materialize it (or the whole lifecycle) "
-                "first"
+                f"'{asset}' has never been materialized{where}; materialize it (or the whole "
+                "lifecycle) first"
             )
-        chosen = select_record(instance, asset, run_id)
+        chosen = select_record(instance, asset, run_id, use_case)
         if chosen is None:
             raise MissingUpstreamError(
-                f"no usable materialization of '{asset}': the recent ones failed a blocking check"
+                f"no usable materialization of '{asset}'{where}: the recent ones failed a "
+                "blocking check"
             )
         meta = chosen.asset_materialization.metadata
         if PATH_KEY not in meta:
@@ -71,9 +80,21 @@ class ArtifactStore(dg.ConfigurableResource):
         return path
 
 
-def select_record(instance: dg.DagsterInstance, asset: str, run_id: str | None = None):
+def records_of(instance: dg.DagsterInstance, asset: str, use_case: str | None, limit: int = 50):
+    """The newest materializations of ``asset``, of one use case (partition) when given."""
+    key = dg.AssetKey(asset)
+    where = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[use_case]) if use_case else key
+    return instance.fetch_materializations(where, limit=limit).records
+
+
+def select_record(
+    instance: dg.DagsterInstance,
+    asset: str,
+    run_id: str | None = None,
+    use_case: str | None = None,
+):
     """This run's materialization of ``asset`` if any, else the newest usable one (or None)."""
-    records = instance.fetch_materializations(dg.AssetKey(asset), limit=50).records
+    records = records_of(instance, asset, use_case)
     chosen = next((r for r in records if run_id and r.run_id == run_id), None)
     return chosen or next((r for r in records if _usable(r)), None)
 

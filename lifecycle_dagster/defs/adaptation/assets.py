@@ -8,6 +8,7 @@ from lifecycle_dagster.lib.configs import SFTAdapterConfig
 from lifecycle_dagster.lib.stage import (
     FOLLOWS_UPSTREAM,
     OWNERS,
+    USE_CASES,
     md_table,
     stage,
     upstream,
@@ -24,6 +25,7 @@ from lifecycle_dagster.ml.data import (
 from lifecycle_dagster.ml.evaluate import evaluate_model
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
 from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft_model, train_sft
+from lifecycle_dagster.ml.usecase import NOT_IN_GRAPH
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
@@ -31,6 +33,7 @@ from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 @dg.asset(
     group_name="adaptation",
+    partitions_def=USE_CASES,
     automation_condition=FOLLOWS_UPSTREAM,
     kinds={"pytorch", "mlflow"},
     owners=OWNERS,
@@ -107,6 +110,8 @@ def prompt_baseline(
 
 def sft_method_config(uc, config: SFTAdapterConfig) -> SFTMethodConfig:
     a = uc.adaptation
+    if config.method in NOT_IN_GRAPH:
+        raise dg.Failure(f"sft_adapter: method {config.method}: {NOT_IN_GRAPH[config.method]}")
     lora_r = config.lora_r or a.lora_r
     return SFTMethodConfig(
         method=config.method or a.method,
@@ -124,6 +129,7 @@ def sft_method_config(uc, config: SFTAdapterConfig) -> SFTMethodConfig:
 
 @dg.asset(
     group_name="adaptation",
+    partitions_def=USE_CASES,
     automation_condition=FOLLOWS_UPSTREAM,
     kinds={"pytorch", "peft", "mlflow"},
     owners=OWNERS,

@@ -6,7 +6,13 @@ import shutil
 import dagster as dg
 
 from lifecycle_dagster.lib.configs import AlignedModelConfig
-from lifecycle_dagster.lib.stage import FOLLOWS_UPSTREAM, OWNERS, stage, upstream
+from lifecycle_dagster.lib.stage import (
+    FOLLOWS_UPSTREAM,
+    OWNERS,
+    USE_CASES,
+    stage,
+    upstream,
+)
 from lifecycle_dagster.ml.align import AlignMethodConfig, align
 from lifecycle_dagster.ml.data import (
     eval_rows,
@@ -26,6 +32,7 @@ from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 @dg.asset(
     group_name="alignment",
+    partitions_def=USE_CASES,
     automation_condition=FOLLOWS_UPSTREAM,
     kinds={"pytorch", "trl", "mlflow"},
     owners=OWNERS,
@@ -84,6 +91,7 @@ def reward_model(
 
 @dg.asset(
     group_name="alignment",
+    partitions_def=USE_CASES,
     automation_condition=FOLLOWS_UPSTREAM,
     kinds={"pytorch", "trl", "safetensors", "mlflow"},
     owners=OWNERS,

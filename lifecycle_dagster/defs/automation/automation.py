@@ -11,6 +11,7 @@ from lifecycle_dagster.lib.stage import (
     REASON_TAG,
     STARTED_TAG,
     USE_CASE_TAG,
+    USE_CASES,
     VERDICT_RUN_TAG,
 )
 from lifecycle_dagster.ml.artifacts import file_sha256, read_manifest
@@ -34,59 +35,42 @@ evaluation_job = dg.define_asset_job(
     description="Re-evaluate the current models against the use case's thresholds.",
 )
 
-evaluation_schedule = dg.ScheduleDefinition(
-    name="evaluation_schedule",
+
+@dg.schedule(
     job=evaluation_job,
     cron_schedule="0 6 * * *",
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Re-run evaluation every morning so drift in the eval data shows up.",
+    description="Re-run evaluation of every use case each morning so drift in the eval data shows "
+    "up.",
 )
+def evaluation_schedule(context: dg.ScheduleEvaluationContext):
+    day = context.scheduled_execution_time.strftime("%Y-%m-%d")
+    keys = context.instance.get_dynamic_partitions(USE_CASES.name)
+    if not keys:
+        return dg.SkipReason("no use case has been launched yet")
+    return [dg.RunRequest(run_key=f"{key}-{day}", partition_key=key) for key in keys]
 
 
-@dg.sensor(
-    job=adaptation_job,
-    minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="When evaluation falls short, request the next rung of the adaptation ladder.",
-)
-def readaptation_sensor(context: dg.SensorEvaluationContext):
-    """Reads the latest evaluation verdict (metadata, not run status: a failed check does not fail
-    a run) and requests one escalated adaptation run per failed verdict, within the use case's
-    budget of attempts and wall time. Every decision is in the tick: a run with its reason in the
-    tags, or a skip reason saying why not."""
-    cursor = json.loads(context.cursor) if context.cursor else {}
-    records = context.instance.fetch_materializations(dg.AssetKey("evaluation"), limit=1).records
-    if not records:
-        return dg.SkipReason("evaluation has never been materialized")
-    record = records[0]
-    if record.storage_id <= cursor.get("last_storage_id", -1):
-        return dg.SkipReason(
-            f"no new verdict since evaluation event {record.storage_id} "
-            f"(run {record.run_id[:8]}): {cursor.get('last_decision', '')}"
-        )
+def readaptation_request(record) -> tuple[str, dg.RunRequest | None]:
+    """What one evaluation verdict calls for: a decision in words, and the escalated run (partition
+    = the verdict's use case) when the ladder and the budget allow one."""
     event = record.event_log_entry
     meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
-    cursor["last_storage_id"] = record.storage_id
+    use_case = record.partition_key or str(meta.get("use_case_name", ""))
     attempt = int(meta.get("attempt", 1))
-    verdict = meta.get("verdict", "")
-    if verdict == "pass":
-        decision = f"verdict pass at attempt {attempt}: nothing to do"
-        cursor["last_decision"] = decision
-        return dg.SensorResult(skip_reason=decision, cursor=json.dumps(cursor))
+    if meta.get("verdict", "") == "pass":
+        return f"{use_case}: verdict pass at attempt {attempt}: nothing to do", None
     escalation = json.loads(meta["escalation"]) if meta.get("escalation") else None
     max_attempts = int(meta.get("max_attempts", 1))
     if escalation is not None and escalation["attempt"] > max_attempts:
         escalation = None  # never past the cap, whatever the verdict offered
         meta["readaptation"] = f"budget spent: {attempt} of {max_attempts} attempts made"
     if escalation is None:
-        decision = (
-            f"verdict fail ({meta.get('failed_metrics', '')}) at attempt {attempt}; "
+        return (
+            f"{use_case}: verdict fail ({meta.get('failed_metrics', '')}) at attempt {attempt}; "
             f"{meta.get('readaptation') or 'no escalation'}: no further run"
-        )
-        cursor["last_decision"] = decision
-        context.log.warning(decision)
-        return dg.SensorResult(skip_reason=decision, cursor=json.dumps(cursor))
+        ), None
     reason = (
         f"attempt {attempt} failed {meta.get('failed_metrics', '')} with "
         f"{meta.get('sft_method', '?')}; escalating to {json.dumps(escalation['sft_adapter'])}"
@@ -96,8 +80,6 @@ def readaptation_sensor(context: dg.SensorEvaluationContext):
             else ""
         )
     )
-    cursor["last_decision"] = f"launched attempt {escalation['attempt']}"
-    context.log.info(reason)
     ops: dict = {"sft_adapter": SFTAdapterConfig(**escalation["sft_adapter"])}
     if "aligned_model" in escalation:
         ops["aligned_model"] = AlignedModelConfig(**escalation["aligned_model"])
@@ -105,17 +87,62 @@ def readaptation_sensor(context: dg.SensorEvaluationContext):
         ATTEMPT_TAG: str(escalation["attempt"]),
         REASON_TAG: reason[:250],
         VERDICT_RUN_TAG: event.run_id,
+        USE_CASE_TAG: use_case,
     }
     if meta.get("attempt_started_at"):
         tags[STARTED_TAG] = str(meta["attempt_started_at"])
-    if meta.get("use_case_name"):
-        tags[USE_CASE_TAG] = str(meta["use_case_name"])
     request = dg.RunRequest(
         run_key=f"readapt-{record.storage_id}",
         run_config=dg.RunConfig(ops=ops),
         tags=tags,
+        partition_key=record.partition_key,
     )
-    return dg.SensorResult(run_requests=[request], cursor=json.dumps(cursor))
+    return f"{use_case}: {reason}; launched attempt {escalation['attempt']}", request
+
+
+@dg.sensor(
+    job=adaptation_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="When evaluation falls short, request the next rung of the adaptation ladder.",
+)
+def readaptation_sensor(context: dg.SensorEvaluationContext):
+    """Reads the evaluation verdicts recorded since the last tick (metadata, not run status: a
+    failed check does not fail a run), the newest per use case, and requests one escalated
+    adaptation run per failed verdict, within the use case's budget of attempts and wall time.
+    Every decision is in the tick: a run with its reason in the tags, or a skip reason saying
+    why not, per use case."""
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    decisions: dict = cursor.get("decisions", {})
+    after = cursor.get("last_storage_id")
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation"), after_storage_id=after),
+        limit=200,
+        ascending=True,
+    ).records
+    if not records:
+        if after is None:
+            return dg.SkipReason("evaluation has never been materialized")
+        return dg.SkipReason(
+            f"no new verdict since evaluation event {after}: " + "; ".join(decisions.values())
+        )
+    newest = {r.partition_key: r for r in records}  # ascending: the last one per use case wins
+    requests = []
+    for record in newest.values():
+        decision, request = readaptation_request(record)
+        decisions[record.partition_key or ""] = decision
+        if request is None:
+            (context.log.info if "verdict pass" in decision else context.log.warning)(decision)
+        else:
+            context.log.info(decision)
+            requests.append(request)
+    cursor = {"last_storage_id": records[-1].storage_id, "decisions": decisions}
+    if not requests:
+        return dg.SensorResult(
+            skip_reason="; ".join(decisions[r.partition_key or ""] for r in newest.values()),
+            cursor=json.dumps(cursor),
+        )
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor))
 
 
 # The files each dataset asset snapshots: use-case data field -> file name inside the artifact.
@@ -128,19 +155,22 @@ DATA_FILES = {
 }
 
 
-def changed_datasets(instance: dg.DagsterInstance, hashes: dict) -> tuple[list[str], list[str]]:
-    """Dataset assets whose source files no longer match their latest snapshot, and why.
+def changed_datasets(
+    instance: dg.DagsterInstance, hashes: dict, use_case: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Dataset assets of ``use_case`` (a partition) whose source files no longer match their
+    latest snapshot, and why.
 
     ``hashes`` caches file digests by (size, mtime) so a tick re-reads only files that moved."""
-    use_case = select_record(instance, "use_case")
+    uc_record = select_record(instance, "use_case", use_case=use_case)
     try:
-        path = Path(str(use_case.asset_materialization.metadata["artifact_path"].value))
+        path = Path(str(uc_record.asset_materialization.metadata["artifact_path"].value))
         uc = UseCase.model_validate_json((path / "use_case.json").read_text())
     except (AttributeError, KeyError, OSError, ValueError):
         return [], []
     changed, why = [], []
     for asset, files in DATA_FILES.items():
-        record = select_record(instance, asset)
+        record = select_record(instance, asset, use_case=use_case)
         try:
             snapshot = Path(str(record.asset_materialization.metadata["artifact_path"].value))
             manifest = read_manifest(snapshot)["files"]
@@ -173,21 +203,24 @@ def changed_datasets(instance: dg.DagsterInstance, hashes: dict) -> tuple[list[s
 def data_change_sensor(context: dg.SensorEvaluationContext):
     cursor = json.loads(context.cursor) if context.cursor else {}
     hashes = cursor.get("hashes", {})
-    changed, why = changed_datasets(context.instance, hashes)
-    cursor["hashes"] = dict(list(hashes.items())[-32:])
-    if not changed:
+    requests = []
+    for key in context.instance.get_dynamic_partitions(USE_CASES.name):
+        changed, why = changed_datasets(context.instance, hashes, key)
+        if not changed:
+            continue
+        reason = "; ".join(why)
+        context.log.info(f"{key}: new data: {reason}")
+        requests.append(
+            dg.RunRequest(
+                run_key=f"data-{key}-{'-'.join(sorted(why))}"[:200],
+                asset_selection=[dg.AssetKey(a) for a in changed],
+                partition_key=key,
+                tags={REASON_TAG: f"new data: {reason}"[:250], USE_CASE_TAG: key},
+            )
+        )
+    cursor["hashes"] = dict(list(hashes.items())[-64:])
+    if not requests:
         return dg.SensorResult(
             skip_reason="data files match their latest snapshots", cursor=json.dumps(cursor)
         )
-    reason = "; ".join(why)
-    context.log.info(f"new data: {reason}")
-    return dg.SensorResult(
-        run_requests=[
-            dg.RunRequest(
-                run_key=f"data-{'-'.join(sorted(why))}"[:200],
-                asset_selection=[dg.AssetKey(a) for a in changed],
-                tags={REASON_TAG: f"new data: {reason}"[:250]},
-            )
-        ],
-        cursor=json.dumps(cursor),
-    )
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor))

@@ -7,6 +7,7 @@ import dagster as dg
 
 from lifecycle_dagster.lib.stage import (
     OWNERS,
+    USE_CASES,
     follows_upstream,
     md_table,
     newest_metadata,
@@ -33,6 +34,7 @@ CHECKS = {
 
 @dg.asset(
     group_name="compression",
+    partitions_def=USE_CASES,
     # A new aligned model is exported; a re-evaluation of the same one (the daily schedule) is not.
     automation_condition=follows_upstream("evaluation", "task_dataset", "reward_model"),
     kinds={"onnx", "mlflow"},

@@ -4,7 +4,12 @@ import shutil
 
 import dagster as dg
 
-from lifecycle_dagster.lib.stage import OWNERS, md_table, stage
+from lifecycle_dagster.lib.stage import (
+    OWNERS,
+    USE_CASES,
+    md_table,
+    stage,
+)
 from lifecycle_dagster.ml.artifacts import file_sha256
 from lifecycle_dagster.ml.data import load_jsonl, load_preference_data, load_task_data, overlap
 from lifecycle_dagster.resources.artifacts import ArtifactStore
@@ -20,6 +25,7 @@ def snapshot(split, dest) -> None:
 
 @dg.asset(
     group_name="data",
+    partitions_def=USE_CASES,
     kinds={"json", "mlflow"},
     owners=OWNERS,
     code_version="1",
@@ -71,6 +77,7 @@ def task_dataset(
 
 @dg.asset(
     group_name="data",
+    partitions_def=USE_CASES,
     kinds={"json", "mlflow"},
     owners=OWNERS,
     code_version="1",

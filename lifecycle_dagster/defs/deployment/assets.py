@@ -10,6 +10,7 @@ import dagster as dg
 from lifecycle_dagster.lib.stage import (
     FOLLOWS_UPSTREAM,
     OWNERS,
+    USE_CASES,
     md_table,
     newest_metadata,
     stage,
@@ -22,6 +23,7 @@ from lifecycle_dagster.resources.registry import CHAMPION
 
 @dg.asset(
     group_name="deployment",
+    partitions_def=USE_CASES,
     automation_condition=FOLLOWS_UPSTREAM,
     kinds={"mlflow"},
     owners=OWNERS,

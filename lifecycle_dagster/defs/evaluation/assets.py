@@ -10,6 +10,7 @@ from lifecycle_dagster.lib.stage import (
     FOLLOWS_UPSTREAM,
     OWNERS,
     STARTED_TAG,
+    USE_CASES,
     attempt_of,
     md_table,
     stage,
@@ -105,6 +106,7 @@ def compare_with_champion(
 
 @dg.asset(
     group_name="evaluation",
+    partitions_def=USE_CASES,
     automation_condition=FOLLOWS_UPSTREAM,
     kinds={"pytorch", "mlflow"},
     owners=OWNERS,

@@ -5,6 +5,7 @@ import dagster as dg
 from lifecycle_dagster.lib.stage import (
     FOLLOWS_UPSTREAM,
     OWNERS,
+    USE_CASES,
     render_bars,
     stage,
     upstream_metadata,
@@ -18,6 +19,7 @@ SOURCES = sorted({a for p in PHASES for a in p.assets})
 
 @dg.asset(
     group_name="reporting",
+    partitions_def=USE_CASES,
     automation_condition=FOLLOWS_UPSTREAM,
     kinds={"markdown", "mlflow"},
     owners=OWNERS,

@@ -7,7 +7,14 @@ import dagster as dg
 import yaml
 
 from lifecycle_dagster.lib.configs import UseCaseConfig
-from lifecycle_dagster.lib.stage import OWNERS, json_md, md_table, stage
+from lifecycle_dagster.lib.stage import (
+    OWNERS,
+    USE_CASES,
+    json_md,
+    md_table,
+    stage,
+    use_case_key,
+)
 from lifecycle_dagster.ml.usecase import load_use_case
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.mlflow import MlflowTracking
@@ -15,6 +22,7 @@ from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 @dg.asset(
     group_name="scope",
+    partitions_def=USE_CASES,
     kinds={"yaml", "mlflow"},
     owners=OWNERS,
     code_version="1",
@@ -33,6 +41,12 @@ def use_case(
     uc = load_use_case(
         config.use_case_file or None, profile=config.profile or None, overrides=overrides
     )
+    key = use_case_key(context)
+    if key and uc.name != key:
+        raise dg.Failure(
+            f"use_case: the use case is named '{uc.name}' but this run is for partition '{key}'; "
+            f"launch partition '{uc.name}' (`lifecycle run` adds it) or rename the use case"
+        )
     with stage(
         context,
         "use_case",

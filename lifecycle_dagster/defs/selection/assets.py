@@ -5,7 +5,12 @@ import json
 import dagster as dg
 
 from lifecycle_dagster import settings
-from lifecycle_dagster.lib.stage import OWNERS, stage, upstream
+from lifecycle_dagster.lib.stage import (
+    OWNERS,
+    USE_CASES,
+    stage,
+    upstream,
+)
 from lifecycle_dagster.ml.data import read_rows
 from lifecycle_dagster.ml.estimate import estimate, human_seconds
 from lifecycle_dagster.ml.models import materialize_base_model
@@ -16,6 +21,7 @@ from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 @dg.asset(
     group_name="selection",
+    partitions_def=USE_CASES,
     kinds={"pytorch", "safetensors", "mlflow"},
     owners=OWNERS,
     code_version="1",
