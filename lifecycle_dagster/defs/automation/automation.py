@@ -115,18 +115,18 @@ def readaptation_sensor(context: dg.SensorEvaluationContext):
     cursor = json.loads(context.cursor) if context.cursor else {}
     decisions: dict = cursor.get("decisions", {})
     after = cursor.get("last_storage_id")
+    # The newest verdicts since the cursor (on a first tick, the newest ever), oldest first.
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation"), after_storage_id=after),
         limit=200,
-        ascending=True,
-    ).records
+    ).records[::-1]
     if not records:
         if after is None:
             return dg.SkipReason("evaluation has never been materialized")
         return dg.SkipReason(
             f"no new verdict since evaluation event {after}: " + "; ".join(decisions.values())
         )
-    newest = {r.partition_key: r for r in records}  # ascending: the last one per use case wins
+    newest = {r.partition_key: r for r in records}  # the last one per use case wins
     requests = []
     for record in newest.values():
         decision, request = readaptation_request(record)
