@@ -291,7 +291,7 @@ def resolve_model(arg: str | None) -> tuple[Path, str]:
     if arg:
         return Path(arg), f"given: {arg}"
     aligned = sorted(
-        (p for p in (settings.artifacts_root() / "aligned_model").glob("*/model")),
+        (p for p in settings.artifacts_root().glob("*/aligned_model/*/model")),
         key=lambda p: p.stat().st_mtime,
     )
     if aligned:

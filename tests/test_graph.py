@@ -403,10 +403,11 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
     request = out.run_requests[0]
     assert request.tags["lifecycle/attempt"] == "2"
     assert request.run_config["ops"]["sft_adapter"]["config"]["lora_r"] == 16
+    assert request.partition_key == UC
 
     second = adaptation.execute_in_process(
         instance=instance,
-        partition_key=UC,
+        partition_key=request.partition_key,
         run_config=request.run_config,
         tags=request.tags,
         raise_on_error=False,

@@ -1,6 +1,7 @@
 """The re-adaptation sensor on an ephemeral instance: escalate on shortfall, once, up to the cap."""
 
 import json
+import time
 
 import dagster as dg
 import pytest
@@ -18,6 +19,7 @@ def verdict(
     escalation: dict | None,
     max_attempts=3,
     use_case=UC,
+    started_minutes_ago: float | None = None,
 ):
     instance.report_runless_asset_event(
         dg.AssetMaterialization(
@@ -30,6 +32,14 @@ def verdict(
                 "sft_method": "lora",
                 "escalation": json.dumps(escalation) if escalation else "",
                 "max_attempts": max_attempts,
+                **(
+                    {
+                        "attempt_started_at": time.time() - 60 * started_minutes_ago,
+                        "max_wall_minutes": 240,
+                    }
+                    if started_minutes_ago is not None
+                    else {}
+                ),
                 "readaptation": f"budget spent: {attempt} of {max_attempts} attempts made"
                 if escalation is None and not passed
                 else "",
@@ -49,6 +59,7 @@ def tick(instance, cursor=None):
 @pytest.fixture
 def instance():
     with dg.instance_for_test() as inst:
+        inst.add_dynamic_partitions("use_cases", [UC, "support_triage"])
         yield inst
 
 
@@ -114,6 +125,45 @@ def test_each_use_case_gets_its_own_decision(instance):
     assert "no new verdict" in nothing.skip_message
     assert "support_triage: verdict pass at attempt 2" in nothing.skip_message
     assert f"{UC}: attempt 1 failed rouge_l" in nothing.skip_message
+
+
+def test_the_daemon_accepts_the_request_for_the_use_cases_partition(instance):
+    """Through the sensor definition, as the daemon runs it: Dagster resolves the partition."""
+    from lifecycle_dagster.definitions import defs
+
+    verdict(instance, passed=False, attempt=1, escalation={"attempt": 2, "sft_adapter": {}})
+    ctx = dg.build_sensor_context(instance=instance, definitions=defs())
+    with dg.partition_loading_context(dynamic_partitions_store=instance):
+        data = readaptation_sensor.evaluate_tick(ctx)
+    assert [r.partition_key for r in data.run_requests] == [UC]
+
+
+@pytest.mark.parametrize(
+    "use_case, why",
+    [
+        (None, "without a use case partition"),
+        ("removed_use_case", "partition was removed"),
+    ],
+)
+def test_a_verdict_without_a_live_partition_launches_nothing(instance, use_case, why):
+    escalate = {"attempt": 2, "sft_adapter": {"method": "full"}}
+    verdict(instance, passed=False, attempt=1, escalation=escalate, use_case=use_case)
+    result, cursor = tick(instance)
+    assert not result.run_requests and why in result.skip_reason.skip_message
+    # The cursor moved on: the next use case's verdict is decided, not blocked behind it.
+    verdict(instance, passed=False, attempt=1, escalation=escalate)
+    after, _ = tick(instance, cursor)
+    assert [r.partition_key for r in after.run_requests] == [UC]
+
+
+def test_a_verdict_read_past_the_wall_time_budget_launches_nothing(instance):
+    escalate = {"attempt": 2, "sft_adapter": {"method": "full"}}
+    verdict(instance, passed=False, attempt=1, escalation=escalate, started_minutes_ago=300)
+    result, _ = tick(instance)
+    assert not result.run_requests
+    assert "wall-time budget spent: 300 of 240 minutes" in result.skip_reason.skip_message
+    verdict(instance, passed=False, attempt=1, escalation=escalate, started_minutes_ago=5)
+    assert len(tick(instance)[0].run_requests) == 1
 
 
 def test_cap_holds_when_attempts_are_spent(instance):

@@ -77,11 +77,17 @@ def attempt_of(context) -> int:
 
 
 def use_case_key(context) -> str | None:
-    """The use case this materialization belongs to: its partition key (None if unpartitioned)."""
-    try:
-        return context.partition_key if context.has_partition_key else None
-    except (AttributeError, dg.DagsterInvariantViolationError):
-        return None
+    """The use case this materialization belongs to: its partition key. A partitioned asset run
+    without one is refused: it would read the newest artifacts of any use case."""
+    if context.has_partition_key:
+        return context.partition_key
+    assets_def = getattr(context, "assets_def", None)
+    if assets_def is not None and assets_def.partitions_def is not None:
+        raise dg.Failure(
+            f"{context.asset_key.to_user_string()}: this run has no use case; launch it for the "
+            f"use case's partition (`lifecycle run` adds it, or pick one in the UI)"
+        )
+    return None
 
 
 def load_use_case(context, store: ArtifactStore) -> UseCase:

@@ -144,7 +144,7 @@ def sft_adapter(
     mlflow_tracking: MlflowTracking,
     compute: Compute,
 ) -> dg.MaterializeResult:
-    """The fine-tuned weights: a LoRA or prompt-tuning adapter, or a fully fine-tuned model."""
+    """The fine-tuned weights: a LoRA adapter or a fully fine-tuned model."""
     with stage(context, "sft_adapter", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
         runtime = compute.runtime(uc.compute)

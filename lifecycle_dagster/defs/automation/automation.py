@@ -1,6 +1,7 @@
 """Automation: the jobs, the re-adaptation sensor that closes the loop, the evaluation schedule."""
 
 import json
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -46,26 +47,42 @@ evaluation_job = dg.define_asset_job(
 )
 def evaluation_schedule(context: dg.ScheduleEvaluationContext):
     day = context.scheduled_execution_time.strftime("%Y-%m-%d")
-    keys = context.instance.get_dynamic_partitions(USE_CASES.name)
+    evaluated = context.instance.get_materialized_partitions(dg.AssetKey("evaluation"))
+    keys = [k for k in context.instance.get_dynamic_partitions(USE_CASES.name) if k in evaluated]
     if not keys:
-        return dg.SkipReason("no use case has been launched yet")
+        return dg.SkipReason("no use case has been evaluated yet")
     return [dg.RunRequest(run_key=f"{key}-{day}", partition_key=key) for key in keys]
 
 
-def readaptation_request(record) -> tuple[str, dg.RunRequest | None]:
+def readaptation_request(
+    record, partitions: set[str], now: float
+) -> tuple[str, dg.RunRequest | None]:
     """What one evaluation verdict calls for: a decision in words, and the escalated run (partition
     = the verdict's use case) when the ladder and the budget allow one."""
     event = record.event_log_entry
     meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
-    use_case = record.partition_key or str(meta.get("use_case_name", ""))
+    use_case = record.partition_key
     attempt = int(meta.get("attempt", 1))
+    if use_case is None:
+        return "a verdict without a use case partition (an older deployment's): no run", None
     if meta.get("verdict", "") == "pass":
         return f"{use_case}: verdict pass at attempt {attempt}: nothing to do", None
+    if use_case not in partitions:
+        return f"{use_case}: verdict fail, but the use case's partition was removed: no run", None
     escalation = json.loads(meta["escalation"]) if meta.get("escalation") else None
     max_attempts = int(meta.get("max_attempts", 1))
+    started, max_minutes = meta.get("attempt_started_at"), meta.get("max_wall_minutes")
     if escalation is not None and escalation["attempt"] > max_attempts:
         escalation = None  # never past the cap, whatever the verdict offered
         meta["readaptation"] = f"budget spent: {attempt} of {max_attempts} attempts made"
+    elif escalation is not None and started and max_minutes:
+        elapsed = (now - float(started)) / 60
+        if elapsed > float(max_minutes):  # a verdict read late (the daemon was down) is stale
+            escalation = None
+            meta["readaptation"] = (
+                f"wall-time budget spent: {elapsed:.0f} of {float(max_minutes):.0f} minutes "
+                "since attempt 1"
+            )
     if escalation is None:
         return (
             f"{use_case}: verdict fail ({meta.get('failed_metrics', '')}) at attempt {attempt}; "
@@ -115,11 +132,18 @@ def readaptation_sensor(context: dg.SensorEvaluationContext):
     cursor = json.loads(context.cursor) if context.cursor else {}
     decisions: dict = cursor.get("decisions", {})
     after = cursor.get("last_storage_id")
-    # The newest verdicts since the cursor (on a first tick, the newest ever), oldest first.
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation"), after_storage_id=after),
-        limit=200,
-    ).records[::-1]
+    records, page = [], None
+    while True:  # every verdict since the cursor, oldest first, in pages
+        result = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation"), after_storage_id=after),
+            limit=200,
+            cursor=page,
+            ascending=True,
+        )
+        records += result.records
+        if not result.has_more:
+            break
+        page = result.cursor
     if not records:
         if after is None:
             return dg.SkipReason("evaluation has never been materialized")
@@ -128,8 +152,9 @@ def readaptation_sensor(context: dg.SensorEvaluationContext):
         )
     newest = {r.partition_key: r for r in records}  # the last one per use case wins
     requests = []
+    partitions = set(context.instance.get_dynamic_partitions(USE_CASES.name))
     for record in newest.values():
-        decision, request = readaptation_request(record)
+        decision, request = readaptation_request(record, partitions, time.time())
         decisions[record.partition_key or ""] = decision
         if request is None:
             (context.log.info if "verdict pass" in decision else context.log.warning)(decision)
@@ -156,7 +181,7 @@ DATA_FILES = {
 
 
 def changed_datasets(
-    instance: dg.DagsterInstance, hashes: dict, use_case: str | None = None
+    instance: dg.DagsterInstance, hashes: dict, use_case: str
 ) -> tuple[list[str], list[str]]:
     """Dataset assets of ``use_case`` (a partition) whose source files no longer match their
     latest snapshot, and why.
