@@ -419,13 +419,7 @@ def main() -> None:
 
     variants = ("fp32", "int8", "int4") + (("int8_dynamic",) if args.with_dynamic else ())
     c = uc.compression
-    config = ExportConfig(
-        variants=variants,
-        block_size=c.block_size,
-        accuracy_level=c.accuracy_level,
-        int4_algorithm=c.int4_algorithm,
-        int4_mixed_precision=c.int4_mixed_precision,
-    )
+    config = ExportConfig.from_spec(c, variants)
     exported = export_onnx(model_dir, work / "onnx", config, log=log)
     mixed = ", int8 head + sensitive layers" if c.int4_mixed_precision else ""
     bits = {

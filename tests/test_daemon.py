@@ -20,6 +20,8 @@ import dagster as dg
 import pytest
 import requests
 
+from lifecycle_dagster.resources.artifacts import records_of
+
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 600
 OVERRIDES = "{evaluation: {thresholds: {rouge_l: {min: 0.4}}}}"
@@ -33,8 +35,7 @@ def free_port() -> int:
 
 
 def evaluations(instance) -> list[dict]:
-    where = dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation"), asset_partitions=[UC])
-    records = instance.fetch_materializations(where, limit=20).records
+    records = records_of(instance, "evaluation", UC, limit=20)
     out = []
     for r in sorted(records, key=lambda r: r.storage_id):
         meta = {k: v.value for k, v in r.event_log_entry.asset_materialization.metadata.items()}

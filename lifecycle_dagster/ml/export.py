@@ -78,6 +78,17 @@ class ExportConfig:
                 "the fp32 variant is required: it is what the others are checked against"
             )
 
+    @classmethod
+    def from_spec(cls, spec, variants: tuple[str, ...] | None = None) -> ExportConfig:
+        """The export a use case's ``compression`` describes (``variants`` replaces its list)."""
+        return cls(
+            variants=tuple(variants or spec.variants),
+            block_size=spec.block_size,
+            accuracy_level=spec.accuracy_level,
+            int4_algorithm=spec.int4_algorithm,
+            int4_mixed_precision=spec.int4_mixed_precision,
+        )
+
 
 @dataclass
 class ExportResult:

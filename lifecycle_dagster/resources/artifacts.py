@@ -61,12 +61,13 @@ class ArtifactStore(dg.ConfigurableResource):
         later run and the last good one stays in use. With ``use_case``, only that partition's.
         """
         where = f" for use case '{use_case}'" if use_case else ""
-        if not records_of(instance, asset, use_case, limit=1):
+        records = records_of(instance, asset, use_case)
+        if not records:
             raise MissingUpstreamError(
                 f"'{asset}' has never been materialized{where}; materialize it (or the whole "
                 "lifecycle) first"
             )
-        chosen = select_record(instance, asset, run_id, use_case)
+        chosen = _choose(records, run_id)
         if chosen is None:
             raise MissingUpstreamError(
                 f"no usable materialization of '{asset}'{where}: the recent ones failed a "
@@ -94,7 +95,10 @@ def select_record(
     use_case: str | None = None,
 ):
     """This run's materialization of ``asset`` if any, else the newest usable one (or None)."""
-    records = records_of(instance, asset, use_case)
+    return _choose(records_of(instance, asset, use_case), run_id)
+
+
+def _choose(records, run_id: str | None):
     chosen = next((r for r in records if run_id and r.run_id == run_id), None)
     return chosen or next((r for r in records if _usable(r)), None)
 

@@ -70,13 +70,7 @@ def onnx_model(
         evals = read_rows(upstream(context, artifact_store, "task_dataset") / "eval.jsonl")
         subset = eval_rows(uc, evals)
         config = CompressConfig(
-            export=ExportConfig(
-                variants=tuple(c.variants),
-                block_size=c.block_size,
-                accuracy_level=c.accuracy_level,
-                int4_algorithm=c.int4_algorithm,
-                int4_mixed_precision=c.int4_mixed_precision,
-            ),
+            export=ExportConfig.from_spec(c),
             policy=c.policy,
             budget=QualityBudget(c.max_rouge_l_drop, c.max_reward_drop_pct),
             logits_atol=c.logits_atol,
