@@ -21,11 +21,10 @@ from lifecycle_dagster.ml.data import (
     sft_records,
 )
 from lifecycle_dagster.ml.evaluate import RewardScorer, evaluate_model
-from lifecycle_dagster.ml.models import load_tokenizer
 from lifecycle_dagster.ml.pretrain import PretrainConfig, pretrain
 from lifecycle_dagster.ml.reward import RewardMethodConfig, pairwise_accuracy, train_reward_model
 from lifecycle_dagster.ml.runtime import select_runtime
-from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft_model, train_sft
+from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft, train_sft
 from lifecycle_dagster.ml.usecase import load_use_case
 
 
@@ -46,18 +45,23 @@ def main() -> None:
         pre = pretrain(corpus, tmp / "base", PretrainConfig(steps=300), device=runtime.device)
         times["pretrain"] = time.perf_counter() - t
         print(f"pretrain: {times['pretrain']:.1f}s loss {pre.loss_start:.3f} -> {pre.loss_end:.3f}")
-        tok = load_tokenizer(tmp / "base")
-        for method, steps, lr in (("lora", 150, 3e-3), ("full", 100, 1e-3)):
+        for method, steps, lr in (
+            ("prompt_tuning", 150, 3e-2),
+            ("lora", 150, 3e-3),
+            ("full", 100, 1e-3),
+        ):
             t = time.perf_counter()
             res = train_sft(
                 tmp / "base",
                 sft_records(uc, rows),
                 tmp / method,
-                SFTMethodConfig(method=method, max_steps=steps, learning_rate=lr),
+                SFTMethodConfig(
+                    method=method, max_steps=steps, learning_rate=lr, init_text=uc.task.instruction
+                ),
                 runtime,
             )
             times[f"sft_{method}"] = time.perf_counter() - t
-            model = load_sft_model(tmp / "base", tmp / method, runtime)
+            model, tok = load_sft(tmp / "base", tmp / method, runtime)
             ev = evaluate_model(
                 model, tok, prompts, refs, max_new_tokens=32, batch_size=32, with_perplexity=False
             )
@@ -80,7 +84,7 @@ def main() -> None:
             f"reward: {times['reward']:.1f}s loss {rm.loss_start:.3f} -> {rm.loss_end:.3f}, "
             f"held-out accuracy {acc:.2f}"
         )
-        policy = load_sft_model(tmp / "base", tmp / "lora", runtime, merge=True, training=True)
+        policy, tok = load_sft(tmp / "base", tmp / "lora", runtime, merge=True, training=True)
         before = evaluate_model(
             policy,
             tok,

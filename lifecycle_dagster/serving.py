@@ -109,11 +109,16 @@ class ServedModel:
         )
 
     def prompt_for(self, request: GenerateRequest) -> str:
-        if request.prompt is not None:
-            return request.prompt
-        return self.serving["prompt_template"].format(
-            instruction=self.serving["instruction"], input=request.input
-        )
+        """The text the model sees: the raw prompt or the use case's template around the input,
+        after the model's soft prompt when it has one (prompt tuning)."""
+        from lifecycle_dagster.ml.soft_prompt import with_soft_prompt
+
+        prompt = request.prompt
+        if prompt is None:
+            prompt = self.serving["prompt_template"].format(
+                instruction=self.serving["instruction"], input=request.input
+            )
+        return with_soft_prompt(self.tokenizer, [prompt])[0]
 
     def generate(self, request: GenerateRequest) -> GenerateResponse:
         prompt = self.prompt_for(request)
@@ -144,6 +149,8 @@ def build_app(model: ServedModel):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
+    from lifecycle_dagster.ml.soft_prompt import soft_tokens
+
     app = FastAPI(title="lifecycle serve", description=__doc__)
     lock = threading.Lock()
 
@@ -170,6 +177,7 @@ def build_app(model: ServedModel):
             "variant": model.variant,
             "use_case": model.serving.get("use_case"),
             "context_length": model.generator.context_length,
+            "soft_prompt_tokens": len(soft_tokens(model.tokenizer)),
         }
 
     @app.post("/generate", response_model=GenerateResponse)

@@ -140,12 +140,11 @@ def test_adapter_and_aligned_model_load_and_generate(lifecycle_run, instance, ru
     from lifecycle_dagster.ml.data import format_prompt
     from lifecycle_dagster.ml.evaluate import generate
     from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
-    from lifecycle_dagster.ml.sft import load_sft_model
+    from lifecycle_dagster.ml.sft import load_sft
 
     base = Path(meta(instance, "base_model")["artifact_path"]) / "model"
     adapter = Path(meta(instance, "sft_adapter")["artifact_path"]) / "adapter"
     aligned = Path(meta(instance, "aligned_model")["artifact_path"]) / "model"
-    tok = load_tokenizer(base)
     prompt = [
         format_prompt(
             use_case,
@@ -153,7 +152,11 @@ def test_adapter_and_aligned_model_load_and_generate(lifecycle_run, instance, ru
             "#Person2#: Certainly. Your name?\n#Person1#: Anna.",
         )
     ]
-    for model in (load_sft_model(base, adapter, runtime), load_causal_lm(aligned, runtime)):
+    loaded = (
+        load_sft(base, adapter, runtime),
+        (load_causal_lm(aligned, runtime), load_tokenizer(aligned)),
+    )
+    for model, tok in loaded:
         text = generate(model, tok, prompt, max_new_tokens=16)[0]
         assert len(text.split()) >= 3, text
 

@@ -37,7 +37,7 @@ def test_rouge_l_is_one_for_identical_and_lower_otherwise():
 def test_sft_loss_falls_and_adapter_loads_and_generates(
     tmp_path, tiny_base, use_case, data, runtime, method
 ):
-    from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft_model, train_sft
+    from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft, train_sft
 
     records = sft_records(use_case, data[0]["train"].rows)
     lr = 3e-3 if method == "lora" else 3e-2
@@ -51,8 +51,7 @@ def test_sft_loss_falls_and_adapter_loads_and_generates(
     assert result.loss_end < result.loss_start
     assert 0 < result.trainable_fraction < 0.5
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    model = load_sft_model(tiny_base, tmp_path / "adapter", runtime)
-    tok = load_tokenizer(tiny_base)
+    model, tok = load_sft(tiny_base, tmp_path / "adapter", runtime)
     res = evaluate_model(
         model,
         tok,
@@ -66,7 +65,7 @@ def test_sft_loss_falls_and_adapter_loads_and_generates(
 
 
 def test_full_finetune_beats_base_rouge(tmp_path, tiny_base, use_case, data, runtime):
-    from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft_model, train_sft
+    from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft, train_sft
 
     rows = data[0]["eval"].rows[:16]
     prompts = [format_prompt(use_case, r["dialogue"]) for r in rows]
@@ -90,8 +89,7 @@ def test_full_finetune_beats_base_rouge(tmp_path, tiny_base, use_case, data, run
     )
     assert not (tmp_path / "full" / "adapter_config.json").exists()
     after = evaluate_model(
-        load_sft_model(tiny_base, tmp_path / "full", runtime),
-        tok,
+        *load_sft(tiny_base, tmp_path / "full", runtime),
         prompts,
         refs,
         max_new_tokens=24,

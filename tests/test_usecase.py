@@ -113,18 +113,32 @@ def test_unknown_profile():
         load_use_case(profile="nope")
 
 
-@pytest.mark.parametrize(
-    "overrides, field",
-    [
-        ({"adaptation": {"method": "prompt_tuning"}}, "adaptation.method"),
-        (
-            {"readaptation": {"ladder": [{"method": "lora"}, {"method": "prompt_tuning"}]}},
-            "readaptation.ladder.1.method",
-        ),
-    ],
-)
-def test_a_rung_the_graph_cannot_align_or_export_is_refused_up_front(overrides, field):
-    with pytest.raises(InputError) as err:
-        load_use_case(profile="tiny", overrides=overrides)
-    assert err.value.field == field
-    assert "cannot be merged" in str(err.value)
+def test_the_use_case_climbs_the_lifecycle_ladder():
+    """Without a profile the use case starts at prompt tuning and climbs to LoRA, then full
+    fine-tuning; each rung reaches the adaptation step's settings."""
+    from lifecycle_dagster.defs.adaptation.assets import sft_method_config
+    from lifecycle_dagster.defs.evaluation.assets import next_escalation
+    from lifecycle_dagster.lib.configs import SFTAdapterConfig
+
+    uc = load_use_case(BASE)
+    first = sft_method_config(uc, SFTAdapterConfig())
+    assert first.method == "prompt_tuning" and first.num_virtual_tokens == 16
+    assert first.init_text == uc.task.instruction
+    methods = [first.method]
+    for attempt in range(1, uc.readaptation.max_attempts):
+        escalation, why = next_escalation(uc, attempt, {}, elapsed_minutes=0)
+        assert escalation is not None, why
+        methods.append(sft_method_config(uc, SFTAdapterConfig(**escalation["sft_adapter"])).method)
+    assert methods == ["prompt_tuning", "lora", "lora", "full"]
+
+
+def test_an_unknown_method_in_run_config_is_refused_by_name(use_case):
+    import dagster as dg
+
+    from lifecycle_dagster.defs.adaptation.assets import sft_method_config
+    from lifecycle_dagster.lib.configs import SFTAdapterConfig
+
+    with pytest.raises(
+        dg.Failure, match="unknown method 'qlora'; one of prompt_tuning, lora, full"
+    ):
+        sft_method_config(use_case, SFTAdapterConfig(method="qlora"))

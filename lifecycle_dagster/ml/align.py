@@ -3,6 +3,9 @@
 The policy starts from the SFT model (a LoRA adapter merged into the base). A fresh LoRA adapter is
 trained on top; with the adapter disabled the same network is the frozen SFT reference, so the KL term
 (``beta``) keeps the aligned model close to the SFT model. The result is saved merged, as safetensors.
+
+A policy with a soft prompt baked into its vocabulary (prompt tuning) is aligned with its soft prompt
+before every prompt, frozen (only the linear layers get LoRA), and never samples its tokens.
 """
 
 from __future__ import annotations
@@ -69,8 +72,15 @@ def align(
     from peft import LoraConfig, TaskType
 
     from lifecycle_dagster.ml.sft import _quiet
+    from lifecycle_dagster.ml.soft_prompt import soft_prompt_ids, with_soft_prompt
 
     torch.manual_seed(config.seed)
+    if prompts:
+        prompts = with_soft_prompt(tokenizer, prompts)
+    if pairs:
+        prefixed = with_soft_prompt(tokenizer, [p["prompt"] for p in pairs])
+        pairs = [{**p, "prompt": q} for p, q in zip(pairs, prefixed, strict=True)]
+    suppressed = soft_prompt_ids(tokenizer)
     peft_config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=config.lora_r,
@@ -117,6 +127,7 @@ def align(
                 max_completion_length=config.max_completion_length,
                 temperature=config.temperature,
                 beta=config.beta,
+                generation_kwargs={"suppress_tokens": suppressed} if suppressed else None,
                 **common,
             )
             trainer = Trainer(

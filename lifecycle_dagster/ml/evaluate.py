@@ -26,10 +26,14 @@ def generate(
     log: Log | None = None,
     stage: str = "generate",
 ) -> list[str]:
-    """Greedy completions, left-padded batches, longest prompts first so batches pad little."""
+    """Greedy completions, left-padded batches, longest prompts first so batches pad little. A
+    model with a soft prompt in its vocabulary is prompted with it."""
     import torch
 
+    from lifecycle_dagster.ml.soft_prompt import with_soft_prompt
+
     tokenizer.padding_side = "left"
+    prompts = with_soft_prompt(tokenizer, prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
@@ -72,6 +76,9 @@ def perplexity(
     """exp(mean NLL) of the reference completions given their prompts (completion tokens only)."""
     import torch
 
+    from lifecycle_dagster.ml.soft_prompt import with_soft_prompt
+
+    prompts = with_soft_prompt(tokenizer, prompts)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(prompts), batch_size):
@@ -91,7 +98,6 @@ def perplexity(
         lab = torch.tensor([x + [-100] * (width - len(x)) for x in labels], device=device)
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attn).logits.float()
-        logits = logits[:, logits.shape[1] - input_ids.shape[1] :]  # prompt tuning prepends tokens
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         tgt = lab[:, 1:]
         mask = tgt != -100
@@ -105,7 +111,8 @@ class RewardScorer:
     """Scores ``prompt + completion`` with a sequence-classification reward model.
 
     The text is built exactly as trl's RewardTrainer builds it in training (prompt, completion, EOS),
-    so scores at evaluation and during alignment mean what they meant to the reward model.
+    so scores at evaluation and during alignment mean what they meant to the reward model. A policy's
+    soft prompt is not part of that text: the reward model judges the task prompt.
     """
 
     def __init__(self, path, runtime, batch_size: int = 32):
@@ -127,9 +134,12 @@ class RewardScorer:
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         import torch
 
+        from lifecycle_dagster.ml.soft_prompt import strip_soft_prompt
+
         eos = self.tokenizer.eos_token
         texts = [
-            f"{p} {clean_completion(c)}{eos}" for p, c in zip(prompts, completions, strict=True)
+            f"{strip_soft_prompt(p)} {clean_completion(c)}{eos}"
+            for p, c in zip(prompts, completions, strict=True)
         ]
         scores: list[float] = []
         device = next(self.model.parameters()).device

@@ -5,6 +5,10 @@ attention), once per variant: fp32, weight-only int8 and int4 (MatMulNBits), and
 onnxruntime's dynamic int8. ``OrtDecoder`` runs the artifact with plain
 onnxruntime, feeding ``present.*`` back as ``past_key_values.*`` each step, so the check exercises the
 cache exactly as serving does.
+
+Tokens the source model's generation config suppresses (a baked soft prompt's, see ``ml.soft_prompt``)
+are masked in the graph's logits, so onnxruntime never generates them either; the checks against
+PyTorch compare the other logits.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 from lifecycle_dagster.ml.progress import Log
 
 MODEL_FILE = "model.onnx"
+# Added to the logits of suppressed tokens in the graph: far below any real logit, finite in fp16.
+SUPPRESSED_LOGIT = -1e4
 # Decoding step by step with the KV cache must give what a full recomputation gives (both in
 # onnxruntime): the same greedy token at every step, and logits within float noise (fp32) or within
 # 5% of the logit range (quantised kernels take other paths for one row than for many). A cache that
@@ -110,6 +116,7 @@ def export_onnx(
     out_dir = Path(out_dir)
     variants: dict[str, Path] = {}
     seconds: dict[str, float] = {}
+    suppressed = suppressed_tokens(model_dir)
     for name in config.variants:
         start = time.monotonic()
         folder = out_dir / name
@@ -119,6 +126,8 @@ def export_onnx(
             _quantize_dynamic(out_dir / "fp32", folder)
         else:
             _build(model_dir, folder, name, _builder_options(name, config))
+            if suppressed:
+                _mask_logits(folder, suppressed)
         _plain_bytelevel_decoder(folder)
         variants[name] = folder
         seconds[name] = time.monotonic() - start
@@ -128,6 +137,44 @@ def export_onnx(
         sizes={name: onnx_bytes(path) for name, path in variants.items()},
         seconds=seconds,
     )
+
+
+def suppressed_tokens(model_dir: Path) -> list[int]:
+    """The token ids the model's generation config never lets it generate."""
+    path = Path(model_dir) / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    return sorted(config.get("suppress_tokens") or [])
+
+
+def _mask_logits(folder: Path, token_ids: list[int]) -> None:
+    """Rewrite the graph so that ``logits`` = the LM head's logits + a constant mask that puts the
+    given tokens at ``SUPPRESSED_LOGIT`` (the weights, in external data, are not touched)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = Path(folder) / MODEL_FILE
+    graph_model = onnx.load(str(path), load_external_data=False)
+    graph = graph_model.graph
+    output = next(o for o in graph.output if o.name == "logits")
+    dims = output.type.tensor_type.shape.dim
+    vocab = dims[-1].dim_value
+    if not vocab or max(token_ids) >= vocab:
+        raise ValueError(
+            f"{path}: cannot mask tokens {token_ids[:4]}... in logits of width {vocab}"
+        )
+    dtype = helper.tensor_dtype_to_np_dtype(output.type.tensor_type.elem_type)
+    mask = np.zeros(vocab, dtype=dtype)
+    mask[token_ids] = SUPPRESSED_LOGIT
+    producer = next(n for n in graph.node if "logits" in n.output)
+    producer.output[list(producer.output).index("logits")] = "logits_unmasked"
+    graph.initializer.append(numpy_helper.from_array(mask, "suppressed_tokens_mask"))
+    graph.node.append(
+        helper.make_node(
+            "Add", ["logits_unmasked", "suppressed_tokens_mask"], ["logits"], "/suppress_tokens"
+        )
+    )
+    onnx.save(graph_model, str(path))
 
 
 def _builder_options(variant: str, config: ExportConfig) -> dict:
@@ -379,10 +426,15 @@ def verify_against_torch(
     tokens come from ``generator`` (what serving runs) when given, else from ``decoder``.
 
     Also checks that decoding with the cache gives the logits a full recomputation gives: an export
-    that silently ignores its cache fails here.
+    that silently ignores its cache fails here. Logits of suppressed tokens (masked in the graph)
+    are left out of both comparisons.
     """
     import numpy as np
     import torch
+
+    from lifecycle_dagster.ml.soft_prompt import with_soft_prompt
+
+    suppressed = list(getattr(model.generation_config, "suppress_tokens", None) or [])
 
     max_diff, agree, total_tok, equal = 0.0, 0, 0, 0
     ort_time = torch_time = 0.0
@@ -390,12 +442,14 @@ def verify_against_torch(
     cache_ok = True
     examples = []
     device = next(model.parameters()).device
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for prompt, model_prompt in zip(prompts, with_soft_prompt(tokenizer, prompts), strict=True):
+        ids = tokenizer(model_prompt, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             ref_logits = model(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy()
         ort_logits = decoder.prefill_logits(ids)
-        max_diff = max(max_diff, float(np.abs(ref_logits - ort_logits).max()))
+        keep = np.ones(ort_logits.shape[-1], dtype=bool)
+        keep[suppressed] = False
+        max_diff = max(max_diff, float(np.abs(ref_logits - ort_logits)[:, keep].max()))
 
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -432,8 +486,8 @@ def verify_against_torch(
         if dec_tok:
             full = decoder.prefill_logits(ids + dec_tok[:-1])
             k = min(len(step_logits), len(dec_tok))
-            stepped = np.stack(step_logits[:k])
-            recomputed = full[len(ids) - 1 : len(ids) - 1 + k]
+            stepped = np.stack(step_logits[:k])[:, keep]
+            recomputed = full[len(ids) - 1 : len(ids) - 1 + k][:, keep]
             if not cache_matches(stepped, recomputed):
                 cache_ok = False
     return Faithfulness(
@@ -456,11 +510,13 @@ def generate_texts(
     log: Log | None = None,
     stage: str = "onnx",
 ) -> tuple[list[str], float]:
-    """Greedy completions from the ONNX artifact, one prompt at a time; and decode tokens/s."""
+    """Greedy completions from the ONNX artifact, one prompt at a time (after the model's soft
+    prompt, when it has one); and decode tokens/s."""
     from lifecycle_dagster.ml.evaluate import clean_completion
+    from lifecycle_dagster.ml.soft_prompt import with_soft_prompt
 
     texts, tokens, seconds = [], 0, 0.0
-    for i, prompt in enumerate(prompts, 1):
+    for i, prompt in enumerate(with_soft_prompt(tokenizer, prompts), 1):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         start = time.perf_counter()
         out = generator.generate(ids, max_new_tokens)

@@ -22,6 +22,8 @@ class SFTMethodConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
     num_virtual_tokens: int = 16
+    # Prompt tuning starts from the embeddings of this text (the task's instruction), else random.
+    init_text: str = ""
     max_length: int = 512
     seed: int = 0
 
@@ -55,12 +57,15 @@ def peft_config_for(config: SFTMethodConfig, tokenizer):
             target_modules=config.target_modules,
         )
     if config.method == "prompt_tuning":
+        init = {"prompt_tuning_init": PromptTuningInit.RANDOM}
+        if config.init_text:
+            init = {
+                "prompt_tuning_init": PromptTuningInit.TEXT,
+                "prompt_tuning_init_text": config.init_text,
+                "tokenizer_name_or_path": tokenizer.name_or_path,
+            }
         return PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM,
-            num_virtual_tokens=config.num_virtual_tokens,
-            prompt_tuning_init=PromptTuningInit.TEXT,
-            prompt_tuning_init_text="Summarise the dialogue in one sentence.",
-            tokenizer_name_or_path=tokenizer.name_or_path,
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens, **init
         )
     return None
 
@@ -130,26 +135,40 @@ def train_sft(
     )
 
 
-def load_sft_model(
+def load_sft(
     base_model: Path, sft_dir: Path, runtime: Runtime, merge: bool = False, training: bool = False
 ):
-    """The fine-tuned model: the base with the adapter on top, or the fully fine-tuned weights."""
-    from lifecycle_dagster.ml.models import load_causal_lm
+    """The fine-tuned model and the tokenizer to prompt it with.
 
-    if (Path(sft_dir) / "adapter_config.json").exists():
+    LoRA: the base with the adapter on top (merged into the weights with ``merge``). Prompt
+    tuning: the base with the soft prompt baked into its vocabulary (``ml.soft_prompt``), always,
+    so that what is evaluated here is what alignment, the export and serving run. Full fine-tuning:
+    the saved model.
+    """
+    from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
+
+    sft_dir = Path(sft_dir)
+    tokenizer = load_tokenizer(sft_dir)
+    peft_type = _peft_type(sft_dir)
+    if peft_type == "PROMPT_TUNING":
+        from lifecycle_dagster.ml.soft_prompt import bake_soft_prompt
+
+        model = load_causal_lm(base_model, runtime, training=training)
+        return bake_soft_prompt(model, tokenizer, sft_dir)
+    if peft_type is not None:
         model = load_causal_lm(base_model, runtime, adapter=sft_dir, training=training)
-        if merge and hasattr(model, "merge_and_unload") and _is_lora(sft_dir):
+        if merge and peft_type == "LORA":
             model = model.merge_and_unload()
-        return model
-    return load_causal_lm(sft_dir, runtime, training=training)
+        return model, tokenizer
+    return load_causal_lm(sft_dir, runtime, training=training), tokenizer
 
 
-def _is_lora(sft_dir: Path) -> bool:
+def _peft_type(sft_dir: Path) -> str | None:
+    """The adapter's peft type (LORA, PROMPT_TUNING), or None for a fully fine-tuned model."""
     import json
 
-    return (
-        json.loads((Path(sft_dir) / "adapter_config.json").read_text()).get("peft_type") == "LORA"
-    )
+    config = Path(sft_dir) / "adapter_config.json"
+    return json.loads(config.read_text()).get("peft_type") if config.exists() else None
 
 
 def _quiet(trainer) -> None:

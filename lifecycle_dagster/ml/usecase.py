@@ -109,20 +109,6 @@ class PromptingSpec(_Strict):
         return self
 
 
-# A soft prompt is not weights: it cannot be merged into the model that alignment trains and the
-# ONNX export serves. Prompt tuning stays available in ml.sft for experiments outside the graph.
-NOT_IN_GRAPH = {
-    "prompt_tuning": "a prompt-tuning adapter (soft prompt) cannot be merged into the weights that "
-    "alignment trains and the ONNX export serves; use lora (rising rank) or full"
-}
-
-
-def _in_graph(method: str | None) -> str | None:
-    if method in NOT_IN_GRAPH:
-        raise ValueError(NOT_IN_GRAPH[method])
-    return method
-
-
 class AdaptationSpec(_Strict):
     method: Literal["prompt_tuning", "lora", "full"] = "lora"
     max_steps: int = Field(60, gt=0)
@@ -132,10 +118,13 @@ class AdaptationSpec(_Strict):
     lora_alpha: int = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    num_virtual_tokens: int = Field(16, gt=0)
+    num_virtual_tokens: int = Field(
+        16,
+        gt=0,
+        le=256,
+        description="Prompt tuning: soft-prompt length (tokens added before every prompt).",
+    )
     seed: int = 0
-
-    _method = field_validator("method")(_in_graph)
 
 
 class RewardSpec(_Strict):
@@ -267,10 +256,10 @@ class CompressionSpec(_Strict):
 class LadderStep(_Strict):
     """One rung of the re-adaptation ladder: what changes for the next attempt. Prompt engineering
     (zero/one/few-shot) is re-scored in every attempt by prompt_baseline; adaptation then climbs
-    LoRA with rising rank -> full fine-tuning; alignment gets more steps or another KL weight."""
+    prompt tuning -> LoRA with rising rank -> full fine-tuning; alignment gets more steps or another
+    KL weight."""
 
     method: Literal["prompt_tuning", "lora", "full"] | None = None
-    _method = field_validator("method")(_in_graph)
     max_steps: int | None = Field(None, gt=0)
     max_steps_factor: float | None = Field(
         None, gt=0, description="Times the last attempt's steps."

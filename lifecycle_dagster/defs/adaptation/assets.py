@@ -24,8 +24,7 @@ from lifecycle_dagster.ml.data import (
 )
 from lifecycle_dagster.ml.evaluate import evaluate_model
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
-from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft_model, train_sft
-from lifecycle_dagster.ml.usecase import NOT_IN_GRAPH
+from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft, train_sft
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
@@ -108,10 +107,15 @@ def prompt_baseline(
         )
 
 
+METHODS = ("prompt_tuning", "lora", "full")
+
+
 def sft_method_config(uc, config: SFTAdapterConfig) -> SFTMethodConfig:
     a = uc.adaptation
-    if config.method in NOT_IN_GRAPH:
-        raise dg.Failure(f"sft_adapter: method {config.method}: {NOT_IN_GRAPH[config.method]}")
+    if config.method and config.method not in METHODS:
+        raise dg.Failure(
+            f"sft_adapter: unknown method {config.method!r}; one of {', '.join(METHODS)}"
+        )
     lora_r = config.lora_r or a.lora_r
     return SFTMethodConfig(
         method=config.method or a.method,
@@ -123,6 +127,7 @@ def sft_method_config(uc, config: SFTAdapterConfig) -> SFTMethodConfig:
         lora_dropout=a.lora_dropout,
         target_modules=a.target_modules,
         num_virtual_tokens=a.num_virtual_tokens,
+        init_text=uc.task.instruction,
         seed=a.seed,
     )
 
@@ -144,7 +149,8 @@ def sft_adapter(
     mlflow_tracking: MlflowTracking,
     compute: Compute,
 ) -> dg.MaterializeResult:
-    """The fine-tuned weights: a LoRA adapter or a fully fine-tuned model."""
+    """The adapted model: a soft prompt (prompt tuning), a LoRA adapter or fully fine-tuned
+    weights. Evaluated as the later stages run it (a soft prompt baked into the vocabulary)."""
     with stage(context, "sft_adapter", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
         runtime = compute.runtime(uc.compute)
@@ -161,8 +167,7 @@ def sft_adapter(
                 json.dumps({"method": method.method, "config": method.__dict__}, default=str)
             )
         st.run.log_curve("train_loss", result.loss_curve)
-        model = load_sft_model(model_dir, st.target / "adapter", runtime)
-        tok = load_tokenizer(model_dir)
+        model, tok = load_sft(model_dir, st.target / "adapter", runtime)
         after = evaluate_model(
             model,
             tok,
@@ -188,7 +193,11 @@ def sft_adapter(
             metadata={
                 "method": method.method,
                 "max_steps": method.max_steps,
-                "lora_r": method.lora_r,
+                **(
+                    {"num_virtual_tokens": method.num_virtual_tokens}
+                    if method.method == "prompt_tuning"
+                    else {"lora_r": method.lora_r}
+                ),
                 "is_adapter": result.is_adapter,
                 "device": runtime.describe(),
                 "loss_curve": st.plot(

@@ -24,7 +24,8 @@ from lifecycle_dagster.ml.data import (
 from lifecycle_dagster.ml.evaluate import RewardScorer, evaluate_model
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
 from lifecycle_dagster.ml.reward import RewardMethodConfig, pairwise_accuracy, train_reward_model
-from lifecycle_dagster.ml.sft import load_sft_model
+from lifecycle_dagster.ml.sft import load_sft
+from lifecycle_dagster.ml.soft_prompt import soft_tokens
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
@@ -106,7 +107,8 @@ def aligned_model(
     mlflow_tracking: MlflowTracking,
     compute: Compute,
 ) -> dg.MaterializeResult:
-    """The SFT model aligned with the reward model (KL-regularised to the SFT reference), merged."""
+    """The SFT model aligned with the reward model (KL-regularised to the SFT reference), merged;
+    a prompt-tuned model keeps its soft prompt as tokens in its vocabulary."""
     with stage(context, "aligned_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
         runtime = compute.runtime(uc.compute)
@@ -125,11 +127,6 @@ def aligned_model(
         st.run.log_params(method.__dict__)
         base = model_dir_of(upstream(context, artifact_store, "base_model"))
         sft_dir = upstream(context, artifact_store, "sft_adapter") / "adapter"
-        if json.loads((sft_dir.parent / "sft.json").read_text())["method"] == "prompt_tuning":
-            raise dg.Failure(
-                "aligned_model: a prompt-tuning adapter cannot be merged into the weights that "
-                "alignment and export need; use adaptation.method lora or full"
-            )
         reward_dir = upstream(context, artifact_store, "reward_model") / "model"
         data = upstream(context, artifact_store, "task_dataset")
         train = read_rows(data / "train.jsonl")
@@ -145,13 +142,15 @@ def aligned_model(
             ),
         )
         scorer = RewardScorer(reward_dir, runtime)
-        tok = load_tokenizer(base)
-        policy = load_sft_model(base, sft_dir, runtime, merge=True, training=True)
+        # The SFT model as one network (LoRA merged, a soft prompt baked into the vocabulary),
+        # with the tokenizer that prompts it.
+        policy, tok = load_sft(base, sft_dir, runtime, merge=True, training=True)
+        soft_prompt = len(soft_tokens(tok))
 
-        def score(model, label):
+        def score(model, tokenizer, label):
             return evaluate_model(
                 model,
-                tok,
+                tokenizer,
                 eval_prompts,
                 refs,
                 max_new_tokens=uc.evaluation.max_new_tokens,
@@ -162,12 +161,12 @@ def aligned_model(
                 stage=label,
             )
 
-        before = score(policy, "aligned_model[sft eval]")
+        before = score(policy, tok, "aligned_model[sft eval]")
         policy.train()
         with artifact_store.write(st.target) as tmp:
             result = align(
                 policy,
-                load_tokenizer(base),
+                tok,
                 tmp / "model",
                 method,
                 runtime,
@@ -176,7 +175,10 @@ def aligned_model(
                 scorer=scorer,
                 log=st.log,
             )
-        after = score(load_causal_lm(st.target / "model", runtime), "aligned_model[eval]")
+        aligned_dir = st.target / "model"
+        after = score(
+            load_causal_lm(aligned_dir, runtime), load_tokenizer(aligned_dir), "aligned_model[eval]"
+        )
         st.run.log_curve("train_reward", result.reward_curve)
         st.run.log_curve("kl", result.kl_curve)
         st.run.log_curve("train_loss", result.loss_curve)
@@ -198,6 +200,7 @@ def aligned_model(
             metadata={
                 "method": method.method,
                 "beta": method.beta,
+                "soft_prompt_tokens": soft_prompt,
                 "registered_model": registered,
                 "registered_version": version,
                 "max_steps": method.max_steps,

@@ -20,7 +20,7 @@ from lifecycle_dagster.lib.stage import (
 from lifecycle_dagster.ml.data import eval_rows, prompts_for, read_rows, references
 from lifecycle_dagster.ml.evaluate import RewardScorer, evaluate_model
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
-from lifecycle_dagster.ml.sft import load_sft_model
+from lifecycle_dagster.ml.sft import load_sft
 from lifecycle_dagster.ml.suite import from_spec, paired_bootstrap, per_example_metric
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.compute import Compute
@@ -166,31 +166,32 @@ def evaluation(
         )["shots"]
         scorer = RewardScorer(upstream(context, artifact_store, "reward_model") / "model", runtime)
         suite = from_spec(uc.evaluation.suite)
-        tok = load_tokenizer(base)
         refs = references(uc, evals)
         zero = prompts_for(uc, evals)
         few = prompts_for(uc, evals, train[:shots])
-        base_model = load_causal_lm(base, runtime)
+        base_model = (load_causal_lm(base, runtime), load_tokenizer(base))
+        aligned = upstream(context, artifact_store, "aligned_model") / "model"
+        # Each candidate with the tokenizer that prompts it (a prompt-tuned model's carries its
+        # soft prompt).
         candidates = {
             "base": (lambda: base_model, zero),
             "prompt_baseline": (lambda: base_model, few),
             "sft": (
-                lambda: load_sft_model(
+                lambda: load_sft(
                     base, upstream(context, artifact_store, "sft_adapter") / "adapter", runtime
                 ),
                 zero,
             ),
             CANDIDATE: (
-                lambda: load_causal_lm(
-                    upstream(context, artifact_store, "aligned_model") / "model", runtime
-                ),
+                lambda: (load_causal_lm(aligned, runtime), load_tokenizer(aligned)),
                 zero,
             ),
         }
         rows, per_example, results = [], [], {}
         for name, (load, prompts) in candidates.items():
+            model, tok = load()
             res = evaluate_model(
-                load(),
+                model,
                 tok,
                 prompts,
                 refs,
