@@ -370,6 +370,56 @@ def test_a_second_use_case_is_a_partition_of_its_own(lifecycle_run, definitions,
     assert meta(instance, "use_case")["name"] == UC
 
 
+def test_a_prompt_tuned_use_case_runs_through_alignment_export_and_serving(
+    lifecycle_run, definitions, instance, use_case
+):
+    """Prompt tuning as the adaptation: the soft prompt is aligned with, evaluated, exported and
+    served (thresholds at zero so that the export follows whatever the tiny model scores)."""
+    from lifecycle_dagster.ml.data import format_prompt
+    from lifecycle_dagster.ml.models import load_tokenizer
+    from lifecycle_dagster.ml.soft_prompt import soft_prompt_ids
+    from lifecycle_dagster.serving import GenerateRequest, ServedModel
+
+    name = "soft_prompt_summaries"
+    instance.add_dynamic_partitions("use_cases", [name])
+    overrides = (
+        f"{{name: {name}, adaptation: {{method: prompt_tuning, num_virtual_tokens: 8, "
+        "max_steps: 60, learning_rate: 0.03}, prompting: {shots: [0]}, reward: {max_steps: 40}, "
+        "compression: {variants: [fp32, int4]}, evaluation: {max_examples: 16, "
+        "thresholds: {rouge_l: {min: 0.0}, harmless: {min: 0.0}}}}"
+    )
+    result = definitions.resolve_job_def("lifecycle_job").execute_in_process(
+        instance=instance,
+        partition_key=name,
+        raise_on_error=False,
+        run_config={"ops": {"use_case": {"config": {"profile": "tiny", "overrides": overrides}}}},
+    )
+    assert result.success
+    sft = meta(instance, "sft_adapter", name)
+    assert sft["method"] == "prompt_tuning" and sft["num_virtual_tokens"] == 8
+    assert sft["loss_end"] < sft["loss_start"] and sft["trainable_fraction"] < 0.01
+    aligned = meta(instance, "aligned_model", name)
+    assert aligned["soft_prompt_tokens"] == 8
+    aligned_tok = load_tokenizer(Path(aligned["artifact_path"]) / "model")
+    soft_ids = soft_prompt_ids(aligned_tok)
+    assert len(soft_ids) == 8
+    summary = json.loads(
+        (Path(meta(instance, "evaluation", name)["artifact_path"]) / "summary.json").read_text()
+    )
+    assert summary["passed"] is True and set(summary["results"]) >= {"sft", "aligned"}
+    onnx = meta(instance, "onnx_model", name)
+    assert onnx["usable"] is True and onnx["max_abs_logit_diff_fp32"] < 1e-3
+    served = ServedModel.from_artifact(Path(onnx["artifact_path"]), name, "1", "candidate")
+    dialogue = "#Person1#: Is the bus late?\n#Person2#: Yes, ten minutes."
+    answer = served.generate(GenerateRequest(input=dialogue))
+    plain = aligned_tok(format_prompt(use_case, dialogue), add_special_tokens=False)["input_ids"]
+    assert answer.prompt_tokens == len(plain) + 8
+    assert answer.completion_tokens > 0
+    # The first use case is untouched: still LoRA, without a soft prompt.
+    assert meta(instance, "sft_adapter")["method"] == "lora"
+    assert meta(instance, "aligned_model")["soft_prompt_tokens"] == 0
+
+
 def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
     lifecycle_run, definitions, instance
 ):
