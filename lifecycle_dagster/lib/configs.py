@@ -15,7 +15,7 @@ class UseCaseConfig(dg.Config):
 class SFTAdapterConfig(dg.Config):
     """Overrides of the use case's adaptation settings (the re-adaptation sensor sets these)."""
 
-    method: str = Field(default="", description="lora or full; '' = use case's.")
+    method: str = Field(default="", description="prompt_tuning, lora or full; '' = use case's.")
     max_steps: int = Field(default=0, description="Training steps; 0 = use case's.")
     learning_rate: float = Field(default=0.0, description="0 = use case's.")
     lora_r: int = Field(default=0, description="LoRA rank; 0 = use case's.")

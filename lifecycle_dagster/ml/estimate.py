@@ -23,6 +23,8 @@ class Feasibility:
     full_finetune_bytes: float
     lora_finetune_bytes: float
     lora_trainable_parameters: float
+    prompt_tuning_bytes: float
+    prompt_tuning_trainable_parameters: float
     device: str
     measured_flops_per_s: float
     pretrain_seconds: float
@@ -40,6 +42,10 @@ class Feasibility:
                 human_bytes(self.full_finetune_bytes),
             ),
             ("memory, LoRA fine-tuning", human_bytes(self.lora_finetune_bytes)),
+            (
+                f"memory, prompt tuning ({self.prompt_tuning_trainable_parameters:.3g} trained)",
+                human_bytes(self.prompt_tuning_bytes),
+            ),
             (
                 f"matmul rate measured on {self.device}",
                 f"{self.measured_flops_per_s / 1e9:.1f} GFLOP/s",
@@ -99,12 +105,15 @@ def estimate(
     hidden: int | None = None,
     layers: int | None = None,
     lora_r: int = 8,
+    virtual_tokens: int = 16,
     tokens_per_param: float = TOKENS_PER_PARAM,
 ) -> Feasibility:
     tokens = tokens_per_param * parameters
     flops = 6 * parameters * tokens
     rate = flops_per_s or measure_matmul_flops(device)
     lora = lora_parameters(parameters, hidden, layers, lora_r)
+    # A soft prompt: one embedding row per virtual token (width from the shape, else ~sqrt(P/12L)).
+    soft = virtual_tokens * (hidden or (parameters / 12 / max(1, layers or 12)) ** 0.5)
     return Feasibility(
         parameters=parameters,
         tokens=tokens,
@@ -112,6 +121,8 @@ def estimate(
         full_finetune_bytes=16 * parameters,  # fp32 weights 4 + grads 4 + Adam m, v 8
         lora_finetune_bytes=4 * parameters + 16 * lora,  # frozen weights + trainable state
         lora_trainable_parameters=lora,
+        prompt_tuning_bytes=4 * parameters + 16 * soft,
+        prompt_tuning_trainable_parameters=soft,
         device=device,
         measured_flops_per_s=rate,
         pretrain_seconds=flops / rate,

@@ -78,6 +78,7 @@ def base_model(
             hidden=config.get("hidden_size"),
             layers=config.get("num_hidden_layers"),
             lora_r=uc.adaptation.lora_r,
+            virtual_tokens=uc.adaptation.num_virtual_tokens,
         )
         st.run.log_dict(feasible.as_dict(), "pretraining_feasibility.json")
         meta["pretraining_feasibility"] = dg.MetadataValue.md(feasible.markdown())
