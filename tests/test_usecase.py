@@ -142,3 +142,14 @@ def test_an_unknown_method_in_run_config_is_refused_by_name(use_case):
         dg.Failure, match="unknown method 'qlora'; one of prompt_tuning, lora, full"
     ):
         sft_method_config(use_case, SFTAdapterConfig(method="qlora"))
+
+
+def test_a_rung_that_changes_method_must_bring_its_learning_rate():
+    with pytest.raises(InputError, match=r"ladder.0 switches from prompt_tuning to lora without"):
+        load_use_case(BASE, overrides={"readaptation": {"ladder": [{"method": "lora"}]}})
+    with pytest.raises(InputError, match=r"ladder.1 switches from lora to full without"):
+        load_use_case(
+            profile="tiny", overrides={"readaptation": {"ladder": [{}, {"method": "full"}]}}
+        )
+    uc = load_use_case(BASE, overrides={"readaptation": {"ladder": [{"lora_r": 4}]}})
+    assert uc.readaptation.ladder[0].learning_rate is None  # same method: inherits the rate

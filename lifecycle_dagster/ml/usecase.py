@@ -281,7 +281,7 @@ class ReadaptationSpec(_Strict):
         default_factory=lambda: [
             LadderStep(method="lora", lora_r=16, max_steps_factor=2),
             LadderStep(method="lora", lora_r=32, max_steps_factor=2, alignment_max_steps_factor=2),
-            LadderStep(method="full", max_steps_factor=2),
+            LadderStep(method="full", max_steps_factor=2, learning_rate=1e-4),
         ],
         description="Overrides per escalation, in order.",
     )
@@ -308,6 +308,22 @@ class UseCase(_Strict):
     compression: CompressionSpec = CompressionSpec()
     readaptation: ReadaptationSpec = ReadaptationSpec()
     compute: ComputeSpec = ComputeSpec()
+
+    @model_validator(mode="after")
+    def _method_changes_bring_a_rate(self) -> UseCase:
+        """A rung that leaves prompt tuning, or moves to full fine-tuning, sets its own learning
+        rate: prompt tuning's (around 0.03) would wreck LoRA's weights, and LoRA's all of them."""
+        method, rate = self.adaptation.method, self.adaptation.learning_rate
+        for i, step in enumerate(self.readaptation.ladder):
+            changes = step.method and step.method != method
+            risky = method == "prompt_tuning" or step.method == "full"
+            if changes and risky and step.learning_rate is None:
+                raise ValueError(
+                    f"readaptation.ladder.{i} switches from {method} to {step.method} without a "
+                    f"learning_rate; it would inherit {method}'s {rate:g}"
+                )
+            method = step.method or method
+        return self
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
