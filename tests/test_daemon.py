@@ -191,4 +191,24 @@ def test_daemon_escalates_a_shortfall_once_and_stops(deployment):
     assert tick.status.value == "SKIPPED"
     runs = instance.get_runs()
     assert len(runs) == 2, [(r.job_name, r.tags) for r in runs]
-    print(json.dumps({"runs": [r.job_name for r in runs], "skip": tick.skip_reason}))
+    # The timeline, for whoever reads the log (seconds after attempt 1 was submitted).
+    records = {r.dagster_run.run_id: r for r in instance.get_run_records()}
+    t0 = records[first].create_timestamp.timestamp()
+    timeline = {}
+    for label, run_id in (("attempt 1", first), ("attempt 2", second.run_id)):
+        r = records[run_id]
+        timeline[f"{label} queued"] = r.create_timestamp.timestamp() - t0
+        timeline[f"{label} started"] = r.start_time - t0
+        timeline[f"{label} ended"] = r.end_time - t0
+    timeline["skip tick"] = tick.timestamp - t0
+    print(
+        json.dumps(
+            {
+                "runs": [r.job_name for r in runs],
+                "timeline_s": {
+                    k: round(v, 1) for k, v in sorted(timeline.items(), key=lambda x: x[1])
+                },
+                "skip": tick.skip_reason,
+            }
+        )
+    )

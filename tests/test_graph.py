@@ -386,7 +386,8 @@ def test_a_prompt_tuned_use_case_runs_through_alignment_export_and_serving(
         f"{{name: {name}, adaptation: {{method: prompt_tuning, num_virtual_tokens: 8, "
         "max_steps: 60, learning_rate: 0.03}, prompting: {shots: [0]}, reward: {max_steps: 40}, "
         "compression: {variants: [fp32, int4]}, evaluation: {max_examples: 16, "
-        "thresholds: {rouge_l: {min: 0.0}, harmless: {min: 0.0}}}}"
+        "thresholds: {rouge_l: {min: 0.0}, harmless: {min: 0.0}}}, "
+        "readaptation: {ladder: [{method: lora, learning_rate: 0.003}]}}"
     )
     result = definitions.resolve_job_def("lifecycle_job").execute_in_process(
         instance=instance,

@@ -139,7 +139,7 @@ def test_baked_model_exports_to_onnx_matches_and_is_served(
         model_dir,
         out,
         CompressConfig(
-            export=ExportConfig(variants=("fp32", "int4"), block_size=16),
+            export=ExportConfig(variants=("fp32", "int4", "int8_dynamic"), block_size=16),
             budget=QualityBudget(max_rouge_l_drop=1.0),
             check_new_tokens=8,
             max_new_tokens=12,
@@ -158,7 +158,7 @@ def test_baked_model_exports_to_onnx_matches_and_is_served(
     assert fp32.max_abs_logit_diff < 1e-3 and fp32.token_agreement == 1.0
     assert result.fp32_matches and result.cache_in_use
     assert result.variants["fp32"].predictions == torch_text
-    for variant in ("fp32", "int4"):
+    for variant in ("fp32", "int4", "int8_dynamic"):
         logits = OrtDecoder(out / variant).prefill_logits(
             tok(with_soft_prompt(tok, prompts[:1])[0], add_special_tokens=False)["input_ids"]
         )
@@ -170,7 +170,55 @@ def test_baked_model_exports_to_onnx_matches_and_is_served(
     row = rows[1][0]
     answer = served.generate(GenerateRequest(input=row["dialogue"]))
     plain = len(tok(prompts[0], add_special_tokens=False)["input_ids"])
-    assert answer.prompt_tokens == plain + VIRTUAL
-    assert answer.text and not set(ids) & set(
-        served.tokenizer.encode(answer.text, add_special_tokens=False).ids
+    assert answer.prompt_tokens == plain + VIRTUAL and answer.text
+    # What the server's generator writes, token by token, past EOS: never a soft-prompt token.
+    for prompt in with_soft_prompt(tok, prompts[:4]):
+        ids_in = served.tokenizer.encode(prompt, add_special_tokens=False).ids
+        assert ids_in[:VIRTUAL] == ids
+        written = served.generator.generate(ids_in, 24, ignore_eos=True, keep=VIRTUAL)
+        assert len(written) == 24 and not set(ids) & set(written)
+
+
+def test_a_model_that_scales_its_embeddings_bakes_unscaled_rows(tmp_path, tiny_base, runtime):
+    """Gemma multiplies embedding lookups by sqrt(hidden); peft's soft prompt is not scaled, so the
+    baked rows are stored divided by that scale and the outputs still match peft's."""
+    import torch
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    from lifecycle_dagster.ml.sft import load_sft
+
+    tok = load_tokenizer(tiny_base)
+    torch.manual_seed(0)
+    config = GemmaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,  # one layer would hide a wrong scale behind its input norm
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        pad_token_id=tok.pad_token_id,
     )
+    base = tmp_path / "gemma"
+    GemmaForCausalLM(config).save_pretrained(base, safe_serialization=True)
+    tok.save_pretrained(base)
+    peft_model = get_peft_model(
+        load_causal_lm(base, runtime),
+        PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
+    )
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    assert float(peft_model.get_input_embeddings().embed_scale) == pytest.approx(8.0)
+
+    baked, baked_tok = load_sft(base, tmp_path / "adapter", runtime)
+    enc = tok("Summary: hello", return_tensors="pt", add_special_tokens=False)
+    prefixed = baked_tok(
+        with_soft_prompt(baked_tok, ["Summary: hello"]),
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
+    with torch.no_grad():
+        expected = peft_model.eval()(**enc).logits[0, -enc["input_ids"].shape[1] :]
+        got = baked(**prefixed).logits[0, 4:, : len(tok)]
+    assert torch.allclose(expected, got, atol=1e-4)

@@ -130,6 +130,7 @@ def test_the_use_case_climbs_the_lifecycle_ladder():
         assert escalation is not None, why
         methods.append(sft_method_config(uc, SFTAdapterConfig(**escalation["sft_adapter"])).method)
     assert methods == ["prompt_tuning", "lora", "lora", "full"]
+    assert [s.learning_rate for s in uc.readaptation.ladder] == [0.002, 0.002, 0.0001]
 
 
 def test_an_unknown_method_in_run_config_is_refused_by_name(use_case):
@@ -145,11 +146,13 @@ def test_an_unknown_method_in_run_config_is_refused_by_name(use_case):
 
 
 def test_a_rung_that_changes_method_must_bring_its_learning_rate():
-    with pytest.raises(InputError, match=r"ladder.0 switches from prompt_tuning to lora without"):
-        load_use_case(BASE, overrides={"readaptation": {"ladder": [{"method": "lora"}]}})
-    with pytest.raises(InputError, match=r"ladder.1 switches from lora to full without"):
+    # Rungs apply over `adaptation`, not over one another: the second rung is refused too.
+    ladder = [{"method": "lora", "learning_rate": 0.002}, {"method": "lora", "lora_r": 16}]
+    with pytest.raises(InputError, match=r"ladder.1 trains lora without a learning_rate"):
+        load_use_case(BASE, overrides={"readaptation": {"ladder": ladder}})
+    with pytest.raises(InputError, match=r"ladder.1 trains full without a learning_rate"):
         load_use_case(
             profile="tiny", overrides={"readaptation": {"ladder": [{}, {"method": "full"}]}}
         )
-    uc = load_use_case(BASE, overrides={"readaptation": {"ladder": [{"lora_r": 4}]}})
+    uc = load_use_case(BASE, overrides={"readaptation": {"ladder": [{"max_steps": 90}]}})
     assert uc.readaptation.ladder[0].learning_rate is None  # same method: inherits the rate

@@ -76,9 +76,10 @@ def perplexity(
     """exp(mean NLL) of the reference completions given their prompts (completion tokens only)."""
     import torch
 
-    from lifecycle_dagster.ml.soft_prompt import with_soft_prompt
+    from lifecycle_dagster.ml.soft_prompt import soft_prompt_ids, with_soft_prompt
 
     prompts = with_soft_prompt(tokenizer, prompts)
+    soft = soft_prompt_ids(tokenizer)  # never generated: not part of the distribution either
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(prompts), batch_size):
@@ -98,6 +99,8 @@ def perplexity(
         lab = torch.tensor([x + [-100] * (width - len(x)) for x in labels], device=device)
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attn).logits.float()
+        if soft:
+            logits[..., soft] = float("-inf")
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         tgt = lab[:, 1:]
         mask = tgt != -100

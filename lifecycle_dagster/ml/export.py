@@ -373,13 +373,18 @@ class GenaiGenerator:
         generator.append_tokens(ids)
         return generator
 
-    def generate(self, ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    def generate(
+        self, ids: list[int], max_new_tokens: int, ignore_eos: bool = False, keep: int = 0
+    ) -> list[int]:
         """Greedy continuation of one prompt, without the EOS token. A prompt that would not fit
-        the context with ``max_new_tokens`` is cut from the left (its end is what is continued)."""
-        room = self.context_length - max_new_tokens
+        the context with ``max_new_tokens`` is cut from the left (its end is what is continued),
+        after its first ``keep`` tokens (a soft prompt), which stay."""
+        room = self.context_length - max_new_tokens - keep
         if room <= 0:
-            raise ValueError(f"max_new_tokens {max_new_tokens} >= context {self.context_length}")
-        ids = ids[-room:]
+            raise ValueError(
+                f"max_new_tokens {max_new_tokens} + {keep} kept >= context {self.context_length}"
+            )
+        ids = ids[:keep] + ids[keep:][-room:]
         generator = self.start([ids], max_new_tokens, ignore_eos)
         while not generator.is_done():
             generator.generate_next_token()
@@ -432,9 +437,10 @@ def verify_against_torch(
     import numpy as np
     import torch
 
-    from lifecycle_dagster.ml.soft_prompt import with_soft_prompt
+    from lifecycle_dagster.ml.soft_prompt import soft_prompt_ids, with_soft_prompt
 
     suppressed = list(getattr(model.generation_config, "suppress_tokens", None) or [])
+    keep = len(soft_prompt_ids(tokenizer))
 
     max_diff, agree, total_tok, equal = 0.0, 0, 0, 0
     ort_time = torch_time = 0.0
@@ -447,9 +453,9 @@ def verify_against_torch(
         with torch.no_grad():
             ref_logits = model(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy()
         ort_logits = decoder.prefill_logits(ids)
-        keep = np.ones(ort_logits.shape[-1], dtype=bool)
-        keep[suppressed] = False
-        max_diff = max(max_diff, float(np.abs(ref_logits - ort_logits)[:, keep].max()))
+        columns = np.ones(ort_logits.shape[-1], dtype=bool)
+        columns[suppressed] = False
+        max_diff = max(max_diff, float(np.abs(ref_logits - ort_logits)[:, columns].max()))
 
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -466,7 +472,7 @@ def verify_against_torch(
         torch_tokens += max(1, len(ref_tokens))
         t0 = time.perf_counter()
         if generator is not None:
-            ort_tok = generator.generate(ids, max_new_tokens)
+            ort_tok = generator.generate(ids, max_new_tokens, keep=keep)
         else:
             ort_tok, _ = decoder.generate(ids, max_new_tokens)
         ort_time += time.perf_counter() - t0
@@ -486,8 +492,8 @@ def verify_against_torch(
         if dec_tok:
             full = decoder.prefill_logits(ids + dec_tok[:-1])
             k = min(len(step_logits), len(dec_tok))
-            stepped = np.stack(step_logits[:k])[:, keep]
-            recomputed = full[len(ids) - 1 : len(ids) - 1 + k][:, keep]
+            stepped = np.stack(step_logits[:k])[:, columns]
+            recomputed = full[len(ids) - 1 : len(ids) - 1 + k][:, columns]
             if not cache_matches(stepped, recomputed):
                 cache_ok = False
     return Faithfulness(
@@ -513,13 +519,14 @@ def generate_texts(
     """Greedy completions from the ONNX artifact, one prompt at a time (after the model's soft
     prompt, when it has one); and decode tokens/s."""
     from lifecycle_dagster.ml.evaluate import clean_completion
-    from lifecycle_dagster.ml.soft_prompt import with_soft_prompt
+    from lifecycle_dagster.ml.soft_prompt import soft_prompt_ids, with_soft_prompt
 
+    keep = len(soft_prompt_ids(tokenizer))
     texts, tokens, seconds = [], 0, 0.0
     for i, prompt in enumerate(with_soft_prompt(tokenizer, prompts), 1):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         start = time.perf_counter()
-        out = generator.generate(ids, max_new_tokens)
+        out = generator.generate(ids, max_new_tokens, keep=keep)
         seconds += time.perf_counter() - start
         tokens += max(1, len(out))
         texts.append(clean_completion(tokenizer.decode(out, skip_special_tokens=True)))

@@ -78,7 +78,8 @@ def bake_soft_prompt(model, tokenizer, adapter_dir: Path):
     from tokenizers import AddedToken
 
     embeddings = prompt_embeddings(adapter_dir)
-    hidden = model.get_input_embeddings().weight.shape[1]
+    table = model.get_input_embeddings()
+    hidden = table.weight.shape[1]
     if embeddings.shape[1] != hidden:
         raise ValueError(
             f"{adapter_dir}: soft prompt of width {embeddings.shape[1]} for a model of hidden "
@@ -91,12 +92,32 @@ def bake_soft_prompt(model, tokenizer, adapter_dir: Path):
         [AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True
     )
     ids = tokenizer.convert_tokens_to_ids(tokens)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if max(ids) >= rows:
+    _check_encoding(tokenizer, "".join(tokens), ids)
+    if max(ids) >= table.weight.shape[0]:
         model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+    # peft places the soft prompt after the embedding lookup; models that scale their lookups
+    # (Gemma: x sqrt(hidden)) would scale the baked rows too, so they are stored unscaled.
+    scale = getattr(model.get_input_embeddings(), "embed_scale", None)
+    if scale is not None:
+        embeddings = embeddings / float(scale)
     weight = model.get_input_embeddings().weight
     with torch.no_grad():
         weight[ids] = embeddings.to(dtype=weight.dtype, device=weight.device)
     suppressed = list(model.generation_config.suppress_tokens or [])
     model.generation_config.suppress_tokens = sorted({*suppressed, *ids})
     return model, tokenizer
+
+
+def _check_encoding(tokenizer, prefix: str, ids: list[int]) -> None:
+    """The prefix must encode to the soft tokens and leave the prompt's own encoding alone, as
+    peft's training saw it (a tokenizer that treats text after a special token differently, e.g.
+    Metaspace with prepend_scheme 'first', does not)."""
+    probe = "Summarise the dialogue: hello, world."
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    prefixed = tokenizer(prefix + probe, add_special_tokens=False)["input_ids"]
+    if prefixed != ids + plain:
+        raise ValueError(
+            "this tokenizer encodes text after the soft-prompt tokens differently from the text "
+            f"alone ({prefixed[len(ids) : len(ids) + 4]} vs {plain[:4]}); the baked soft prompt "
+            "would not reproduce prompt tuning with it"
+        )

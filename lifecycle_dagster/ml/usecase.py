@@ -311,18 +311,18 @@ class UseCase(_Strict):
 
     @model_validator(mode="after")
     def _method_changes_bring_a_rate(self) -> UseCase:
-        """A rung that leaves prompt tuning, or moves to full fine-tuning, sets its own learning
-        rate: prompt tuning's (around 0.03) would wreck LoRA's weights, and LoRA's all of them."""
-        method, rate = self.adaptation.method, self.adaptation.learning_rate
+        """A rung applies over ``adaptation``: one that leaves prompt tuning, or moves to full
+        fine-tuning, sets its own learning rate. Prompt tuning's (around 0.03) would wreck LoRA's
+        weights, and LoRA's all of them."""
+        a = self.adaptation
         for i, step in enumerate(self.readaptation.ladder):
-            changes = step.method and step.method != method
-            risky = method == "prompt_tuning" or step.method == "full"
-            if changes and risky and step.learning_rate is None:
+            method = step.method or a.method
+            risky = a.method == "prompt_tuning" or method == "full"
+            if method != a.method and risky and step.learning_rate is None:
                 raise ValueError(
-                    f"readaptation.ladder.{i} switches from {method} to {step.method} without a "
-                    f"learning_rate; it would inherit {method}'s {rate:g}"
+                    f"readaptation.ladder.{i} trains {method} without a learning_rate: it would "
+                    f"inherit adaptation.learning_rate {a.learning_rate:g}, set for {a.method}"
                 )
-            method = step.method or method
         return self
 
     def fingerprint(self) -> str:
