@@ -5,15 +5,18 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from lifecycle_dagster.ml.progress import Log, Progress, hf_callback, loss_ends, trainer_kwargs
 from lifecycle_dagster.ml.runtime import Runtime
 
+Method = Literal["prompt_tuning", "lora", "full"]
+METHODS: tuple[str, ...] = get_args(Method)
+
 
 @dataclass(frozen=True)
 class SFTMethodConfig:
-    method: Literal["prompt_tuning", "lora", "full"] = "lora"
+    method: Method = "lora"
     max_steps: int = 60
     learning_rate: float = 2e-3
     batch_size: int = 8

@@ -27,6 +27,7 @@ from pydantic import (
 
 from lifecycle_dagster import settings
 from lifecycle_dagster.ml.errors import InputError
+from lifecycle_dagster.ml.sft import Method
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = PACKAGE_ROOT / "profiles"
@@ -110,7 +111,7 @@ class PromptingSpec(_Strict):
 
 
 class AdaptationSpec(_Strict):
-    method: Literal["prompt_tuning", "lora", "full"] = "lora"
+    method: Method = "lora"
     max_steps: int = Field(60, gt=0)
     learning_rate: float = Field(2e-3, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -259,7 +260,7 @@ class LadderStep(_Strict):
     prompt tuning -> LoRA with rising rank -> full fine-tuning; alignment gets more steps or another
     KL weight."""
 
-    method: Literal["prompt_tuning", "lora", "full"] | None = None
+    method: Method | None = None
     max_steps: int | None = Field(None, gt=0)
     max_steps_factor: float | None = Field(
         None, gt=0, description="Times the last attempt's steps."

@@ -24,7 +24,7 @@ from lifecycle_dagster.ml.data import (
 )
 from lifecycle_dagster.ml.evaluate import evaluate_model
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
-from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft, train_sft
+from lifecycle_dagster.ml.sft import METHODS, SFTMethodConfig, load_sft, train_sft
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
@@ -105,9 +105,6 @@ def prompt_baseline(
                 "best_template": dg.MetadataValue.md(f"```\n{template[-1500:]}\n```"),
             },
         )
-
-
-METHODS = ("prompt_tuning", "lora", "full")
 
 
 def sft_method_config(uc, config: SFTAdapterConfig) -> SFTMethodConfig:
