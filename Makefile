@@ -20,7 +20,7 @@ LLAMA_CPP_PY := 0.3.36
 BENCH_DIR    := $(LIFECYCLE_HOME)/bench
 LLAMA_SDIST  := $(BENCH_DIR)/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz
 
-.PHONY: setup models demo tiny loop test lint format ui mlflow-ui serve bench-env bench clean
+.PHONY: setup models demo tiny loop test test-fast test-e2e lint format ui mlflow-ui serve bench-env bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,9 +54,18 @@ demo: models
 tiny: setup
 	$(BIN)/lifecycle run --profile tiny
 
+# Every tier, in random order (pytest-randomly: `-p no:randomly` turns it off, `--randomly-seed=N`
+# repeats an order). test-fast leaves tests/e2e out; it keeps the GGUF test (unit tier), hence models.
 test: setup models
 	export LIFECYCLE_DEMO_GGUF=$(SMOLLM_GGUF); \
 	$(BIN)/python -m pytest -q
+
+test-fast: setup models
+	export LIFECYCLE_DEMO_GGUF=$(SMOLLM_GGUF); \
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+test-e2e: setup
+	$(BIN)/python -m pytest -q -m e2e
 
 lint: setup
 	$(BIN)/ruff check lifecycle_dagster tests bench

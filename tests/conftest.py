@@ -1,4 +1,9 @@
-"""Shared fixtures. The whole session writes its state under one temporary LIFECYCLE_HOME."""
+"""Shared fixtures and the test tiers. The whole session writes its state under one temporary
+LIFECYCLE_HOME.
+
+Tiers, by folder: tests/unit (plain ml/ code on tiny models, seconds), tests/dagster (direct calls
+of assets, checks, sensors and the definitions), tests/e2e (the whole graph, the CLI, the daemon).
+Each test gets its tier's marker from its folder, so `-m "not e2e"` selects the fast tiers."""
 
 import os
 import tempfile
@@ -14,15 +19,20 @@ import pytest  # noqa: E402
 
 from lifecycle_dagster.ml.runtime import select_runtime  # noqa: E402
 
-TINY = {
-    "vocab_size": 400,
-    "hidden_size": 64,
-    "num_layers": 2,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "intermediate_size": 128,
-    "context_length": 256,
-}
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "dagster", "e2e")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(item.path).resolve()
+        tier = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else None
+        if tier not in TIERS:
+            raise pytest.UsageError(
+                f"{path}: every test lives in a tier, tests/{{{','.join(TIERS)}}}/"
+            )
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")
@@ -40,19 +50,3 @@ def use_case():
     from lifecycle_dagster.ml.usecase import load_use_case
 
     return load_use_case(profile="tiny")
-
-
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory, use_case, runtime) -> Path:
-    """A 2-layer Llama (hidden 64) with its own BPE tokenizer, briefly pre-trained on the corpus."""
-    from lifecycle_dagster.ml.data import load_task_data
-    from lifecycle_dagster.ml.pretrain import PretrainConfig, pretrain
-
-    rows = load_task_data(use_case)["train"].rows
-    corpus = [r["dialogue"] for r in rows] + [r["summary"] for r in rows]
-    out = tmp_path_factory.mktemp("tiny_base")
-    result = pretrain(
-        corpus, out, PretrainConfig(**TINY, steps=120, batch_size=16), device=runtime.device
-    )
-    assert result.loss_end < result.loss_start
-    return out

@@ -12,7 +12,7 @@ GGUF = Path(
     os.environ.get(
         "LIFECYCLE_DEMO_GGUF",
         str(
-            Path(__file__).resolve().parent.parent
+            Path(__file__).resolve().parents[2]
             / ".lifecycle"
             / "models"
             / "SmolLM2-135M-Instruct.Q4_1.gguf"

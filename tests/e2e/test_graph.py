@@ -1,5 +1,10 @@
 """The whole tiny lifecycle, materialized in a temporary Dagster instance with a temporary MLflow
-store; then bad input on top of it, and the re-adaptation loop closed in-process."""
+store; then bad input, a second use case, prompt tuning and the re-adaptation loop closed
+in-process.
+
+Every scenario owns its use case, hence its partition (and its MLflow experiment and registered
+models, both named after the use case): the read-only tests share the module's `lifecycle_run` of
+dialogue_summarisation, which nothing else writes to, so each test passes alone and in any order."""
 
 import json
 import shutil
@@ -14,7 +19,9 @@ from lifecycle_dagster.definitions import defs
 from lifecycle_dagster.ml.artifacts import verify
 from lifecycle_dagster.resources.artifacts import records_of
 
-UC = "dialogue_summarisation"  # the use case, hence the partition, of every run here
+UC = "dialogue_summarisation"  # the use case, hence the partition, of `lifecycle_run`
+BAD_DATA = "summaries_bad_data"  # the bad-data scenario's own use case
+SHORTFALL = "summaries_shortfall"  # the re-adaptation scenario's own use case
 ASSETS = [
     "use_case",
     "task_dataset",
@@ -55,6 +62,11 @@ def lifecycle_run(definitions, instance):
         run_config={"ops": {"use_case": {"config": {"profile": "tiny"}}}},
     )
     return result
+
+
+def tiny_config(overrides: str = "", **config) -> dict:
+    """Run config for the use_case asset on the tiny profile."""
+    return {"ops": {"use_case": {"config": {"profile": "tiny", "overrides": overrides, **config}}}}
 
 
 def latest(instance, asset: str, use_case: str = UC):
@@ -278,7 +290,7 @@ def test_serve_answers_with_the_champion(lifecycle_run, instance, tmp_path):
 
 def test_mlflow_holds_one_run_per_stage_with_metrics(lifecycle_run):
     client = MlflowClient(settings.mlflow_uri())
-    exp = client.get_experiment_by_name("dialogue_summarisation")
+    exp = client.get_experiment_by_name(UC)
     runs = client.search_runs(
         [exp.experiment_id], f"tags.`dagster.run_id` = '{lifecycle_run.run_id}'"
     )
@@ -294,10 +306,21 @@ def test_mlflow_holds_one_run_per_stage_with_metrics(lifecycle_run):
 
 
 def test_bad_data_stops_the_run_before_training_and_keeps_last_good(
-    lifecycle_run, definitions, instance, tmp_path, use_case
+    definitions, instance, tmp_path, use_case
 ):
-    good_task = latest_storage_id(instance, "task_dataset")
-    good_base = latest_storage_id(instance, "base_model")
+    """A use case of its own: good data first, then a file with a row missing its summary."""
+    name = BAD_DATA
+    instance.add_dynamic_partitions("use_cases", [name])
+    job = definitions.resolve_job_def("lifecycle_job")
+    good = job.execute_in_process(
+        instance=instance,
+        partition_key=name,
+        asset_selection=[dg.AssetKey(k) for k in ("use_case", "task_dataset", "base_model")],
+        run_config=tiny_config(f"{{name: {name}}}"),
+    )
+    assert good.success
+    good_task = latest_storage_id(instance, "task_dataset", name)
+    good_base = latest_storage_id(instance, "base_model", name)
     data = tmp_path / "data"
     shutil.copytree(use_case.data.train.parent, data)
     lines = (data / "train.jsonl").read_text().splitlines()
@@ -307,13 +330,11 @@ def test_bad_data_stops_the_run_before_training_and_keeps_last_good(
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
     layer = tmp_path / "bad.yaml"
     layer.write_text(f"data:\n  train: {data / 'train.jsonl'}\n")
-    result = definitions.resolve_job_def("lifecycle_job").execute_in_process(
+    result = job.execute_in_process(
         instance=instance,
-        partition_key=UC,
+        partition_key=name,
         raise_on_error=False,
-        run_config={
-            "ops": {"use_case": {"config": {"profile": "tiny", "use_case_file": str(layer)}}}
-        },
+        run_config=tiny_config(f"{{name: {name}}}", use_case_file=str(layer)),
     )
     assert not result.success
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
@@ -322,17 +343,10 @@ def test_bad_data_stops_the_run_before_training_and_keeps_last_good(
     assert f"{data / 'train.jsonl'}:5" in message and "field 'summary'" in message
     ran = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
     assert not ran & {"base_model", "sft_adapter", "reward_model", "aligned_model"}
-    assert latest_storage_id(instance, "task_dataset") == good_task
-    assert latest_storage_id(instance, "base_model") == good_base
-    verify(Path(meta(instance, "task_dataset")["artifact_path"]))
+    assert latest_storage_id(instance, "task_dataset", name) == good_task
+    assert latest_storage_id(instance, "base_model", name) == good_base
+    verify(Path(meta(instance, "task_dataset", name)["artifact_path"]))
     assert not list(settings.artifacts_root().rglob(".tmp-*"))
-    # Restore the good use case for the tests that follow.
-    definitions.resolve_job_def("lifecycle_job").execute_in_process(
-        instance=instance,
-        partition_key=UC,
-        asset_selection=[dg.AssetKey("use_case"), dg.AssetKey("task_dataset")],
-        run_config={"ops": {"use_case": {"config": {"profile": "tiny"}}}},
-    )
 
 
 def test_a_second_use_case_is_a_partition_of_its_own(lifecycle_run, definitions, instance):
@@ -421,31 +435,46 @@ def test_a_prompt_tuned_use_case_runs_through_alignment_export_and_serving(
     assert meta(instance, "aligned_model")["soft_prompt_tokens"] == 0
 
 
+@pytest.fixture(scope="module")
+def shortfall_instance(definitions, tmp_path_factory):
+    """The re-adaptation scenario's own instance (the sensor reads every partition's verdicts) and
+    use case, where a passing tiny lifecycle run has made version 1 the champion."""
+    with dg.DagsterInstance.local_temp(
+        str(tmp_path_factory.mktemp("dagster-shortfall")),
+        overrides={"telemetry": {"enabled": False}},
+    ) as inst:
+        inst.add_dynamic_partitions("use_cases", [SHORTFALL])
+        first = definitions.resolve_job_def("lifecycle_job").execute_in_process(
+            instance=inst,
+            partition_key=SHORTFALL,
+            raise_on_error=False,
+            run_config=tiny_config(f"{{name: {SHORTFALL}}}"),
+        )
+        assert first.success
+        yield inst
+
+
 def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
-    lifecycle_run, definitions, instance
+    definitions, shortfall_instance
 ):
     """A threshold the first attempt misses: the sensor asks for the next rung, which meets it."""
     from lifecycle_dagster.defs.automation.automation import readaptation_sensor
 
+    instance, name = shortfall_instance, SHORTFALL
     job = definitions.resolve_job_def("lifecycle_job")
     job.execute_in_process(
         instance=instance,
-        partition_key=UC,
+        partition_key=name,
         asset_selection=[dg.AssetKey("use_case")],
-        run_config={
-            "ops": {
-                "use_case": {
-                    "config": {
-                        "profile": "tiny",
-                        "overrides": "{evaluation: {thresholds: {rouge_l: {min: 0.4}}}}",
-                    }
-                }
-            }
-        },
+        run_config=tiny_config(
+            f"{{name: {name}, evaluation: {{thresholds: {{rouge_l: {{min: 0.4}}}}}}}}"
+        ),
     )
     adaptation = definitions.resolve_job_def("adaptation_job")
-    first = adaptation.execute_in_process(instance=instance, partition_key=UC, raise_on_error=False)
-    assert meta(instance, "evaluation")["verdict"] == "fail"
+    first = adaptation.execute_in_process(
+        instance=instance, partition_key=name, raise_on_error=False
+    )
+    assert meta(instance, "evaluation", name)["verdict"] == "fail"
     assert not any(
         e.materialization.asset_key.to_user_string() == "onnx_model"
         for e in first.get_asset_materialization_events()
@@ -457,7 +486,7 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
     request = out.run_requests[0]
     assert request.tags["lifecycle/attempt"] == "2"
     assert request.run_config["ops"]["sft_adapter"]["config"]["lora_r"] == 16
-    assert request.partition_key == UC
+    assert request.partition_key == name
 
     second = adaptation.execute_in_process(
         instance=instance,
@@ -467,9 +496,9 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
         raise_on_error=False,
     )
     assert second.success
-    m = meta(instance, "evaluation")
+    m = meta(instance, "evaluation", name)
     assert m["verdict"] == "pass" and m["attempt"] == 2
-    assert meta(instance, "sft_adapter")["lora_r"] == 16
+    assert meta(instance, "sft_adapter", name)["lora_r"] == 16
     # The failed verdict already acted on is not acted on again; the passing one needs nothing.
     again = readaptation_sensor(
         dg.build_sensor_context(instance=instance, cursor=out.cursor, definitions=definitions)
@@ -477,13 +506,13 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
     assert not again.run_requests
     assert "verdict pass at attempt 2" in again.skip_reason.skip_message
     # The export is the candidate that passed evaluation, and it is the usable one.
-    assert Path(meta(instance, "evaluation")["candidate_path"]) == Path(
-        meta(instance, "aligned_model")["artifact_path"]
+    assert Path(meta(instance, "evaluation", name)["candidate_path"]) == Path(
+        meta(instance, "aligned_model", name)["artifact_path"]
     )
-    assert meta(instance, "onnx_model")["usable"] is True
+    assert meta(instance, "onnx_model", name)["usable"] is True
     # The attempt is linked, in MLflow, to the evaluation whose verdict it answers.
     client = MlflowClient(settings.mlflow_uri())
-    exp = client.get_experiment_by_name("dialogue_summarisation").experiment_id
+    exp = client.get_experiment_by_name(name).experiment_id
     sft_run = client.search_runs(
         [exp],
         f"tags.`dagster.run_id` = '{second.run_id}' and tags.`lifecycle.stage` = 'sft_adapter'",
@@ -498,9 +527,9 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
     from lifecycle_dagster.resources.registry import ModelRegistry
 
     registry = ModelRegistry(settings.mlflow_uri())
-    onnx = meta(instance, "onnx_model")
+    onnx = meta(instance, "onnx_model", name)
     assert registry.aliases(onnx["registered_model"])["champion"] == onnx["registered_version"]
-    aligned = meta(instance, "aligned_model")
+    aligned = meta(instance, "aligned_model", name)
     aliases = registry.aliases(aligned["registered_model"])
     assert aliases == {"candidate": aligned["registered_version"], "champion": aliases["champion"]}
     assert aliases["champion"] == aligned["registered_version"]

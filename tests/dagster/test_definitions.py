@@ -10,7 +10,7 @@ import dagster as dg
 
 from lifecycle_dagster.definitions import defs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 EXPECTED_ASSETS = {
     "use_case": "scope",
