@@ -39,7 +39,7 @@ from lifecycle_dagster.ml.compress import QualityBudget, quality_drop
 from lifecycle_dagster.ml.data import load_task_data, prompts_for, references
 from lifecycle_dagster.ml.evaluate import clean_completion, rouge_l
 from lifecycle_dagster.ml.export import ExportConfig, GenaiGenerator, export_onnx
-from lifecycle_dagster.ml.usecase import load_use_case
+from lifecycle_dagster.ml.usecase_loader import load_use_case
 
 BENCH = settings.state_home() / "bench"
 SITE = BENCH / "site"

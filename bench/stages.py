@@ -25,7 +25,7 @@ from lifecycle_dagster.ml.pretrain import PretrainConfig, pretrain
 from lifecycle_dagster.ml.reward import RewardMethodConfig, pairwise_accuracy, train_reward_model
 from lifecycle_dagster.ml.runtime import select_runtime
 from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft, train_sft
-from lifecycle_dagster.ml.usecase import load_use_case
+from lifecycle_dagster.ml.usecase_loader import load_use_case
 
 
 def main() -> None:

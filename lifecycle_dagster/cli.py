@@ -6,12 +6,14 @@ import argparse
 import os
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 
-import yaml
+from tabulate import tabulate
 
 from lifecycle_dagster import settings
+from lifecycle_dagster.ml.sft import SFTMethodConfig
 
 SUMMARY_METRICS = {
     "use_case": [],
@@ -40,17 +42,13 @@ def prepare_dagster_home() -> Path:
     return home
 
 
-def run_config(profile: str, config_file: str | None, overrides: str | None) -> dict:
+def run_config(profile: str, config_file: str | None, overrides: dict | None) -> dict:
+    """The lifecycle job's run config: the use case as profile, file and a parsed override."""
+    use_case = {"profile": profile, "overrides": overrides or {}}
+    if config_file:
+        use_case["use_case_file"] = str(Path(config_file).resolve())
     return {
-        "ops": {
-            "use_case": {
-                "config": {
-                    "profile": profile,
-                    "use_case_file": str(Path(config_file).resolve()) if config_file else "",
-                    "overrides": overrides or "",
-                }
-            }
-        },
+        "ops": {"use_case": {"config": use_case}},
         "loggers": {"console": {"config": {"log_level": "INFO"}}},
     }
 
@@ -87,21 +85,9 @@ def summary_rows(instance, result) -> list[dict]:
     return rows
 
 
-def table_lines(rows: list[dict], cols: list[str], indent: str = "") -> list[str]:
-    """Columns padded to their widest cell: a header line, then one line per row."""
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    return [
-        indent + "  ".join(str(r[c]).ljust(widths[c]) for c in cols)
-        for r in [{c: c for c in cols}, *rows]
-    ]
-
-
 def print_table(rows: list[dict], file=sys.stdout) -> None:
-    header, *body = table_lines(rows, ["stage", "status", "duration", "metrics", "artifact"])
-    print(header, file=file)
-    print("-" * len(header), file=file)
-    for line in body:
-        print(line, file=file)
+    cols = ["stage", "status", "duration", "metrics", "artifact"]
+    print(tabulate([[r[c] for c in cols] for r in rows], headers=cols), file=file)
     urls = [(r["stage"], r["mlflow"]) for r in rows if r["mlflow"] != "-"]
     if urls:
         print("\nMLflow runs:", file=file)
@@ -114,18 +100,13 @@ def cmd_run(args) -> int:
     import dagster as dg
 
     from lifecycle_dagster.definitions import defs
-    from lifecycle_dagster.lib.stage import PROFILE_TAG, USE_CASE_TAG, USE_CASES
+    from lifecycle_dagster.lib.partitions import PROFILE_TAG, USE_CASE_TAG, USE_CASES
     from lifecycle_dagster.ml.errors import InputError
-    from lifecycle_dagster.ml.usecase import load_use_case
+    from lifecycle_dagster.ml.usecase_loader import load_use_case, parse_overrides
 
     try:  # fail fast, before Dagster starts, on a bad profile, use-case file or override
-        overrides = yaml.safe_load(args.override) if args.override else None
-        if overrides is not None and not isinstance(overrides, dict):
-            raise InputError("--override", "expected a YAML mapping")
+        overrides = parse_overrides(args.override)
         uc = load_use_case(args.config, profile=args.profile, overrides=overrides)
-    except yaml.YAMLError as exc:
-        print(f"lifecycle: --override is not valid YAML: {exc}", file=sys.stderr)
-        return 2
     except InputError as exc:
         print(f"lifecycle: {exc}", file=sys.stderr)
         return 2
@@ -140,7 +121,7 @@ def cmd_run(args) -> int:
     )
     start = time.monotonic()
     result = job.execute_in_process(
-        run_config=run_config(args.profile, args.config, args.override),
+        run_config=run_config(args.profile, args.config, overrides),
         instance=instance,
         partition_key=uc.name,
         tags={PROFILE_TAG: args.profile, USE_CASE_TAG: uc.name},
@@ -172,7 +153,7 @@ def cmd_estimate(args) -> int:
     result = estimate(
         float(args.params),
         device=runtime.device,
-        lora_r=args.lora_r,
+        adaptation=SFTMethodConfig().updated({"lora_r": args.lora_r} if args.lora_r else {}),
         tokens_per_param=args.tokens_per_param,
     )
     print(f"Pre-training feasibility for {float(args.params):.3g} parameters on this machine:\n")
@@ -261,13 +242,13 @@ def cmd_experiments(args) -> int:
         if not rows:
             print("  no evaluated attempt yet")
             continue
-        print("\n".join(table_lines(rows, list(rows[0]), indent="  ")))
+        print(textwrap.indent(tabulate(rows, headers="keys"), "  "))
     return 0
 
 
 def cmd_serve(args) -> int:
     from lifecycle_dagster.ml.errors import InputError
-    from lifecycle_dagster.ml.usecase import load_use_case
+    from lifecycle_dagster.ml.usecase_loader import load_use_case
     from lifecycle_dagster.resources.registry import registered_name
     from lifecycle_dagster.serving import ServedModel, serve
 
@@ -305,9 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         "--override", help="YAML mapping applied last, e.g. '{adaptation: {max_steps: 10}}'"
     )
     run.set_defaults(func=cmd_run)
+    lora_r = SFTMethodConfig.model_fields["lora_r"]
     est = sub.add_parser("estimate", help="what pre-training a model of a given size would cost")
     est.add_argument("--params", required=True, help="parameter count, e.g. 1e9")
-    est.add_argument("--lora-r", type=int, default=8, help="LoRA rank for the memory estimate")
+    est.add_argument(
+        "--lora-r",
+        type=int,
+        help=f"{lora_r.description} For the memory estimate; default {lora_r.default}.",
+    )
     est.add_argument("--tokens-per-param", type=float, default=20.0)
     est.add_argument("--device", default="auto", help="where to measure the matmul rate")
     est.set_defaults(func=cmd_estimate)

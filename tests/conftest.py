@@ -47,6 +47,6 @@ def runtime():
 
 @pytest.fixture(scope="session")
 def use_case():
-    from lifecycle_dagster.ml.usecase import load_use_case
+    from lifecycle_dagster.ml.usecase_loader import load_use_case
 
     return load_use_case(profile="tiny")

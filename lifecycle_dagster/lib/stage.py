@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
-import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -14,6 +11,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from lifecycle_dagster.lib.partitions import ATTEMPT_TAG, REASON_TAG, STARTED_TAG, VERDICT_RUN_TAG
+from lifecycle_dagster.lib.render import png_markdown, render_png
 from lifecycle_dagster.ml.artifacts import dir_size, read_manifest
 from lifecycle_dagster.ml.usecase import UseCase
 from lifecycle_dagster.resources.artifacts import (
@@ -25,41 +24,6 @@ from lifecycle_dagster.resources.artifacts import (
 )
 from lifecycle_dagster.resources.mlflow import MlflowTracking, StageRun
 from lifecycle_dagster.resources.registry import registered_name
-
-ATTEMPT_TAG = "lifecycle/attempt"
-REASON_TAG = "lifecycle/reason"
-PROFILE_TAG = "lifecycle/profile"
-USE_CASE_TAG = "lifecycle/use_case"
-STARTED_TAG = "lifecycle/started_at"  # epoch seconds attempt 1 of the experiment started
-VERDICT_RUN_TAG = "lifecycle/verdict_run"  # the Dagster run whose failed verdict this escalates
-OWNERS = ["team:ml-platform"]
-
-# One partition per use case: each experiment keeps its own lineage and materialization history,
-# and two use cases in one deployment never read each other's artifacts. A partition is added
-# when a use case is first launched (`lifecycle run`, or "Add partition" in the UI); attempts
-# within it are runs tagged with ATTEMPT_TAG.
-USE_CASES = dg.DynamicPartitionsDefinition(name="use_cases")
-
-
-# Downstream of the data: re-run when an upstream asset is updated (new data, a new base model),
-# never while one is missing or in progress, and never past an upstream blocking check that failed.
-# Assets that need dynamic config (the escalated attempts) are launched by the re-adaptation sensor.
-def follows_upstream(*ignoring: str) -> dg.AutomationCondition:
-    """Re-run when an upstream asset (other than ``ignoring``) is updated, never while one is
-    missing or in progress, and never past an upstream blocking check that failed."""
-    updated = dg.AutomationCondition.any_deps_updated()
-    if ignoring:
-        updated = updated.ignore(dg.AssetSelection.assets(*ignoring))
-    return (
-        updated.since_last_handled()
-        & ~dg.AutomationCondition.any_deps_missing()
-        & ~dg.AutomationCondition.any_deps_in_progress()
-        & ~dg.AutomationCondition.in_progress()
-        & dg.AutomationCondition.all_deps_blocking_checks_passed()
-    ).with_label("follows upstream")
-
-
-FOLLOWS_UPSTREAM = follows_upstream()
 
 
 def attempt_of(context) -> int:
@@ -74,6 +38,17 @@ def attempt_of(context) -> int:
     if context.asset_key.to_user_string() == "sft_adapter":
         return 1
     return int(upstream_metadata(context, "sft_adapter").get("attempt", 1))
+
+
+def attempt_started_at(context) -> float:
+    """When attempt 1 of this experiment started (epoch seconds): carried in the run tags by the
+    sensor, else this run's own start."""
+    tag = context.run.tags.get(STARTED_TAG)
+    if tag:
+        return float(tag)
+    record = context.instance.get_run_record_by_id(context.run.run_id)
+    start = record.start_time if record and record.start_time else None
+    return start or time.time()
 
 
 def use_case_key(context) -> str | None:
@@ -121,72 +96,6 @@ def _metadata(record) -> dict:
     return {k: v.value for k, v in record.asset_materialization.metadata.items()}
 
 
-def render_png(
-    curves: dict[str, list[tuple[int, float]]], title: str, xlabel: str = "step"
-) -> bytes:
-    """A small line plot of one or more curves, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=90)
-    for name, points in curves.items():
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.grid(alpha=0.3)
-    if len(curves) > 1:
-        ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def render_bars(panels: dict[str, dict[str, float]], title: str) -> bytes:
-    """Side-by-side horizontal bar charts, one panel per mapping, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), dpi=90)
-    axes = axes if len(panels) > 1 else [axes]
-    for ax, (name, values) in zip(axes, panels.items(), strict=True):
-        labels = list(values)
-        ax.barh(labels, [values[k] for k in labels], color="#4f7cac")
-        ax.invert_yaxis()
-        ax.set_title(name)
-        ax.grid(axis="x", alpha=0.3)
-        for i, k in enumerate(labels):
-            ax.text(values[k], i, f" {values[k]:.3g}", va="center", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def png_markdown(png: bytes, title: str) -> str:
-    """Inline markdown (data URI) that the Dagster UI renders as an image."""
-    return f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
-
-
-def md_table(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    cols = list(rows[0])
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in rows:
-        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in (row[c] for c in cols)]
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
-
-
 @dataclass
 class Stage:
     """One asset materialization: its log, its MLflow run, its artifact target and timings."""
@@ -197,7 +106,12 @@ class Stage:
     run: StageRun
     target: Path
     tracking: MlflowTracking
+    store: ArtifactStore
     started: float = field(default_factory=time.monotonic)
+
+    def write(self, extra: dict | None = None):
+        """Write this stage's artifact: a temp dir, renamed into place with its manifest."""
+        return self.store.write(self.target, extra)
 
     def log(self, message: str) -> None:
         self.context.log.info(message)
@@ -315,8 +229,5 @@ def stage(
             run=run,
             target=store.target(name, context.run.run_id, use_case_key(context)),
             tracking=mlflow,
+            store=store,
         )
-
-
-def json_md(data) -> dg.MetadataValue:
-    return dg.MetadataValue.json(json.loads(json.dumps(data, default=str)))

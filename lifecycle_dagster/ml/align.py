@@ -15,23 +15,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field, model_validator
+
 from lifecycle_dagster.ml.progress import Log, Progress, hf_callback, trainer_kwargs
 from lifecycle_dagster.ml.runtime import Runtime
+from lifecycle_dagster.ml.tunables import Tunables
 
 
-@dataclass(frozen=True)
-class AlignMethodConfig:
-    method: Literal["grpo", "rloo", "dpo"] = "grpo"
-    max_steps: int = 20
-    learning_rate: float = 5e-4
-    beta: float = 0.04
-    batch_size: int = 8
-    num_generations: int = 4
-    max_completion_length: int = 24
-    temperature: float = 1.0
-    lora_r: int = 16
-    lora_alpha: int = 32
-    seed: int = 0
+class AlignMethodConfig(Tunables):
+    """Alignment against the reward model: the use case's ``alignment`` section, a ladder rung's
+    ``alignment`` and the ``aligned_model`` run config are this model or a partial update of it."""
+
+    method: Literal["grpo", "rloo", "dpo"] = Field(
+        "grpo",
+        description="grpo or rloo (online, against the reward model) or dpo (offline pairs).",
+    )
+    max_steps: int = Field(20, gt=0, description="Optimizer steps.")
+    learning_rate: float = Field(5e-4, gt=0, description="Learning rate (constant).")
+    beta: float = Field(0.04, ge=0, description="Weight of the KL term to the SFT reference.")
+    batch_size: int = Field(8, gt=0, description="Prompts per step (GRPO: completions per step).")
+    num_generations: int = Field(4, ge=2, description="GRPO/RLOO: completions per prompt.")
+    max_completion_length: int = Field(24, gt=0, description="GRPO/RLOO: tokens per completion.")
+    temperature: float = Field(1.0, gt=0, description="GRPO/RLOO: sampling temperature.")
+    lora_r: int = Field(16, gt=0, description="Rank of the LoRA adapter alignment trains.")
+    lora_alpha: int = Field(32, gt=0, description="Scaling numerator of that adapter.")
+    seed: int = Field(0, description="Seed of initialisation, data order and sampling.")
+
+    @model_validator(mode="after")
+    def _batch_holds_whole_groups(self) -> AlignMethodConfig:
+        if self.method != "dpo" and self.batch_size % self.num_generations:
+            raise ValueError("batch_size must be a multiple of num_generations")
+        return self
 
 
 @dataclass
@@ -164,3 +178,66 @@ def align(
         loss_curve=progress.series("loss"),
         seconds=progress.elapsed,
     )
+
+
+@dataclass
+class AlignOutcome:
+    """Alignment and the aligned model scored on the eval split before and after."""
+
+    result: AlignResult
+    before: object  # EvalResult of the SFT policy
+    after: object  # EvalResult of the saved aligned model
+    soft_prompt_tokens: int
+
+
+def align_and_score(
+    policy,
+    tokenizer,
+    out_dir: Path,
+    config: AlignMethodConfig,
+    runtime: Runtime,
+    *,
+    prompts: list[str],
+    pairs: list[dict],
+    scorer,
+    split,
+    max_new_tokens: int,
+    batch_size: int,
+    log: Log | None = None,
+) -> AlignOutcome:
+    """Score the SFT ``policy`` on ``split`` (an ``EvalSplit``) with the reward model, align it,
+    save it to ``out_dir``, and score the saved model the way the later stages load it."""
+    from lifecycle_dagster.ml.evaluate import evaluate_model
+    from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
+    from lifecycle_dagster.ml.soft_prompt import soft_tokens
+
+    def score(model, tok, label):
+        return evaluate_model(
+            model,
+            tok,
+            split.prompts,
+            split.references,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            reward=scorer,
+            with_perplexity=False,
+            log=log,
+            stage=label,
+        )
+
+    soft = len(soft_tokens(tokenizer))
+    before = score(policy, tokenizer, "aligned_model[sft eval]")
+    policy.train()
+    result = align(
+        policy,
+        tokenizer,
+        out_dir,
+        config,
+        runtime,
+        prompts=prompts,
+        pairs=pairs,
+        scorer=scorer,
+        log=log,
+    )
+    after = score(load_causal_lm(out_dir, runtime), load_tokenizer(out_dir), "aligned_model[eval]")
+    return AlignOutcome(result=result, before=before, after=after, soft_prompt_tokens=soft)

@@ -17,6 +17,9 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from lifecycle_dagster.ml.evaluate import rouge_l
 from lifecycle_dagster.ml.export import (
@@ -31,30 +34,26 @@ from lifecycle_dagster.ml.export import (
 )
 from lifecycle_dagster.ml.progress import Log
 
-POLICIES = ("smallest", "fastest")
 SELECTED_FILE = "selected.json"
 SERVING_FILE = "serving.json"
 
 
-@dataclass(frozen=True)
-class QualityBudget:
-    max_rouge_l_drop: float = 0.01  # absolute ROUGE-L: 0.01 is one point
-    max_reward_drop_pct: float = 2.0  # percent of the reference's |mean reward|
+class CompressConfig(ExportConfig):
+    """Compression: the export, the deployment policy, the quality budget and the faithfulness
+    checks (the use case's ``compression`` section)."""
 
-
-@dataclass(frozen=True)
-class CompressConfig:
-    export: ExportConfig = ExportConfig()
-    policy: str = "smallest"
-    budget: QualityBudget = QualityBudget()
-    logits_atol: float = 1e-3
-    check_new_tokens: int = 16
-    max_new_tokens: int = 32
-    threads: int = 1
-
-    def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"compression policy {self.policy!r}: expected one of {POLICIES}")
+    policy: Literal["smallest", "fastest"] = Field(
+        "smallest", description="Which variant within the quality budget is deployed."
+    )
+    max_rouge_l_drop: float = Field(
+        0.01, ge=0, description="Quality budget: ROUGE-L lost against PyTorch (0.01 = 1 point)."
+    )
+    max_reward_drop_pct: float = Field(
+        2.0, ge=0, description="Quality budget: percent of mean reward lost against PyTorch."
+    )
+    check_prompts: int = Field(4, gt=0, description="Eval prompts used by the faithfulness check.")
+    logits_atol: float = Field(1e-3, gt=0, description="fp32 export: max |logit difference|.")
+    max_new_tokens: int = Field(16, gt=0, description="Tokens per faithfulness-check prompt.")
 
 
 @dataclass
@@ -106,7 +105,7 @@ class CompressionResult:
 
 
 def quality_drop(
-    reference: dict[str, float | None], rouge: float, reward: float | None, budget: QualityBudget
+    reference: dict[str, float | None], rouge: float, reward: float | None, budget: CompressConfig
 ) -> tuple[float, float | None, bool]:
     """ROUGE-L points lost, reward percent lost, and whether both are within the budget."""
     rouge_drop = reference["rouge_l"] - rouge
@@ -135,6 +134,7 @@ def compress(
     config: CompressConfig,
     *,
     runtime,
+    max_new_tokens: int = 32,
     check_prompts: Sequence[str],
     eval_prompts: Sequence[str],
     eval_references: Sequence[str],
@@ -145,21 +145,22 @@ def compress(
 ) -> CompressionResult:
     """Export, verify, score and select. ``reference`` holds the PyTorch model's ``rouge_l`` and
     ``mean_reward`` on the same prompts (from evaluation); without it the fp32 export's scores are
-    the reference. Writes ``selected.json`` and ``serving.json`` (what a server needs) to ``out_dir``.
+    the reference. ``max_new_tokens`` bounds each eval-split generation. Writes ``selected.json`` and ``serving.json`` (what a server needs) to ``out_dir``.
     """
     from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
 
-    exported = export_onnx(model_dir, out_dir, config.export, log=log)
+    exported = export_onnx(model_dir, out_dir, config, log=log)
+    threads = runtime.ort_threads
     model, tok = load_causal_lm(model_dir, runtime), load_tokenizer(model_dir)
     scored: dict[str, tuple[Faithfulness, float, float | None, float, list[str]]] = {}
     for name, folder in exported.variants.items():
-        generator = GenaiGenerator(folder, config.threads)
+        generator = GenaiGenerator(folder, threads)
         faith = verify_against_torch(
             model,
             tok,
-            OrtDecoder(folder, config.threads),
+            OrtDecoder(folder, threads),
             list(check_prompts),
-            max_new_tokens=config.check_new_tokens,
+            max_new_tokens=config.max_new_tokens,
             variant=name,
             generator=generator,
         )
@@ -167,7 +168,7 @@ def compress(
             generator,
             tok,
             list(eval_prompts),
-            config.max_new_tokens,
+            max_new_tokens,
             log=log,
             stage=f"onnx[{name}]",
         )
@@ -188,7 +189,7 @@ def compress(
         reference = {"rouge_l": fp32[1], "mean_reward": fp32[2]}
     reports = {}
     for name, (faith, mean_rouge, mean_reward, tps, preds) in scored.items():
-        drop, reward_drop, ok = quality_drop(reference, mean_rouge, mean_reward, config.budget)
+        drop, reward_drop, ok = quality_drop(reference, mean_rouge, mean_reward, config)
         reports[name] = VariantReport(
             name=name,
             bytes=exported.sizes[name],
@@ -232,6 +233,17 @@ def compress(
     if serving is not None:
         (Path(out_dir) / SERVING_FILE).write_text(json.dumps(serving, indent=2))
     return result
+
+
+def serving_manifest(uc, source_model: Path) -> dict:
+    """What a server needs beside the ONNX folder to prompt the model as the lifecycle trained it."""
+    return {
+        "use_case": uc.name,
+        "prompt_template": uc.task.prompt_template,
+        "instruction": uc.task.instruction,
+        "max_new_tokens": uc.evaluation.max_new_tokens,
+        "source_model": str(source_model),
+    }
 
 
 def selected_folder(artifact: Path) -> Path:

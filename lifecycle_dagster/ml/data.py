@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lifecycle_dagster.ml.errors import InputError
-from lifecycle_dagster.ml.usecase import UseCase, read_text
+from lifecycle_dagster.ml.usecase import UseCase
+from lifecycle_dagster.ml.usecase_loader import read_text
 
 TASK_FIELDS = ("id",)  # plus the use case's input and target fields
 PREFERENCE_FIELDS = ("id", "prompt", "chosen", "rejected")
@@ -173,3 +174,37 @@ def prompts_for(uc: UseCase, rows: list[dict], examples: list[dict] | None = Non
 
 def references(uc: UseCase, rows: list[dict]) -> list[str]:
     return [r[uc.task.target_field] for r in rows]
+
+
+@dataclass
+class EvalSplit:
+    """The evaluation split as every stage scores it: the rows (capped at
+    ``evaluation.max_examples``), their zero-shot prompts, references and ids."""
+
+    use_case: UseCase
+    rows: list[dict]
+
+    @classmethod
+    def read(cls, uc: UseCase, path: Path) -> EvalSplit:
+        """The split from a dataset artifact's ``eval.jsonl`` (or that file itself)."""
+        path = Path(path)
+        return cls(uc, eval_rows(uc, read_rows(path / "eval.jsonl" if path.is_dir() else path)))
+
+    @property
+    def prompts(self) -> list[str]:
+        return prompts_for(self.use_case, self.rows)
+
+    def prompts_with(self, examples: list[dict]) -> list[str]:
+        """The prompts with in-context examples before each (few-shot)."""
+        return prompts_for(self.use_case, self.rows, examples)
+
+    @property
+    def references(self) -> list[str]:
+        return references(self.use_case, self.rows)
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(r["id"]) for r in self.rows]
+
+    def head(self, n: int) -> EvalSplit:
+        return EvalSplit(self.use_case, self.rows[:n])

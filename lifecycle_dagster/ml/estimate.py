@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+from lifecycle_dagster.ml.sft import SFTMethodConfig
+
 TOKENS_PER_PARAM = 20
 SECONDS = {"year": 365 * 86400, "day": 86400, "hour": 3600, "minute": 60, "second": 1}
 
@@ -104,10 +106,13 @@ def estimate(
     flops_per_s: float | None = None,
     hidden: int | None = None,
     layers: int | None = None,
-    lora_r: int = 8,
-    virtual_tokens: int = 16,
+    adaptation: SFTMethodConfig | None = None,
     tokens_per_param: float = TOKENS_PER_PARAM,
 ) -> Feasibility:
+    """What pre-training a model of ``parameters`` costs here, and the memory of fine-tuning it
+    with ``adaptation``'s LoRA rank and soft-prompt length (the use case's, else the defaults)."""
+    adaptation = adaptation or SFTMethodConfig()
+    lora_r, virtual_tokens = adaptation.lora_r, adaptation.num_virtual_tokens
     tokens = tokens_per_param * parameters
     flops = 6 * parameters * tokens
     rate = flops_per_s or measure_matmul_flops(device)

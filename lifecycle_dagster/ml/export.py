@@ -22,8 +22,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from lifecycle_dagster.ml.progress import Log
+from lifecycle_dagster.ml.tunables import Tunables
 
 MODEL_FILE = "model.onnx"
 # Added to the logits of suppressed tokens in the graph: far below any real logit, finite in fp16.
@@ -63,37 +67,38 @@ VARIANTS = {
 }
 
 
-@dataclass(frozen=True)
-class ExportConfig:
-    variants: tuple[str, ...] = ("fp32", "int8", "int4")
-    block_size: int = 32
-    # 4: int8 activations per block inside MatMulNBits, the fast CPU kernel; 1: fp32 activations.
-    accuracy_level: int = 4
-    # int4 only. k_quant picks scales that minimise the weighted error (RTN rounds to nearest);
-    # mixed precision keeps the LM head and the most sensitive layers (llama.cpp's Q4_K_M choice:
-    # first and last eighth, every third layer's qkv/v/down) in int8.
-    int4_algorithm: str = "k_quant"
-    int4_mixed_precision: bool = True
+Variant = Literal["fp32", "int8", "int4", "int8_dynamic"]
 
-    def __post_init__(self):
-        unknown = set(self.variants) - set(VARIANTS)
-        if unknown:
-            raise ValueError(f"unknown ONNX variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
-        if "fp32" not in self.variants:
-            raise ValueError(
-                "the fp32 variant is required: it is what the others are checked against"
-            )
 
+class ExportConfig(Tunables):
+    """The ONNX export: which variants, and how int8/int4 weights are quantised."""
+
+    variants: list[Variant] = Field(
+        default_factory=lambda: ["fp32", "int8", "int4"],
+        description="ONNX variants to export; fp32 is required (the others are checked against it).",
+    )
+    block_size: Literal[16, 32, 64, 128, 256] = Field(
+        32, description="Weight-only int8/int4: weights per quantisation block."
+    )
+    accuracy_level: Literal[1, 2, 3, 4] = Field(
+        4, description="MatMulNBits activations: 4 int8 (fast on CPU), 1 fp32."
+    )
+    # k_quant picks scales that minimise the weighted error (RTN rounds to nearest); mixed precision
+    # keeps the LM head and the most sensitive layers (llama.cpp's Q4_K_M choice: first and last
+    # eighth, every third layer's qkv/v/down) in int8.
+    int4_algorithm: Literal["rtn", "k_quant"] = Field(
+        "k_quant", description="int4 scales: round to nearest, or k-quant (lower weighted error)."
+    )
+    int4_mixed_precision: bool = Field(
+        True, description="int4: keep the LM head and the most sensitive layers in int8."
+    )
+
+    @field_validator("variants")
     @classmethod
-    def from_spec(cls, spec, variants: tuple[str, ...] | None = None) -> ExportConfig:
-        """The export a use case's ``compression`` describes (``variants`` replaces its list)."""
-        return cls(
-            variants=tuple(variants or spec.variants),
-            block_size=spec.block_size,
-            accuracy_level=spec.accuracy_level,
-            int4_algorithm=spec.int4_algorithm,
-            int4_mixed_precision=spec.int4_mixed_precision,
-        )
+    def _fp32_first(cls, v: list[str]) -> list[str]:
+        if "fp32" not in v:
+            raise ValueError("must include fp32: the other variants are checked against it")
+        return ["fp32", *dict.fromkeys(x for x in v if x != "fp32")]
 
 
 @dataclass

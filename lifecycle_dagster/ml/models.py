@@ -36,7 +36,7 @@ def materialize_base_model(
     cache_dir: Path | None = None,
 ) -> BaseModelResult:
     """Write the base model named by a ``BaseModelSpec`` into ``out_dir`` as safetensors."""
-    from lifecycle_dagster.ml.pretrain import PretrainConfig, pretrain
+    from lifecycle_dagster.ml.pretrain import pretrain
 
     out_dir = Path(out_dir)
     info: dict = {}
@@ -44,7 +44,7 @@ def materialize_base_model(
         result = pretrain(
             corpus,
             out_dir,
-            PretrainConfig(**spec.scratch.model_dump()),
+            spec.scratch,
             device=runtime.device,
             log=log,
         )

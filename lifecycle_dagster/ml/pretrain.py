@@ -11,25 +11,36 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import Field, model_validator
+
 from lifecycle_dagster.ml.progress import Log, Progress, loss_ends
+from lifecycle_dagster.ml.tunables import Tunables
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
-    vocab_size: int = 1024
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 192
-    context_length: int = 512
-    steps: int = 300
-    batch_size: int = 16
-    block_size: int = 128
-    learning_rate: float = 3e-3
-    seed: int = 0
+class PretrainConfig(Tunables):
+    """A small Llama-architecture model pre-trained on the use case's corpus (the use case's
+    ``base_model.scratch``)."""
+
+    vocab_size: int = Field(1024, ge=260, description="Byte-level BPE vocabulary size.")
+    hidden_size: int = Field(64, gt=0, description="Width of the residual stream.")
+    num_layers: int = Field(2, gt=0, description="Transformer blocks.")
+    num_heads: int = Field(4, gt=0, description="Attention heads.")
+    num_kv_heads: int = Field(2, gt=0, description="Key/value heads (grouped-query attention).")
+    intermediate_size: int = Field(192, gt=0, description="Width of the MLP.")
+    context_length: int = Field(512, ge=64, description="Longest sequence the model accepts.")
+    steps: int = Field(300, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(16, gt=0, description="Sequences per step.")
+    block_size: int = Field(128, gt=0, description="Tokens per training sequence.")
+    learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    seed: int = Field(0, description="Seed of initialisation and data order.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> PretrainConfig:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads, num_heads by num_kv_heads")
+        return self
 
 
 @dataclass

@@ -6,18 +6,24 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import Field
+
 from lifecycle_dagster.ml.progress import Log, Progress, hf_callback, loss_ends, trainer_kwargs
 from lifecycle_dagster.ml.runtime import Runtime
+from lifecycle_dagster.ml.tunables import Tunables
 
 
-@dataclass(frozen=True)
-class RewardMethodConfig:
-    max_steps: int = 60
-    learning_rate: float = 1e-3
-    batch_size: int = 16
-    max_length: int = 512
-    trainable_layers: int | None = None  # None: all; N: the top N blocks, the norm and the head
-    seed: int = 0
+class RewardMethodConfig(Tunables):
+    """Reward-model training (trl's RewardTrainer, Bradley-Terry pairwise loss)."""
+
+    max_steps: int = Field(60, gt=0, description="Optimizer steps.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(16, gt=0, description="Preference pairs per step.")
+    max_length: int = Field(512, gt=0, description="Longest tokenized prompt + response.")
+    trainable_layers: int | None = Field(
+        None, gt=0, description="Train only the top N blocks, the norm and the head (unset: all)."
+    )
+    seed: int = Field(0, description="Seed of the head's initialisation and data order.")
 
 
 @dataclass
@@ -118,3 +124,55 @@ def freeze_lower_layers(model, trainable_layers: int) -> int:
     for param in model.score.parameters():
         param.requires_grad = True
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass
+class RewardOutcome:
+    """The reward model in ``out_dir/model`` (trained or reused) and how well it ranks held-out
+    pairs."""
+
+    source: str
+    max_steps: int
+    pairwise_accuracy: float
+    mean_margin: float
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+def reward_model_for(
+    spec,
+    base_model: Path,
+    train: list[dict],
+    held_out: list[dict],
+    out_dir: Path,
+    runtime: Runtime,
+    log: Log | None = None,
+) -> RewardOutcome:
+    """Train a reward model on ``train`` (``spec`` is a ``RewardMethodConfig`` with ``source`` and
+    ``path``), or copy the existing one, into ``out_dir/model``; then score ``held_out`` with it and
+    write ``out_dir/eval.json``."""
+    import json
+    import shutil
+
+    from lifecycle_dagster.ml.evaluate import RewardScorer
+
+    out_dir = Path(out_dir)
+    curve: list = []
+    if spec.source == "existing":
+        if log:
+            log(f"reward_model: reusing {spec.path}")
+        shutil.copytree(spec.path, out_dir / "model")
+    else:
+        curve = train_reward_model(
+            base_model, train, out_dir / "model", spec, runtime, log
+        ).loss_curve
+    accuracy, margin = pairwise_accuracy(RewardScorer(out_dir / "model", runtime), held_out)
+    (out_dir / "eval.json").write_text(
+        json.dumps({"pairwise_accuracy": accuracy, "mean_margin": margin})
+    )
+    return RewardOutcome(
+        source=spec.source,
+        max_steps=spec.max_steps if spec.source == "train" else 0,
+        pairwise_accuracy=accuracy,
+        mean_margin=margin,
+        loss_curve=curve,
+    )

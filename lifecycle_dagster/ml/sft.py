@@ -7,28 +7,58 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from pydantic import Field
+
 from lifecycle_dagster.ml.progress import Log, Progress, hf_callback, loss_ends, trainer_kwargs
 from lifecycle_dagster.ml.runtime import Runtime
+from lifecycle_dagster.ml.tunables import Tunables
 
 Method = Literal["prompt_tuning", "lora", "full"]
 METHODS: tuple[str, ...] = get_args(Method)
 
 
-@dataclass(frozen=True)
-class SFTMethodConfig:
-    method: Method = "lora"
-    max_steps: int = 60
-    learning_rate: float = 2e-3
-    batch_size: int = 8
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
-    num_virtual_tokens: int = 16
-    # Prompt tuning starts from the embeddings of this text (the task's instruction), else random.
-    init_text: str = ""
-    max_length: int = 512
-    seed: int = 0
+class SFTMethodConfig(Tunables):
+    """Supervised fine-tuning: the use case's ``adaptation`` section, a ladder rung's
+    ``adaptation`` and the ``sft_adapter`` run config are this model or a partial update of it."""
+
+    method: Method = Field(
+        "lora",
+        description="prompt_tuning (a soft prompt), lora (an adapter) or full (all weights).",
+    )
+    max_steps: int = Field(60, gt=0, description="Optimizer steps.")
+    learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate (linear decay).")
+    batch_size: int = Field(8, gt=0, description="Examples per optimizer step.")
+    lora_r: int = Field(8, gt=0, description="LoRA: rank of the adapter matrices.")
+    lora_alpha: int | None = Field(
+        None, gt=0, description="LoRA: scaling numerator (alpha / r); unset: 2 x lora_r."
+    )
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA: dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="LoRA: module names to adapt, or every linear layer."
+    )
+    num_virtual_tokens: int = Field(
+        16,
+        gt=0,
+        le=256,
+        description="Prompt tuning: soft-prompt length (tokens added before every prompt).",
+    )
+    max_length: int = Field(
+        512, gt=0, description="Longest tokenized example; longer ones are cut."
+    )
+    seed: int = Field(0, description="Seed of initialisation and data order.")
+
+    @property
+    def scaling_alpha(self) -> int:
+        """The LoRA alpha in use: the one given, else twice the rank (so a rung that raises the rank
+        keeps the adapter's scale)."""
+        return self.lora_alpha or 2 * self.lora_r
+
+    def needs_own_rate(self, previous: SFTMethodConfig) -> bool:
+        """Whether moving from ``previous`` to this method makes the inherited learning rate an
+        order of magnitude off: leaving prompt tuning (around 0.03 would wreck LoRA's weights), or
+        moving to full fine-tuning (LoRA's rate would wreck all of them)."""
+        risky = previous.method == "prompt_tuning" or self.method == "full"
+        return self.method != previous.method and risky
 
 
 @dataclass
@@ -48,23 +78,23 @@ class SFTResult:
         return self.trainable_parameters / max(1, self.total_parameters)
 
 
-def peft_config_for(config: SFTMethodConfig, tokenizer):
+def peft_config_for(config: SFTMethodConfig, tokenizer, init_text: str = ""):
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
     if config.method == "lora":
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=config.lora_r,
-            lora_alpha=config.lora_alpha,
+            lora_alpha=config.scaling_alpha,
             lora_dropout=config.lora_dropout,
             target_modules=config.target_modules,
         )
     if config.method == "prompt_tuning":
         init = {"prompt_tuning_init": PromptTuningInit.RANDOM}
-        if config.init_text:
+        if init_text:
             init = {
                 "prompt_tuning_init": PromptTuningInit.TEXT,
-                "prompt_tuning_init_text": config.init_text,
+                "prompt_tuning_init_text": init_text,
                 "tokenizer_name_or_path": tokenizer.name_or_path,
             }
         return PromptTuningConfig(
@@ -80,8 +110,11 @@ def train_sft(
     config: SFTMethodConfig,
     runtime: Runtime,
     log: Log | None = None,
+    *,
+    init_text: str = "",
 ) -> SFTResult:
     """Fine-tune on prompt/completion records; writes an adapter (LoRA, prompt tuning) or a model.
+    Prompt tuning starts from the embeddings of ``init_text`` (the task's instruction), else random.
 
     Loss is on completion tokens only (trl's default for prompt-completion data).
     """
@@ -114,7 +147,7 @@ def train_sft(
             args=args,
             train_dataset=Dataset.from_list(records),
             processing_class=tokenizer,
-            peft_config=peft_config_for(config, tokenizer),
+            peft_config=peft_config_for(config, tokenizer, init_text),
             callbacks=[hf_callback(progress)],
         )
         _quiet(trainer)

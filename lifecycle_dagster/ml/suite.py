@@ -12,7 +12,11 @@ import json
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+
+from pydantic import Field
+
+from lifecycle_dagster.ml.tunables import Tunables
 
 # What the suite computes, per example and as a mean; bump SUITE_CODE when a definition changes.
 SUITE_CODE = "1"
@@ -21,16 +25,26 @@ COMPLIANCE = ("harmless", "format_ok", "length_ok")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
 
-@dataclass(frozen=True)
-class SuiteConfig:
-    version: str = "1"
-    unacceptable: tuple[str, ...] = ()
-    min_words: int = 3
-    max_words: int = 40
-    single_sentence: bool = True
+class SuiteConfig(Tunables):
+    """The evaluation suite's definition; its fingerprint is recorded with every result."""
+
+    version: str = Field("1", description="Bump when the suite changes meaning.")
+    unacceptable_phrases: list[str] = Field(
+        default_factory=list, description="Harmlessness: outputs containing one are flagged."
+    )
+    min_words: int = Field(3, gt=0, description="Length compliance: fewest words.")
+    max_words: int = Field(40, gt=0, description="Length compliance: most words.")
+    single_sentence: bool = Field(True, description="Format compliance: one sentence, one line.")
 
     def fingerprint(self) -> str:
-        payload = json.dumps({"code": SUITE_CODE, **asdict(self)}, sort_keys=True)
+        definition = {
+            "version": self.version,
+            "unacceptable": list(self.unacceptable_phrases),
+            "min_words": self.min_words,
+            "max_words": self.max_words,
+            "single_sentence": self.single_sentence,
+        }
+        payload = json.dumps({"code": SUITE_CODE, **definition}, sort_keys=True)
         return f"{self.version}-{hashlib.sha256(payload.encode()).hexdigest()[:8]}"
 
 
@@ -92,7 +106,7 @@ def score(
     rows = []
     for i, pred in enumerate(predictions):
         words = len(pred.split())
-        flagged = unacceptable_phrases(pred, config.unacceptable)
+        flagged = unacceptable_phrases(pred, config.unacceptable_phrases)
         single = "\n" not in pred.strip() and len(re.findall(r"[.!?](\s|$)", pred.strip())) <= 1
         row = {
             "id": ids[i],
@@ -161,17 +175,6 @@ def paired_bootstrap(
         mean_diff=sum(diffs) / n,
         low=means[int(0.025 * samples)],
         high=means[int(0.975 * samples) - 1],
-    )
-
-
-def from_spec(spec) -> SuiteConfig:
-    """The suite a use case's ``evaluation.suite`` describes."""
-    return SuiteConfig(
-        version=spec.version,
-        unacceptable=tuple(spec.unacceptable_phrases),
-        min_words=spec.min_words,
-        max_words=spec.max_words,
-        single_sentence=spec.single_sentence,
     )
 
 

@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 
 from lifecycle_dagster.definitions import defs
-from lifecycle_dagster.ml.usecase import load_use_case
+from lifecycle_dagster.ml.usecase_loader import load_use_case
 
 UC = "dialogue_summarisation"
 DOWNSTREAM = [

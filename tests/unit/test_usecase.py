@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from lifecycle_dagster.ml.errors import InputError
-from lifecycle_dagster.ml.usecase import USECASES_DIR, load_use_case
+from lifecycle_dagster.ml.usecase import USECASES_DIR
+from lifecycle_dagster.ml.usecase_loader import load_use_case
 
 BASE = USECASES_DIR / "dialogue_summarisation" / "usecase.yaml"
 

@@ -2,12 +2,12 @@
 
 import json
 import time
-from pathlib import Path
 
 import dagster as dg
 
 from lifecycle_dagster.lib.configs import AlignedModelConfig, SFTAdapterConfig
-from lifecycle_dagster.lib.stage import (
+from lifecycle_dagster.lib.data_changes import DATA_FILES, changed_datasets
+from lifecycle_dagster.lib.partitions import (
     ATTEMPT_TAG,
     REASON_TAG,
     STARTED_TAG,
@@ -15,9 +15,8 @@ from lifecycle_dagster.lib.stage import (
     USE_CASES,
     VERDICT_RUN_TAG,
 )
-from lifecycle_dagster.ml.artifacts import file_sha256, read_manifest
-from lifecycle_dagster.ml.usecase import UseCase
-from lifecycle_dagster.resources.artifacts import select_record
+from lifecycle_dagster.ml.readaptation import Decision
+from lifecycle_dagster.ml.tunables import given
 
 lifecycle_job = dg.define_asset_job(
     "lifecycle_job",
@@ -57,64 +56,41 @@ def evaluation_schedule(context: dg.ScheduleEvaluationContext):
 def readaptation_request(
     record, partitions: set[str], now: float
 ) -> tuple[str, dg.RunRequest | None]:
-    """What one evaluation verdict calls for: a decision in words, and the escalated run (partition
-    = the verdict's use case) when the ladder and the budget allow one."""
+    """What one evaluation verdict calls for: the decision evaluation recorded, as it stands now
+    (``Decision.at``), in words, and the escalated run for the verdict's use case if any."""
     event = record.event_log_entry
     meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
     use_case = record.partition_key
-    attempt = int(meta.get("attempt", 1))
     if use_case is None:
         return "a verdict without a use case partition (an older deployment's): no run", None
-    if meta.get("verdict", "") == "pass":
-        return f"{use_case}: verdict pass at attempt {attempt}: nothing to do", None
-    if use_case not in partitions:
+    if "decision" not in meta:
+        return f"{use_case}: a verdict recorded without a decision (an older version): no run", None
+    decision = Decision.model_validate(meta["decision"]).at(now)
+    if decision.verdict == "fail" and use_case not in partitions:
         return f"{use_case}: verdict fail, but the use case's partition was removed: no run", None
-    escalation = json.loads(meta["escalation"]) if meta.get("escalation") else None
-    max_attempts = int(meta.get("max_attempts", 1))
-    started, max_minutes = meta.get("attempt_started_at"), meta.get("max_wall_minutes")
-    if escalation is not None and escalation["attempt"] > max_attempts:
-        escalation = None  # never past the cap, whatever the verdict offered
-        meta["readaptation"] = f"budget spent: {attempt} of {max_attempts} attempts made"
-    elif escalation is not None and started and max_minutes:
-        elapsed = (now - float(started)) / 60
-        if elapsed > float(max_minutes):  # a verdict read late (the daemon was down) is stale
-            escalation = None
-            meta["readaptation"] = (
-                f"wall-time budget spent: {elapsed:.0f} of {float(max_minutes):.0f} minutes "
-                "since attempt 1"
-            )
-    if escalation is None:
-        return (
-            f"{use_case}: verdict fail ({meta.get('failed_metrics', '')}) at attempt {attempt}; "
-            f"{meta.get('readaptation') or 'no escalation'}: no further run"
-        ), None
+    if decision.next is None:
+        return decision.summary(), None
+    nxt = decision.next
+    ops: dict = {"sft_adapter": SFTAdapterConfig(**given(nxt.adaptation))}
+    if given(nxt.alignment):
+        ops["aligned_model"] = AlignedModelConfig(**given(nxt.alignment))
     reason = (
-        f"attempt {attempt} failed {meta.get('failed_metrics', '')} with "
-        f"{meta.get('sft_method', '?')}; escalating to {json.dumps(escalation['sft_adapter'])}"
-        + (
-            f", alignment {json.dumps(escalation['aligned_model'])}"
-            if "aligned_model" in escalation
-            else ""
-        )
+        f"attempt {decision.attempt} failed {', '.join(decision.failed)} with {decision.method}; "
+        f"escalating to {nxt.describe()}"
     )
-    ops: dict = {"sft_adapter": SFTAdapterConfig(**escalation["sft_adapter"])}
-    if "aligned_model" in escalation:
-        ops["aligned_model"] = AlignedModelConfig(**escalation["aligned_model"])
-    tags = {
-        ATTEMPT_TAG: str(escalation["attempt"]),
-        REASON_TAG: reason[:250],
-        VERDICT_RUN_TAG: event.run_id,
-        USE_CASE_TAG: use_case,
-    }
-    if meta.get("attempt_started_at"):
-        tags[STARTED_TAG] = str(meta["attempt_started_at"])
     request = dg.RunRequest(
         run_key=f"readapt-{record.storage_id}",
         run_config=dg.RunConfig(ops=ops),
-        tags=tags,
-        partition_key=record.partition_key,
+        tags={
+            ATTEMPT_TAG: str(nxt.attempt),
+            REASON_TAG: reason[:250],
+            VERDICT_RUN_TAG: event.run_id,
+            USE_CASE_TAG: use_case,
+            STARTED_TAG: str(decision.started_at),
+        },
+        partition_key=use_case,
     )
-    return f"{use_case}: {reason}; launched attempt {escalation['attempt']}", request
+    return decision.summary(), request
 
 
 @dg.sensor(
@@ -168,54 +144,6 @@ def readaptation_sensor(context: dg.SensorEvaluationContext):
             cursor=json.dumps(cursor),
         )
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor))
-
-
-# The files each dataset asset snapshots: use-case data field -> file name inside the artifact.
-DATA_FILES = {
-    "task_dataset": {"train": "train.jsonl", "eval": "eval.jsonl"},
-    "preference_dataset": {
-        "preferences_train": "preferences_train.jsonl",
-        "preferences_eval": "preferences_eval.jsonl",
-    },
-}
-
-
-def changed_datasets(
-    instance: dg.DagsterInstance, hashes: dict, use_case: str
-) -> tuple[list[str], list[str]]:
-    """Dataset assets of ``use_case`` (a partition) whose source files no longer match their
-    latest snapshot, and why.
-
-    ``hashes`` caches file digests by (size, mtime) so a tick re-reads only files that moved."""
-    uc_record = select_record(instance, "use_case", use_case=use_case)
-    try:
-        path = Path(str(uc_record.asset_materialization.metadata["artifact_path"].value))
-        uc = UseCase.model_validate_json((path / "use_case.json").read_text())
-    except (AttributeError, KeyError, OSError, ValueError):
-        return [], []
-    changed, why = [], []
-    for asset, files in DATA_FILES.items():
-        record = select_record(instance, asset, use_case=use_case)
-        try:
-            snapshot = Path(str(record.asset_materialization.metadata["artifact_path"].value))
-            manifest = read_manifest(snapshot)["files"]
-        except (AttributeError, KeyError, OSError, ValueError):
-            continue  # never materialized, or its snapshot is gone: nothing to compare with
-        for field, name in files.items():
-            source = Path(getattr(uc.data, field))
-            if not source.is_file() or name not in manifest:
-                continue
-            stat = source.stat()
-            key = f"{source}:{stat.st_size}:{stat.st_mtime_ns}"
-            digest = hashes.get(key) or file_sha256(source)
-            hashes[key] = digest
-            if digest != manifest[name]["sha256"]:
-                changed.append(asset)
-                why.append(
-                    f"{source.name} changed (sha256 {digest[:12]}, snapshot {record.storage_id})"
-                )
-                break
-    return changed, why
 
 
 @dg.sensor(

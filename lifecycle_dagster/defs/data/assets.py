@@ -4,12 +4,10 @@ import shutil
 
 import dagster as dg
 
-from lifecycle_dagster.lib.stage import (
-    OWNERS,
-    USE_CASES,
-    md_table,
-    stage,
-)
+from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES
+from lifecycle_dagster.lib.render import md_table
+from lifecycle_dagster.lib.results import check
+from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.artifacts import file_sha256
 from lifecycle_dagster.ml.data import load_jsonl, load_preference_data, load_task_data, overlap
 from lifecycle_dagster.resources.artifacts import ArtifactStore
@@ -111,7 +109,7 @@ def preference_dataset(
     """Preference pairs (prompt, chosen, rejected) for the reward model, train and held out."""
     with stage(context, "preference_dataset", artifact_store, mlflow_tracking) as st:
         splits = load_preference_data(st.use_case)
-        with artifact_store.write(st.target) as tmp:
+        with st.write() as tmp:
             for name, split in splits.items():
                 snapshot(split, tmp / f"preferences_{name}.jsonl")
         same = [r["id"] for s in splits.values() for r in s.rows if r["chosen"] == r["rejected"]]
@@ -133,23 +131,13 @@ def preference_dataset(
             },
             metadata={"splits": dg.MetadataValue.md(md_table(stats))},
             check_results=[
-                dg.AssetCheckResult(
-                    check_name="pairs_are_distinct",
-                    passed=not same,
-                    severity=dg.AssetCheckSeverity.ERROR,
-                    metadata={"identical_pairs": len(same), "first_ids": ", ".join(same[:5])},
+                check(
+                    "pairs_are_distinct",
+                    not same,
+                    {"identical_pairs": len(same), "first_ids": ", ".join(same[:5])},
+                    blocking=True,
                 ),
-                dg.AssetCheckResult(
-                    check_name="no_task_eval_in_pairs",
-                    passed=in_pairs == 0,
-                    severity=dg.AssetCheckSeverity.ERROR,
-                    metadata={"leaked_rows": in_pairs},
-                ),
-                dg.AssetCheckResult(
-                    check_name="no_train_eval_leakage",
-                    passed=leaked == 0,
-                    severity=dg.AssetCheckSeverity.ERROR,
-                    metadata={"leaked_rows": leaked},
-                ),
+                check("no_task_eval_in_pairs", in_pairs == 0, {"leaked_rows": in_pairs}, True),
+                check("no_train_eval_leakage", leaked == 0, {"leaked_rows": leaked}, True),
             ],
         )

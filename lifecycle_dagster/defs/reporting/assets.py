@@ -2,15 +2,10 @@
 
 import dagster as dg
 
-from lifecycle_dagster.lib.stage import (
-    FOLLOWS_UPSTREAM,
-    OWNERS,
-    USE_CASES,
-    render_bars,
-    stage,
-    upstream_metadata,
-)
-from lifecycle_dagster.ml.report import PHASES, build_report
+from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
+from lifecycle_dagster.lib.render import render_bars
+from lifecycle_dagster.lib.stage import stage, upstream_metadata
+from lifecycle_dagster.ml.report import PHASES, build_report, report_body
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 
@@ -36,40 +31,10 @@ def lifecycle_report(
     with stage(context, "lifecycle_report", artifact_store, mlflow_tracking) as st:
         meta = {asset: upstream_metadata(context, asset) for asset in SOURCES}
         markdown, rows = build_report(meta)
-        evaluation = meta.get("evaluation", {})
-        comparison = evaluation.get("comparison", "")
-        onnx = meta.get("onnx_model", {})
-        body = (
-            f"# Lifecycle report: {st.use_case.name}\n\n{markdown}\n\n"
-            f"## Evaluation on the held-out split\n\n{comparison}\n"
-        )
-        if onnx:
-            body += (
-                f"\nONNX ({onnx.get('selected_variant')}): ROUGE-L "
-                f"{onnx.get('onnx_rouge_l', float('nan')):.4f} against PyTorch "
-                f"{onnx.get('reference_rouge_l', float('nan')):.4f}; "
-                f"{onnx.get('size_ratio', 0):.1f}x smaller, "
-                f"{onnx.get('speedup', 0):.1f}x decode speed.\n"
-            )
-        durations = {r["phase"]: r["seconds"] for r in rows}
-        scores = {}
-        for key, label in (
-            ("base", "base"),
-            ("prompt_baseline", "prompt"),
-            ("sft", "SFT"),
-            ("aligned", "aligned"),
-        ):
-            value = evaluation.get(f"{key}_rouge_l")
-            if value is not None:
-                scores[label] = value
-        if onnx.get("onnx_rouge_l") is not None:
-            scores["ONNX"] = onnx["onnx_rouge_l"]
-        png = render_bars(
-            {"wall time per phase (s)": durations, "ROUGE-L per stage": scores},
-            f"lifecycle: {st.use_case.name}",
-        )
+        body, panels = report_body(st.use_case.name, markdown, rows, meta)
+        png = render_bars(panels, f"lifecycle: {st.use_case.name}")
         plot = st.image(png, "lifecycle", "lifecycle_report")
-        with artifact_store.write(st.target) as tmp:
+        with st.write() as tmp:
             (tmp / "lifecycle_report.md").write_text(body)
             (tmp / "lifecycle_report.png").write_bytes(png)
         st.run.log_file(st.target / "lifecycle_report.md")
@@ -81,6 +46,6 @@ def lifecycle_report(
             metadata={
                 "report": dg.MetadataValue.md(body),
                 "plot": plot,
-                "total_seconds": round(sum(durations.values()), 1),
+                "total_seconds": round(sum(r["seconds"] for r in rows), 1),
             },
         )

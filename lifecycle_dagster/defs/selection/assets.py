@@ -1,18 +1,12 @@
 """Select: the foundation model, from a local directory, a GGUF file, a hub id, or pre-trained."""
 
-import json
-
 import dagster as dg
 
 from lifecycle_dagster import settings
-from lifecycle_dagster.lib.stage import (
-    OWNERS,
-    USE_CASES,
-    stage,
-    upstream,
-)
+from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES
+from lifecycle_dagster.lib.results import base_model_result
+from lifecycle_dagster.lib.stage import stage, upstream
 from lifecycle_dagster.ml.data import read_rows
-from lifecycle_dagster.ml.estimate import estimate, human_seconds
 from lifecycle_dagster.ml.models import materialize_base_model
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.compute import Compute
@@ -42,18 +36,15 @@ def base_model(
         data = upstream(context, artifact_store, "task_dataset")
         rows = read_rows(data / "train.jsonl")
         corpus = [r[uc.task.input_field] for r in rows] + [r[uc.task.target_field] for r in rows]
+        scratch = uc.base_model.scratch.model_dump() if uc.base_model.source == "scratch" else {}
         st.run.log_params(
             {
                 "source": uc.base_model.source,
                 "path": uc.base_model.path or "",
-                **(
-                    {f"scratch.{k}": v for k, v in uc.base_model.scratch.model_dump().items()}
-                    if uc.base_model.source == "scratch"
-                    else {}
-                ),
+                **{f"scratch.{k}": v for k, v in scratch.items()},
             }
         )
-        with artifact_store.write(st.target) as tmp:
+        with st.write() as tmp:
             result = materialize_base_model(
                 uc.base_model,
                 corpus,
@@ -62,44 +53,4 @@ def base_model(
                 log=st.log,
                 cache_dir=settings.state_home() / "cache" / "models",
             )
-        curve = result.pretrain.get("loss_curve", [])
-        st.run.log_curve("pretrain_loss", curve)
-        meta = {
-            "source": uc.base_model.source,
-            "architecture": result.architecture,
-            "vocab_size": result.vocab_size,
-            "context_length": result.context_length,
-            "device": runtime.describe(),
-        }
-        config = json.loads((st.target / "model" / "config.json").read_text())
-        feasible = estimate(
-            result.parameters,
-            device=runtime.device,
-            hidden=config.get("hidden_size"),
-            layers=config.get("num_hidden_layers"),
-            lora_r=uc.adaptation.lora_r,
-            virtual_tokens=uc.adaptation.num_virtual_tokens,
-        )
-        st.run.log_dict(feasible.as_dict(), "pretraining_feasibility.json")
-        meta["pretraining_feasibility"] = dg.MetadataValue.md(feasible.markdown())
-        meta["pretrain_estimate"] = human_seconds(feasible.pretrain_seconds)
-        meta["compute_optimal_tokens"] = feasible.tokens
-        meta["pretrain_flops"] = feasible.train_flops
-        meta["full_finetune_gib"] = round(feasible.full_finetune_bytes / 2**30, 3)
-        meta["lora_finetune_gib"] = round(feasible.lora_finetune_bytes / 2**30, 3)
-        for key in ("gguf_sha256", "conversion"):
-            if key in result.pretrain:
-                meta[key] = result.pretrain[key]
-        if curve:
-            meta["pretrain_loss_curve"] = st.plot(
-                {"loss": curve}, "pre-training loss", "pretrain_loss"
-            )
-        return st.result(
-            metrics={
-                "parameters": result.parameters,
-                "pretrain_loss_start": result.pretrain.get("loss_start"),
-                "pretrain_loss_end": result.pretrain.get("loss_end"),
-                "pretrain_tokens": result.pretrain.get("tokens_seen"),
-            },
-            metadata=meta,
-        )
+        return base_model_result(st, result, runtime)

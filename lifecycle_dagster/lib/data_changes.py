@@ -1,0 +1,56 @@
+"""Which dataset snapshots a use case's source files no longer match (the data sensor's question)."""
+
+from pathlib import Path
+
+import dagster as dg
+
+from lifecycle_dagster.ml.artifacts import file_sha256, read_manifest
+from lifecycle_dagster.ml.usecase import UseCase
+from lifecycle_dagster.resources.artifacts import select_record
+
+# The files each dataset asset snapshots: use-case data field -> file name inside the artifact.
+DATA_FILES = {
+    "task_dataset": {"train": "train.jsonl", "eval": "eval.jsonl"},
+    "preference_dataset": {
+        "preferences_train": "preferences_train.jsonl",
+        "preferences_eval": "preferences_eval.jsonl",
+    },
+}
+
+
+def changed_datasets(
+    instance: dg.DagsterInstance, hashes: dict, use_case: str
+) -> tuple[list[str], list[str]]:
+    """Dataset assets of ``use_case`` (a partition) whose source files no longer match their
+    latest snapshot, and why.
+
+    ``hashes`` caches file digests by (size, mtime) so a tick re-reads only files that moved."""
+    uc_record = select_record(instance, "use_case", use_case=use_case)
+    try:
+        path = Path(str(uc_record.asset_materialization.metadata["artifact_path"].value))
+        uc = UseCase.model_validate_json((path / "use_case.json").read_text())
+    except (AttributeError, KeyError, OSError, ValueError):
+        return [], []
+    changed, why = [], []
+    for asset, files in DATA_FILES.items():
+        record = select_record(instance, asset, use_case=use_case)
+        try:
+            snapshot = Path(str(record.asset_materialization.metadata["artifact_path"].value))
+            manifest = read_manifest(snapshot)["files"]
+        except (AttributeError, KeyError, OSError, ValueError):
+            continue  # never materialized, or its snapshot is gone: nothing to compare with
+        for field, name in files.items():
+            source = Path(getattr(uc.data, field))
+            if not source.is_file() or name not in manifest:
+                continue
+            stat = source.stat()
+            key = f"{source}:{stat.st_size}:{stat.st_mtime_ns}"
+            digest = hashes.get(key) or file_sha256(source)
+            hashes[key] = digest
+            if digest != manifest[name]["sha256"]:
+                changed.append(asset)
+                why.append(
+                    f"{source.name} changed (sha256 {digest[:12]}, snapshot {record.storage_id})"
+                )
+                break
+    return changed, why

@@ -1,0 +1,419 @@
+"""What an asset records of an ``ml/`` result: its artifact files, MLflow records, UI metadata and
+check results. One function per result kind, so that asset bodies stay short and the shapes a person
+reads (tables, verdicts, decisions) are made in one place."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+
+from lifecycle_dagster.lib.render import md_table
+from lifecycle_dagster.lib.stage import Stage
+from lifecycle_dagster.ml.readaptation import Decision
+from lifecycle_dagster.ml.verdict import Assessment
+
+
+def check(name: str, passed: bool, metadata: dict, blocking: bool = False) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=name,
+        passed=bool(passed),
+        severity=dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN,
+        metadata={k: v for k, v in metadata.items() if v is not None},
+    )
+
+
+def evaluation_result(
+    st: Stage, result: Assessment, decision: Decision, regression: dict, candidate: dict
+) -> dg.MaterializeResult:
+    """The evaluation's artifact (summary, per-example table), its MLflow run, the verdict, the
+    re-adaptation decision the sensor reads, and the four checks."""
+    with st.write() as tmp:
+        summary = {
+            "suite": result.suite,
+            "results": result.results,
+            "verdicts": result.verdicts,
+            "passed": result.passed,
+            "regression": regression,
+        }
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        (tmp / "per_example.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in result.per_example)
+        )
+    st.run.log_metrics(
+        {f"{name}.{k}": v for name, metrics in result.results.items() for k, v in metrics.items()}
+    )
+    st.run.log_table(result.per_example, "per_example.jsonl")
+    st.run.log_text(md_table(result.rows), "evaluation.md")
+    st.run.set_tags({"verdict": decision.verdict, "suite": result.suite})
+    st.log(f"evaluation: verdict {decision.verdict} {', '.join(result.failed)}".rstrip())
+    st.log(f"evaluation: {decision.summary() if decision.verdict == 'pass' else decision.reason}")
+    warnings = result.warnings()
+    return st.result(
+        metrics=result.flat_metrics(),
+        metadata={
+            "verdict": decision.verdict,
+            "candidate_path": dg.MetadataValue.path(str(candidate.get("artifact_path", ""))),
+            "candidate_model": candidate.get("registered_model", ""),
+            "candidate_version": candidate.get("registered_version", ""),
+            "failed_metrics": ", ".join(result.failed),
+            "sft_method": decision.method,
+            "decision": dg.MetadataValue.json(decision.model_dump(mode="json")),
+            "readaptation": decision.reason,
+            "use_case_name": decision.use_case,
+            "suite": result.suite,
+            "primary_metric": st.use_case.evaluation.primary_metric,
+            "regressed": regression["regressed"],
+            "vs_champion": regression["summary"],
+            "comparison": dg.MetadataValue.md(md_table(result.rows)),
+            "thresholds": dg.MetadataValue.md(md_table(result.verdicts) or "none set"),
+        },
+        check_results=[
+            check(
+                "meets_thresholds",
+                result.passed,
+                {"failed": ", ".join(result.failed) or "none", "attempt": decision.attempt},
+                blocking=True,
+            ),
+            *(check(name, ok, meta) for name, (ok, meta) in warnings.items()),
+            check("no_regression_vs_champion", not regression["regressed"], regression),
+        ],
+    )
+
+
+def onnx_result(st: Stage, result, source, split) -> dg.MaterializeResult:
+    """The ONNX artifact: every variant's row, the deployed one's figures, its registry version and
+    the three blocking gates."""
+    c = st.use_case.compression
+    rows = [r.row() for r in result.variants.values()]
+    st.run.log_text(md_table(rows), "variants.md")
+    st.run.log_file(st.target / "selected.json")
+    st.run.log_file(st.target / "faithfulness.json")
+    st.run.log_table(
+        [
+            {"variant": n, "id": row["id"], "prediction": p}
+            for n, r in result.variants.items()
+            for row, p in zip(split.rows, r.predictions, strict=True)
+        ],
+        "predictions.jsonl",
+    )
+    st.run.log_metrics(
+        {
+            f"{n}.{k}": v
+            for n, r in result.variants.items()
+            for k, v in r.row().items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+    )
+    fp32, chosen = result.variants["fp32"], result.variants.get(result.selected or "")
+    st.log(
+        f"onnx_model: policy {c.policy}, deploying {result.selected or 'nothing'}"
+        + (f" ({chosen.bytes / 1e6:.0f} MB, {chosen.tokens_per_s:.1f} tok/s)" if chosen else "")
+    )
+    torch_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    metrics = {
+        "pytorch_bytes": torch_bytes,
+        "torch_tokens_per_s": fp32.faithfulness.torch_tokens_per_s,
+        "max_abs_logit_diff_fp32": fp32.faithfulness.max_abs_logit_diff,
+        "reference_rouge_l": result.reference["rouge_l"],
+        "reference_mean_reward": result.reference.get("mean_reward"),
+        **{f"export_seconds_{n}": s for n, s in result.export_seconds.items()},
+    }
+    if chosen:
+        metrics |= {
+            "onnx_bytes": chosen.bytes,
+            "size_ratio": torch_bytes / max(1, chosen.bytes),
+            "ort_tokens_per_s": chosen.tokens_per_s,
+            # Both rates on the same check prompts and token budget, batch 1.
+            "speedup": chosen.faithfulness.ort_tokens_per_s
+            / max(1e-9, chosen.faithfulness.torch_tokens_per_s),
+            "onnx_rouge_l": chosen.rouge_l,
+            "onnx_mean_reward": chosen.mean_reward,
+            "rouge_l_drop": chosen.rouge_l_drop,
+            "reward_drop_pct": chosen.reward_drop_pct,
+        }
+    registered, version = st.register(
+        "onnx",
+        st.target,
+        {
+            "variant": result.selected or "none",
+            "gates": "passed" if result.deployable else "failed",
+            "source_model": str(source),
+            **({"onnx_rouge_l": chosen.rouge_l, "bytes": chosen.bytes} if chosen else {}),
+        },
+    )
+    budget = {"max_rouge_l_drop": c.max_rouge_l_drop, "max_reward_drop_pct": c.max_reward_drop_pct}
+    within = ", ".join(n for n, r in result.variants.items() if r.within_budget) or "none"
+    return st.result(
+        metrics=metrics,
+        metadata={
+            "selected_variant": result.selected or "none",
+            "policy": c.policy,
+            "registered_model": registered,
+            "registered_version": version,
+            "source_model": str(source),
+            "variants": dg.MetadataValue.md(md_table(rows)),
+            "deploy_path": dg.MetadataValue.path(
+                str(st.target / result.selected) if result.selected else ""
+            ),
+        },
+        check_results=[
+            check(
+                "fp32_matches_pytorch",
+                result.fp32_matches,
+                {
+                    "logits_atol": c.logits_atol,
+                    "max_abs_logit_diff": fp32.faithfulness.max_abs_logit_diff,
+                    "token_agreement": fp32.faithfulness.token_agreement,
+                    "text_equal": fp32.faithfulness.text_equal,
+                    "prompts": c.check_prompts,
+                },
+                blocking=True,
+            ),
+            check(
+                "kv_cache_in_use",
+                result.cache_in_use,
+                {n: r.faithfulness.cache_consistent for n, r in result.variants.items()},
+                blocking=True,
+            ),
+            check(
+                "within_quality_budget",
+                result.selected is not None,
+                {**budget, "selected": result.selected or "none", "within_budget": within},
+                blocking=True,
+            ),
+        ],
+    )
+
+
+def sft_result(
+    st: Stage, result, method, after: float, before, device: str
+) -> dg.MaterializeResult:
+    """The adapted model: loss curve, what was trained, and ROUGE-L before and after."""
+    st.run.log_curve("train_loss", result.loss_curve)
+    shape = (
+        {"num_virtual_tokens": method.num_virtual_tokens}
+        if method.method == "prompt_tuning"
+        else {"lora_r": method.lora_r}
+    )
+    return st.result(
+        metrics={
+            "loss_start": result.loss_start,
+            "loss_end": result.loss_end,
+            "trainable_fraction": result.trainable_fraction,
+            "trainable_parameters": result.trainable_parameters,
+            "rouge_l_before": before,
+            "rouge_l_after": after,
+            "train_seconds": result.seconds,
+        },
+        metadata={
+            "method": method.method,
+            "max_steps": method.max_steps,
+            **shape,
+            "config": dg.MetadataValue.json(method.model_dump(mode="json")),
+            "is_adapter": result.is_adapter,
+            "device": device,
+            "loss_curve": st.plot(
+                {"loss": result.loss_curve}, f"SFT loss ({method.method})", "sft_loss"
+            ),
+        },
+    )
+
+
+def prompt_baseline_result(st: Stage, result) -> dg.MaterializeResult:
+    """Each prompting strategy's score (plotted by shot count in MLflow) and the best template."""
+    best = result.best
+    with st.write() as tmp:
+        (tmp / "results.json").write_text(json.dumps(result.strategies, indent=2))
+        (tmp / "best_template.txt").write_text(result.template)
+        (tmp / "best.json").write_text(json.dumps({"shots": best["shots"]}))
+    for r in result.strategies:
+        st.run.log_metrics({"rouge_l": r["rouge_l"]}, step=r["shots"])
+    st.run.log_metrics({f"rouge_l_{r['shots']}shot": r["rouge_l"] for r in result.strategies})
+    st.run.log_text(result.template, "best_template.txt")
+    rows = [{k: v for k, v in r.items() if k != "shots"} for r in result.strategies]
+    return st.result(
+        metrics={
+            "best_rouge_l": best["rouge_l"],
+            "zero_shot_rouge_l": result.zero_shot,
+            "best_shots": best["shots"],
+        },
+        metadata={
+            "strategies": dg.MetadataValue.md(md_table(rows)),
+            "best_strategy": best["strategy"],
+            "best_template": dg.MetadataValue.md(f"```\n{result.template[-1500:]}\n```"),
+        },
+    )
+
+
+def reward_result(st: Stage, outcome, held_out: int, device: str) -> dg.MaterializeResult:
+    """The reward model: where it came from, its loss curve and its held-out ranking."""
+    st.run.log_curve("train_loss", outcome.loss_curve)
+    meta = {
+        "source": outcome.source,
+        "held_out_pairs": held_out,
+        "max_steps": outcome.max_steps,
+        "device": device,
+    }
+    if outcome.loss_curve:
+        meta["loss_curve"] = st.plot(
+            {"loss": outcome.loss_curve}, "reward model loss", "reward_loss"
+        )
+    return st.result(
+        metrics={
+            "pairwise_accuracy": outcome.pairwise_accuracy,
+            "mean_margin": outcome.mean_margin,
+        },
+        metadata=meta,
+    )
+
+
+def aligned_result(st: Stage, outcome, method, device: str) -> dg.MaterializeResult:
+    """The aligned model: registered as the use case's candidate, with reward and ROUGE-L before
+    and after, the KL to the SFT reference and the training curves."""
+    result, before, after = outcome.result, outcome.before, outcome.after
+    st.run.log_curve("train_reward", result.reward_curve)
+    st.run.log_curve("kl", result.kl_curve)
+    st.run.log_curve("train_loss", result.loss_curve)
+    registered, version = st.register(
+        "aligned", st.target, {"reward_after": after.mean_reward, "rouge_l_after": after.rouge_l}
+    )
+    meta = {
+        "method": method.method,
+        "beta": method.beta,
+        "soft_prompt_tokens": outcome.soft_prompt_tokens,
+        "registered_model": registered,
+        "registered_version": version,
+        "max_steps": method.max_steps,
+        "config": dg.MetadataValue.json(method.model_dump(mode="json")),
+        "device": device,
+    }
+    if result.reward_curve:
+        meta["reward_curve"] = st.plot(
+            {"reward": result.reward_curve}, f"{method.method} training reward", "align_reward"
+        )
+    return st.result(
+        metrics={
+            "reward_before": before.mean_reward,
+            "reward_after": after.mean_reward,
+            "rouge_l_before": before.rouge_l,
+            "rouge_l_after": after.rouge_l,
+            "mean_kl": result.mean_kl,
+            "train_seconds": result.seconds,
+        },
+        metadata=meta,
+    )
+
+
+def champion_result(st: Stage, registry, decisions: list, onnx_model: str) -> dg.MaterializeResult:
+    """The promotion decisions (aligned model, then its ONNX artifact) and where champion stands."""
+    metric = decisions[0].metric
+    rows = [
+        {
+            "model": d.name,
+            "version": d.version,
+            metric: round(d.value, 4),
+            "champion_before": d.previous_version or "-",
+            "promoted": d.promoted,
+            "reason": d.reason,
+            "champion_now": registry.aliases(d.name).get("champion", "-"),
+        }
+        for d in decisions
+    ]
+    for row in rows:
+        st.log(
+            f"champion_model: {row['model']} v{row['version']} "
+            f"{'promoted' if row['promoted'] else 'not promoted'}: {row['reason']}"
+        )
+    with st.write() as tmp:
+        (tmp / "promotion.json").write_text(json.dumps(rows, indent=2))
+    st.run.log_text(md_table(rows), "promotion.md")
+    st.run.set_tags({"promoted": str(any(d.promoted for d in decisions)).lower()})
+    return st.result(
+        metrics={"promoted": int(decisions[-1].promoted)},
+        metadata={
+            "decisions": dg.MetadataValue.md(md_table(rows)),
+            "onnx_champion": rows[-1]["champion_now"],
+            "aligned_champion": rows[0]["champion_now"],
+            "registry": dg.MetadataValue.url(f"{st.tracking.ui_url}/#/models/{onnx_model}"),
+        },
+    )
+
+
+def base_model_result(st: Stage, result, runtime) -> dg.MaterializeResult:
+    """The base model: its shape, its pre-training curve (when pre-trained here), and what
+    pre-training and fine-tuning a model of its size would cost on this machine."""
+    from lifecycle_dagster.ml.estimate import estimate, human_seconds
+
+    uc = st.use_case
+    curve = result.pretrain.get("loss_curve", [])
+    st.run.log_curve("pretrain_loss", curve)
+    config = json.loads((st.target / "model" / "config.json").read_text())
+    feasible = estimate(
+        result.parameters,
+        device=runtime.device,
+        hidden=config.get("hidden_size"),
+        layers=config.get("num_hidden_layers"),
+        adaptation=uc.adaptation,
+    )
+    st.run.log_dict(feasible.as_dict(), "pretraining_feasibility.json")
+    meta = {
+        "source": uc.base_model.source,
+        "architecture": result.architecture,
+        "vocab_size": result.vocab_size,
+        "context_length": result.context_length,
+        "device": runtime.describe(),
+        "pretraining_feasibility": dg.MetadataValue.md(feasible.markdown()),
+        "pretrain_estimate": human_seconds(feasible.pretrain_seconds),
+        "compute_optimal_tokens": feasible.tokens,
+        "pretrain_flops": feasible.train_flops,
+        "full_finetune_gib": round(feasible.full_finetune_bytes / 2**30, 3),
+        "lora_finetune_gib": round(feasible.lora_finetune_bytes / 2**30, 3),
+        **{k: result.pretrain[k] for k in ("gguf_sha256", "conversion") if k in result.pretrain},
+    }
+    if curve:
+        meta["pretrain_loss_curve"] = st.plot({"loss": curve}, "pre-training loss", "pretrain_loss")
+    return st.result(
+        metrics={
+            "parameters": result.parameters,
+            "pretrain_loss_start": result.pretrain.get("loss_start"),
+            "pretrain_loss_end": result.pretrain.get("loss_end"),
+            "pretrain_tokens": result.pretrain.get("tokens_seen"),
+        },
+        metadata=meta,
+    )
+
+
+def use_case_result(st: Stage, profile: str, source_file: str | None) -> dg.MaterializeResult:
+    """The resolved use case as JSON (with the data files it names and the YAML it came from)."""
+    import shutil
+
+    uc = st.use_case
+    with st.write() as tmp:
+        (tmp / "use_case.json").write_text(uc.to_json())
+        (tmp / "sources.txt").write_text(
+            "".join(
+                f"{split}: {getattr(uc.data, split)}\n"
+                for split in ("train", "eval", "preferences_train", "preferences_eval")
+            )
+        )
+        if source_file:
+            shutil.copy(source_file, tmp / "use_case.source.yaml")
+    resolved = json.loads(uc.to_json())
+    st.run.log_dict(resolved, "use_case.json")
+    thresholds = [
+        {"metric": k, "threshold": v.describe()} for k, v in uc.evaluation.thresholds.items()
+    ]
+    return st.result(
+        metadata={
+            "name": uc.name,
+            "task": uc.task.type,
+            "profile": profile,
+            "base_model_source": uc.base_model.source,
+            "adaptation_method": uc.adaptation.method,
+            "alignment_method": uc.alignment.method,
+            "thresholds": dg.MetadataValue.md(md_table(thresholds) or "none"),
+            "fingerprint": uc.fingerprint(),
+            "resolved": dg.MetadataValue.json(resolved),
+        }
+    )

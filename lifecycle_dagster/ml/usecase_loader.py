@@ -1,0 +1,227 @@
+"""Reading a use case from YAML: a profile's base use case, files layered over it, overrides last.
+
+A profile is a named preset that points at a use case and overrides some of its values (the ``tiny``
+profile shrinks everything so the whole lifecycle runs in minutes on two CPU cores). Every error names
+the file, the line and the field (the layer that set the field last).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import string
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from lifecycle_dagster import settings
+from lifecycle_dagster.ml.errors import InputError
+from lifecycle_dagster.ml.usecase import PROFILES_DIR, UseCase
+
+
+def parse_overrides(text: str | None, source: str = "--override") -> dict | None:
+    """A YAML/JSON mapping given on a command line or in run config (None when empty)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(source, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise InputError(source, "expected a YAML mapping, e.g. '{adaptation: {max_steps: 10}}'")
+    return data
+
+
+def read_text(path: Path) -> str:
+    """Read a UTF-8 text file; non-UTF-8 bytes and empty files are input errors with a line."""
+    if not path.exists():
+        raise InputError(path, "file not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InputError(path, f"not UTF-8 (byte 0x{raw[exc.start]:02x})", line=line) from None
+    if not text.strip():
+        raise InputError(path, "file is empty")
+    return text
+
+
+def _line_index(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map each key path of a composed YAML document to its 1-based line."""
+    out = {prefix: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, key.value)
+            out[path] = key.start_mark.line + 1
+            for sub, line in _line_index(value, path).items():
+                out.setdefault(sub, line)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out.update(_line_index(item, (*prefix, i)))
+    return out
+
+
+def _load_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
+    text = read_text(path)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise InputError(
+            path,
+            f"invalid YAML: {getattr(exc, 'problem', exc)}",
+            line=mark.line + 1 if mark else None,
+        ) from None
+    if not isinstance(data, dict):
+        raise InputError(path, "expected a mapping at the top level", line=1)
+    return data, _line_index(node) if node is not None else {}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int | None:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def _validate(raw: dict, sources: list[tuple[Path, dict[tuple, int], dict]]) -> UseCase:
+    try:
+        return UseCase.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-after"))
+        # The error belongs to the last file that set this field (an override wins).
+        path, lines = sources[0][0], sources[0][1]
+        for src_path, src_lines, src_raw in sources:
+            if _has_path(src_raw, loc):
+                path, lines = src_path, src_lines
+        field = ".".join(str(p) for p in loc) or None
+        raise InputError(path, err["msg"], line=_nearest_line(lines, loc), field=field) from None
+
+
+def _has_path(raw: Any, loc: tuple) -> bool:
+    node = raw
+    for part in loc[:-1] if loc else ():
+        if (
+            isinstance(node, dict)
+            and part in node
+            or isinstance(node, list)
+            and isinstance(part, int)
+            and part < len(node)
+        ):
+            node = node[part]
+        else:
+            return False
+    return not loc or (isinstance(node, dict) and loc[-1] in node) or isinstance(node, list)
+
+
+def _expand(value: str) -> str:
+    """``${LIFECYCLE_HOME}`` (the state dir, also when unset) and other env vars, then ``~``."""
+    env = {**os.environ, "LIFECYCLE_HOME": str(settings.state_home())}
+    return os.path.expanduser(string.Template(value).safe_substitute(env))
+
+
+def _resolve_paths(raw: dict, base_dir: Path) -> dict:
+    raw = copy.deepcopy(raw)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "eval", "preferences_train", "preferences_eval"):
+            if isinstance(data.get(key), str):
+                data[key] = str((base_dir / _expand(data[key])).resolve())
+    for section in ("base_model", "reward"):
+        spec = raw.get(section)
+        if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+            spec["path"] = _expand(spec["path"])
+            candidate = base_dir / spec["path"]
+            if spec.get("source") in ("local", "gguf", "existing") or candidate.exists():
+                spec["path"] = str(candidate.resolve())
+    return raw
+
+
+def profile_path(profile: str) -> Path:
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    candidate = PROFILES_DIR / f"{profile}.yaml"
+    if not candidate.exists():
+        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+        raise InputError(candidate, f"unknown profile '{profile}' (known: {known})")
+    return candidate
+
+
+def load_use_case(
+    use_case_file: str | Path | None = None,
+    *,
+    profile: str | None = None,
+    overrides: dict | None = None,
+) -> UseCase:
+    """Resolve a use case: a profile's base use case, the given file over it, then overrides.
+
+    ``use_case_file`` may be a complete use case or a partial one layered over the profile's.
+    """
+    layers: list[tuple[Path, dict[tuple, int], dict]] = []
+    if profile:
+        ppath = profile_path(profile)
+        pdata, plines = _load_yaml(ppath)
+        base_ref = pdata.get("use_case")
+        if not isinstance(base_ref, str):
+            raise InputError(ppath, "a profile names its use case", line=1, field="use_case")
+        base_path = (ppath.parent / base_ref).resolve()
+        bdata, blines = _load_yaml(base_path)
+        layers.append((base_path, blines, _resolve_paths(bdata, base_path.parent)))
+        over = pdata.get("overrides") or {}
+        if not isinstance(over, dict):
+            raise InputError(
+                ppath, "expected a mapping", line=plines.get(("overrides",)), field="overrides"
+            )
+        over_lines = {k[1:]: v for k, v in plines.items() if k[:1] == ("overrides",)}
+        layers.append((ppath, over_lines, _resolve_paths(over, ppath.parent)))
+    if use_case_file is not None:
+        upath = Path(use_case_file).resolve()
+        udata, ulines = _load_yaml(upath)
+        layers.append((upath, ulines, _resolve_paths(udata, upath.parent)))
+    if not layers:
+        raise ValueError("load_use_case needs a use-case file or a profile")
+    if overrides:
+        layers.append((Path("<run config overrides>"), {}, _resolve_paths(overrides, Path.cwd())))
+    merged: dict = {}
+    for _, _, data in layers:
+        merged = _deep_merge(merged, data)
+    use_case = _validate(merged, layers)
+    _check_sources_exist(use_case, layers)
+    return use_case
+
+
+def _check_sources_exist(uc: UseCase, layers: list[tuple[Path, dict[tuple, int], dict]]) -> None:
+    def fail(loc: tuple, message: str) -> None:
+        path, lines = layers[0][0], layers[0][1]
+        for src_path, src_lines, src_raw in layers:
+            if _has_path(src_raw, loc):
+                path, lines = src_path, src_lines
+        raise InputError(path, message, line=_nearest_line(lines, loc), field=".".join(loc))
+
+    for key in ("train", "eval", "preferences_train", "preferences_eval"):
+        if not getattr(uc.data, key).exists():
+            fail(("data", key), f"data file not found: {getattr(uc.data, key)}")
+    bm = uc.base_model
+    if bm.source == "local" and not (Path(bm.path) / "config.json").exists():
+        fail(("base_model", "path"), f"no HF model directory (config.json) at {bm.path}")
+    if bm.source == "gguf" and not Path(bm.path).is_file():
+        hint = " (`make models` fetches the demo model)" if "SmolLM2" in bm.path else ""
+        fail(("base_model", "path"), f"GGUF file not found: {bm.path}{hint}")
+    if uc.reward.source == "existing" and not (Path(uc.reward.path) / "config.json").exists():
+        fail(("reward", "path"), f"no reward model directory (config.json) at {uc.reward.path}")

@@ -1,0 +1,118 @@
+"""The evaluation verdict: every lifecycle stage's model scored on one split by the use case's suite,
+the candidate held to the thresholds, and the warnings a reviewer wants (fine-tuning beat prompting,
+alignment kept the reward)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from lifecycle_dagster.ml.data import EvalSplit
+from lifecycle_dagster.ml.evaluate import evaluate_model
+from lifecycle_dagster.ml.progress import Log
+from lifecycle_dagster.ml.suite import SuiteConfig
+
+CANDIDATE = "aligned"
+
+
+@dataclass
+class Candidate:
+    """A model to score: how to load it (with the tokenizer that prompts it) and its prompts."""
+
+    load: Callable[[], tuple]
+    prompts: Sequence[str]
+
+
+@dataclass
+class Assessment:
+    suite: str
+    results: dict[str, dict[str, float]]
+    per_example: list[dict]
+    verdicts: list[dict] = field(default_factory=list)
+
+    @property
+    def candidate(self) -> dict[str, float]:
+        return self.results[CANDIDATE]
+
+    @property
+    def passed(self) -> bool:
+        return all(v["passed"] for v in self.verdicts)
+
+    @property
+    def failed(self) -> list[str]:
+        return [v["metric"] for v in self.verdicts if not v["passed"]]
+
+    @property
+    def rows(self) -> list[dict]:
+        """One row per model: the comparison table."""
+        return [
+            {"model": name, **{k: round(v, 4) for k, v in metrics.items()}}
+            for name, metrics in self.results.items()
+        ]
+
+    def flat_metrics(self) -> dict[str, float]:
+        """The candidate's metrics, then every model's as ``<model>_<metric>``."""
+        return {
+            **self.candidate,
+            **{f"{m}_{k}": v for m, res in self.results.items() for k, v in res.items()},
+            "passed": int(self.passed),
+        }
+
+    def warnings(self) -> dict[str, tuple[bool, dict]]:
+        """Soft checks: fine-tuning beat prompting alone; alignment kept the SFT model's reward."""
+        sft, prompt, aligned = self.results["sft"], self.results["prompt_baseline"], self.candidate
+        return {
+            "sft_beats_prompt_baseline": (
+                sft["rouge_l"] > prompt["rouge_l"],
+                {"sft_rouge_l": sft["rouge_l"], "prompt_rouge_l": prompt["rouge_l"]},
+            ),
+            "alignment_keeps_reward": (
+                aligned["mean_reward"] >= sft["mean_reward"],
+                {"sft_reward": sft["mean_reward"], "aligned_reward": aligned["mean_reward"]},
+            ),
+        }
+
+
+def assess(
+    candidates: Mapping[str, Candidate],
+    split: EvalSplit,
+    *,
+    suite: SuiteConfig,
+    thresholds: Mapping,
+    reward=None,
+    max_new_tokens: int,
+    batch_size: int,
+    log: Log | None = None,
+) -> Assessment:
+    """Score every candidate on ``split`` (one loaded at a time) and hold the ``aligned`` one to
+    ``thresholds`` (metric -> ``Threshold``)."""
+    results, per_example = {}, []
+    for name, cand in candidates.items():
+        model, tok = cand.load()
+        res = evaluate_model(
+            model,
+            tok,
+            cand.prompts,
+            split.references,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            reward=reward,
+            ids=split.ids,
+            suite=suite,
+            log=log,
+            stage=f"evaluation[{name}]",
+        )
+        del model
+        results[name] = res.metrics()
+        per_example += [{"model": name, **row} for row in res.per_example]
+    out = Assessment(suite=suite.fingerprint(), results=results, per_example=per_example)
+    out.verdicts = [
+        {
+            "metric": m,
+            "value": round(out.candidate[m], 4),
+            "threshold": t.describe(),
+            "passed": t.holds(out.candidate[m]),
+        }
+        for m, t in thresholds.items()
+    ]
+    return out
