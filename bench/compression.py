@@ -35,10 +35,10 @@ from pathlib import Path
 from statistics import median
 
 from lifecycle_dagster import settings
-from lifecycle_dagster.ml.compress import QualityBudget, quality_drop
+from lifecycle_dagster.ml.compress import quality_drop
 from lifecycle_dagster.ml.data import load_task_data, prompts_for, references
 from lifecycle_dagster.ml.evaluate import clean_completion, rouge_l
-from lifecycle_dagster.ml.export import ExportConfig, GenaiGenerator, export_onnx
+from lifecycle_dagster.ml.export import GenaiGenerator, export_onnx
 from lifecycle_dagster.ml.usecase_loader import load_use_case
 
 BENCH = settings.state_home() / "bench"
@@ -419,7 +419,7 @@ def main() -> None:
 
     variants = ("fp32", "int8", "int4") + (("int8_dynamic",) if args.with_dynamic else ())
     c = uc.compression
-    config = ExportConfig.from_spec(c, variants)
+    config = c.updated({"variants": list(variants)})
     exported = export_onnx(model_dir, work / "onnx", config, log=log)
     mixed = ", int8 head + sensitive layers" if c.int4_mixed_precision else ""
     bits = {
@@ -497,7 +497,7 @@ def main() -> None:
 
 def render(rows: list[Row], bandwidth: float, label: str, args, uc) -> str:
     ref = rows[0]
-    budget = QualityBudget(uc.compression.max_rouge_l_drop, uc.compression.max_reward_drop_pct)
+    budget = uc.compression
     head = (
         "| engine | weights | size MB | size vs fp32 | prefill 128 tok ms | decode tok/s b1 | "
         "vs PyTorch | decode tok/s b8 | peak MB | weights read/token MB | bound tok/s | "

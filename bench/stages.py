@@ -55,10 +55,9 @@ def main() -> None:
                 tmp / "base",
                 sft_records(uc, rows),
                 tmp / method,
-                SFTMethodConfig(
-                    method=method, max_steps=steps, learning_rate=lr, init_text=uc.task.instruction
-                ),
+                SFTMethodConfig(method=method, max_steps=steps, learning_rate=lr),
                 runtime,
+                init_text=uc.task.instruction,
             )
             times[f"sft_{method}"] = time.perf_counter() - t
             model, tok = load_sft(tmp / "base", tmp / method, runtime)

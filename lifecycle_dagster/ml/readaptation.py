@@ -67,12 +67,20 @@ class Decision(BaseModel):
         """One line for a sensor tick or a log."""
         if self.verdict == "pass":
             return f"{self.use_case}: verdict pass at attempt {self.attempt}: nothing to do"
-        head = f"{self.use_case}: verdict fail ({', '.join(self.failed)}) at attempt {self.attempt}"
+        failed = ", ".join(self.failed)
         if self.next is None:
-            return f"{head}; {self.reason}: no further run"
+            return (
+                f"{self.use_case}: verdict fail ({failed}) at attempt {self.attempt}; "
+                f"{self.reason}: no further run"
+            )
+        return f"{self.use_case}: {self.escalation_reason()}; launched attempt {self.next.attempt}"
+
+    def escalation_reason(self) -> str:
+        """Why the next attempt runs, and what changes in it (the run's reason tag)."""
+        nxt = self.next.describe() if self.next is not None else "nothing"
         return (
-            f"{head} with {self.method}; escalating to {self.next.describe()}; "
-            f"launched attempt {self.next.attempt}"
+            f"attempt {self.attempt} failed {', '.join(self.failed)} with {self.method}; "
+            f"escalating to {nxt}"
         )
 
 

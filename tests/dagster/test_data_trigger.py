@@ -2,7 +2,6 @@
 snapshot, and declarative automation carries the update down the graph (never past a failed
 blocking check)."""
 
-import json
 import shutil
 import uuid
 from pathlib import Path
@@ -55,9 +54,7 @@ def test_changed_data_file_requests_its_dataset(tmp_path, instance):
         asset_selection=[
             dg.AssetKey(k) for k in ("use_case", "task_dataset", "preference_dataset")
         ],
-        run_config={
-            "ops": {"use_case": {"config": {"profile": "tiny", "overrides": json.dumps(overrides)}}}
-        },
+        run_config={"ops": {"use_case": {"config": {"profile": "tiny", "overrides": overrides}}}},
     )
 
     def tick(cursor=None):

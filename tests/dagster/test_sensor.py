@@ -1,12 +1,13 @@
 """The re-adaptation sensor on an ephemeral instance: escalate on shortfall, once, up to the cap."""
 
-import json
 import time
 
 import dagster as dg
 import pytest
 
 from lifecycle_dagster.defs.automation.automation import readaptation_sensor
+from lifecycle_dagster.ml.readaptation import Decision, Escalation
+from lifecycle_dagster.ml.usecase import AdaptationUpdate, AlignmentUpdate
 
 UC = "dialogue_summarisation"
 
@@ -16,33 +17,42 @@ def verdict(
     *,
     passed: bool,
     attempt: int,
-    escalation: dict | None,
+    escalate: dict | None = None,
     max_attempts=3,
     use_case=UC,
-    started_minutes_ago: float | None = None,
+    started_minutes_ago: float = 1.0,
 ):
+    """Record an evaluation verdict as the evaluation asset does: its decision, typed.
+    ``escalate`` is the next attempt's adaptation update (None: no next attempt)."""
+    nxt = None
+    if escalate is not None:
+        nxt = Escalation(
+            attempt=attempt + 1,
+            adaptation=AdaptationUpdate(**escalate),
+            alignment=AlignmentUpdate(),
+        )
+    decision = Decision(
+        use_case=use_case or UC,
+        verdict="pass" if passed else "fail",
+        attempt=attempt,
+        failed=[] if passed else ["rouge_l"],
+        method="lora",
+        max_attempts=max_attempts,
+        max_wall_minutes=240,
+        started_at=time.time() - 60 * started_minutes_ago,
+        next=nxt,
+        reason=f"budget spent: {attempt} of {max_attempts} attempts made"
+        if nxt is None and not passed
+        else "",
+    )
     instance.report_runless_asset_event(
         dg.AssetMaterialization(
             asset_key="evaluation",
             partition=use_case,
             metadata={
-                "verdict": "pass" if passed else "fail",
+                "verdict": decision.verdict,
                 "attempt": attempt,
-                "failed_metrics": "" if passed else "rouge_l",
-                "sft_method": "lora",
-                "escalation": json.dumps(escalation) if escalation else "",
-                "max_attempts": max_attempts,
-                **(
-                    {
-                        "attempt_started_at": time.time() - 60 * started_minutes_ago,
-                        "max_wall_minutes": 240,
-                    }
-                    if started_minutes_ago is not None
-                    else {}
-                ),
-                "readaptation": f"budget spent: {attempt} of {max_attempts} attempts made"
-                if escalation is None and not passed
-                else "",
+                "decision": dg.MetadataValue.json(decision.model_dump(mode="json")),
             },
         )
     )
@@ -74,10 +84,7 @@ def test_shortfall_requests_the_escalated_run(instance):
         instance,
         passed=False,
         attempt=1,
-        escalation={
-            "attempt": 2,
-            "sft_adapter": {"method": "lora", "lora_r": 16, "max_steps": 300},
-        },
+        escalate={"method": "lora", "lora_r": 16, "max_steps": 300},
     )
     result, _ = tick(instance)
     assert len(result.run_requests) == 1
@@ -91,7 +98,7 @@ def test_shortfall_requests_the_escalated_run(instance):
 
 
 def test_pass_requests_nothing(instance):
-    verdict(instance, passed=True, attempt=1, escalation=None)
+    verdict(instance, passed=True, attempt=1)
     result, _ = tick(instance)
     assert not result.run_requests
     assert "verdict pass" in result.skip_reason.skip_message
@@ -102,7 +109,7 @@ def test_same_verdict_twice_gives_one_run(instance):
         instance,
         passed=False,
         attempt=1,
-        escalation={"attempt": 2, "sft_adapter": {"method": "full"}},
+        escalate={"method": "full"},
     )
     first, cursor = tick(instance)
     assert len(first.run_requests) == 1
@@ -113,10 +120,10 @@ def test_same_verdict_twice_gives_one_run(instance):
 def test_each_use_case_gets_its_own_decision(instance):
     """Two use cases in one deployment: each newest verdict is decided in its own partition, and
     an older verdict of the same use case is superseded by its newer one."""
-    escalate = {"attempt": 2, "sft_adapter": {"method": "full"}}
-    verdict(instance, passed=False, attempt=1, escalation=escalate, use_case="support_triage")
-    verdict(instance, passed=False, attempt=1, escalation=escalate)
-    verdict(instance, passed=True, attempt=2, escalation=None, use_case="support_triage")
+    escalate = {"method": "full"}
+    verdict(instance, passed=False, attempt=1, escalate=escalate, use_case="support_triage")
+    verdict(instance, passed=False, attempt=1, escalate=escalate)
+    verdict(instance, passed=True, attempt=2, use_case="support_triage")
     result, cursor = tick(instance)
     assert [(r.partition_key, r.tags["lifecycle/attempt"]) for r in result.run_requests] == [
         (UC, "2")
@@ -131,7 +138,7 @@ def test_the_daemon_accepts_the_request_for_the_use_cases_partition(instance):
     """Through the sensor definition, as the daemon runs it: Dagster resolves the partition."""
     from lifecycle_dagster.definitions import defs
 
-    verdict(instance, passed=False, attempt=1, escalation={"attempt": 2, "sft_adapter": {}})
+    verdict(instance, passed=False, attempt=1, escalate={})
     ctx = dg.build_sensor_context(instance=instance, definitions=defs())
     with dg.partition_loading_context(dynamic_partitions_store=instance):
         data = readaptation_sensor.evaluate_tick(ctx)
@@ -146,28 +153,28 @@ def test_the_daemon_accepts_the_request_for_the_use_cases_partition(instance):
     ],
 )
 def test_a_verdict_without_a_live_partition_launches_nothing(instance, use_case, why):
-    escalate = {"attempt": 2, "sft_adapter": {"method": "full"}}
-    verdict(instance, passed=False, attempt=1, escalation=escalate, use_case=use_case)
+    escalate = {"method": "full"}
+    verdict(instance, passed=False, attempt=1, escalate=escalate, use_case=use_case)
     result, cursor = tick(instance)
     assert not result.run_requests and why in result.skip_reason.skip_message
     # The cursor moved on: the next use case's verdict is decided, not blocked behind it.
-    verdict(instance, passed=False, attempt=1, escalation=escalate)
+    verdict(instance, passed=False, attempt=1, escalate=escalate)
     after, _ = tick(instance, cursor)
     assert [r.partition_key for r in after.run_requests] == [UC]
 
 
 def test_a_verdict_read_past_the_wall_time_budget_launches_nothing(instance):
-    escalate = {"attempt": 2, "sft_adapter": {"method": "full"}}
-    verdict(instance, passed=False, attempt=1, escalation=escalate, started_minutes_ago=300)
+    escalate = {"method": "full"}
+    verdict(instance, passed=False, attempt=1, escalate=escalate, started_minutes_ago=300)
     result, _ = tick(instance)
     assert not result.run_requests
     assert "wall-time budget spent: 300 of 240 minutes" in result.skip_reason.skip_message
-    verdict(instance, passed=False, attempt=1, escalation=escalate, started_minutes_ago=5)
+    verdict(instance, passed=False, attempt=1, escalate=escalate, started_minutes_ago=5)
     assert len(tick(instance)[0].run_requests) == 1
 
 
 def test_cap_holds_when_attempts_are_spent(instance):
-    verdict(instance, passed=False, attempt=3, escalation=None, max_attempts=3)
+    verdict(instance, passed=False, attempt=3, max_attempts=3)
     result, _ = tick(instance)
     assert not result.run_requests
     assert "budget spent: 3 of 3 attempts made: no further run" in result.skip_reason.skip_message
@@ -179,37 +186,20 @@ def test_cap_holds_even_if_an_escalation_is_offered_past_it(instance):
         passed=False,
         attempt=2,
         max_attempts=2,
-        escalation={"attempt": 3, "sft_adapter": {"method": "full"}},
+        escalate={"method": "full"},
     )
     result, _ = tick(instance)
     assert not result.run_requests
 
 
-def test_next_escalation_walks_the_ladder_within_the_budget(use_case):
-    from lifecycle_dagster.defs.evaluation.assets import next_escalation
-
-    first, why = next_escalation(use_case, 1, {"max_steps": 150}, elapsed_minutes=1)
-    assert first == {
-        "attempt": 2,
-        "sft_adapter": {"method": "lora", "lora_r": 16, "max_steps": 300},
-    }
-    assert why.startswith("attempt 2 of 3 next")
-    second, _ = next_escalation(use_case, 2, {"max_steps": 300}, elapsed_minutes=2)
-    assert second["attempt"] == 3 and second["sft_adapter"]["method"] == "full"
-    spent, why = next_escalation(use_case, 3, {}, elapsed_minutes=3)
-    assert spent is None and why == "budget spent: 3 of 3 attempts made"
-    late, why = next_escalation(use_case, 1, {}, elapsed_minutes=10_000)
-    assert late is None and why.startswith("wall-time budget spent")
-
-
-def test_alignment_rungs_change_steps_and_kl_weight(use_case):
-    from lifecycle_dagster.defs.evaluation.assets import next_escalation
-    from lifecycle_dagster.ml.usecase import LadderStep
-
-    ladder = [LadderStep(alignment_max_steps_factor=3, beta=0.1)]
-    uc = use_case.model_copy(
-        update={"readaptation": use_case.readaptation.model_copy(update={"ladder": ladder})}
+def test_a_verdict_recorded_before_typed_decisions_launches_nothing(instance):
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key="evaluation",
+            partition=UC,
+            metadata={"verdict": "fail", "attempt": 1, "escalation": '{"attempt": 2}'},
+        )
     )
-    esc, _ = next_escalation(uc, 1, {}, elapsed_minutes=0)
-    assert esc["aligned_model"] == {"max_steps": 3 * uc.alignment.max_steps, "beta": 0.1}
-    assert esc["sft_adapter"] == {}
+    result, _ = tick(instance)
+    assert not result.run_requests
+    assert "recorded without a decision" in result.skip_reason.skip_message

@@ -24,7 +24,7 @@ from lifecycle_dagster.resources.artifacts import records_of
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 600
-OVERRIDES = "{evaluation: {thresholds: {rouge_l: {min: 0.4}}}}"
+OVERRIDES = {"evaluation": {"thresholds": {"rouge_l": {"min": 0.4}}}}
 UC = "dialogue_summarisation"  # the use case, hence the partition
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from lifecycle_dagster import settings
@@ -64,9 +65,10 @@ def lifecycle_run(definitions, instance):
     return result
 
 
-def tiny_config(overrides: str = "", **config) -> dict:
-    """Run config for the use_case asset on the tiny profile."""
-    return {"ops": {"use_case": {"config": {"profile": "tiny", "overrides": overrides, **config}}}}
+def tiny_config(overrides: str = "{}", **config) -> dict:
+    """Run config for the use_case asset on the tiny profile; ``overrides`` is written as YAML."""
+    use_case = {"profile": "tiny", "overrides": yaml.safe_load(overrides), **config}
+    return {"ops": {"use_case": {"config": use_case}}}
 
 
 def latest(instance, asset: str, use_case: str = UC):
@@ -369,7 +371,7 @@ def test_a_second_use_case_is_a_partition_of_its_own(lifecycle_run, definitions,
     message = failure.event_specific_data.error.to_string()
     assert f"named '{UC}'" in message and f"partition '{other}'" in message
 
-    tiny["ops"]["use_case"]["config"]["overrides"] = f"{{name: {other}}}"
+    tiny["ops"]["use_case"]["config"]["overrides"] = {"name": other}
     job.execute_in_process(
         instance=instance,
         partition_key=other,
@@ -401,13 +403,13 @@ def test_a_prompt_tuned_use_case_runs_through_alignment_export_and_serving(
         "max_steps: 60, learning_rate: 0.03}, prompting: {shots: [0]}, reward: {max_steps: 40}, "
         "compression: {variants: [fp32, int4]}, evaluation: {max_examples: 16, "
         "thresholds: {rouge_l: {min: 0.0}, harmless: {min: 0.0}}}, "
-        "readaptation: {ladder: [{method: lora, learning_rate: 0.003}]}}"
+        "readaptation: {ladder: [{adaptation: {method: lora, learning_rate: 0.003}}]}}"
     )
     result = definitions.resolve_job_def("lifecycle_job").execute_in_process(
         instance=instance,
         partition_key=name,
         raise_on_error=False,
-        run_config={"ops": {"use_case": {"config": {"profile": "tiny", "overrides": overrides}}}},
+        run_config=tiny_config(overrides),
     )
     assert result.success
     sft = meta(instance, "sft_adapter", name)

@@ -4,6 +4,7 @@ import pytest
 
 from lifecycle_dagster.ml.estimate import estimate, human_seconds
 from lifecycle_dagster.ml.report import PHASES, build_report
+from lifecycle_dagster.ml.sft import SFTMethodConfig
 
 
 def test_estimate_follows_the_rules_of_thumb():
@@ -16,7 +17,13 @@ def test_estimate_follows_the_rules_of_thumb():
     # A soft prompt of 16 rows: about 16 x hidden trained (hidden ~ sqrt(P / 12 L)), frozen weights.
     assert e.prompt_tuning_trainable_parameters == pytest.approx(16 * (1e9 / 144) ** 0.5)
     assert 4e9 < e.prompt_tuning_bytes < e.lora_finetune_bytes
-    shaped = estimate(1e9, flops_per_s=1e12, hidden=2048, layers=24, virtual_tokens=20)
+    shaped = estimate(
+        1e9,
+        flops_per_s=1e12,
+        hidden=2048,
+        layers=24,
+        adaptation=SFTMethodConfig(num_virtual_tokens=20),
+    )
     assert shaped.prompt_tuning_trainable_parameters == 20 * 2048
     assert human_seconds(e.pretrain_seconds).endswith("years")
 

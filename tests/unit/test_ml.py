@@ -159,8 +159,8 @@ def test_compress_exports_every_variant_checks_them_and_picks_by_policy(
     variant's cache is consistent; the policy picks the smallest (or fastest) within budget."""
     import json
 
-    from lifecycle_dagster.ml.compress import CompressConfig, QualityBudget, compress
-    from lifecycle_dagster.ml.export import ExportConfig, GenaiGenerator
+    from lifecycle_dagster.ml.compress import CompressConfig, compress
+    from lifecycle_dagster.ml.export import GenaiGenerator
 
     evals = data[0]["eval"].rows[:12]
     prompts = [format_prompt(use_case, r["dialogue"]) for r in evals]
@@ -171,12 +171,13 @@ def test_compress_exports_every_variant_checks_them_and_picks_by_policy(
         tiny_base,
         out,
         CompressConfig(
-            export=ExportConfig(variants=("fp32", "int8", "int4"), block_size=16),
-            budget=QualityBudget(max_rouge_l_drop=1.0),  # the tiny model: policy, not quality
-            check_new_tokens=8,
-            max_new_tokens=12,
+            variants=["fp32", "int8", "int4"],
+            block_size=16,
+            max_rouge_l_drop=1.0,  # the tiny model: policy, not quality
+            max_new_tokens=8,
         ),
         runtime=runtime,
+        max_new_tokens=12,
         check_prompts=prompts[:2],
         eval_prompts=prompts,
         eval_references=refs,
@@ -202,11 +203,11 @@ def test_compress_exports_every_variant_checks_them_and_picks_by_policy(
 
 
 def test_policy_and_quality_budget():
-    from lifecycle_dagster.ml.compress import QualityBudget, VariantReport, quality_drop
+    from lifecycle_dagster.ml.compress import CompressConfig, VariantReport, quality_drop
     from lifecycle_dagster.ml.compress import select_variant as pick
     from lifecycle_dagster.ml.export import Faithfulness
 
-    budget = QualityBudget(max_rouge_l_drop=0.01, max_reward_drop_pct=2.0)
+    budget = CompressConfig(max_rouge_l_drop=0.01, max_reward_drop_pct=2.0)
     ref = {"rouge_l": 0.70, "mean_reward": 2.0}
     assert quality_drop(ref, 0.695, 1.97, budget)[2]  # 0.5 pt, 1.5 %
     assert not quality_drop(ref, 0.685, 1.99, budget)[2]  # 1.5 pts

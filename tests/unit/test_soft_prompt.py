@@ -39,9 +39,9 @@ def prompt_tuned(tmp_path_factory, tiny_base, use_case, rows, runtime):
             max_steps=30,
             learning_rate=3e-2,
             num_virtual_tokens=VIRTUAL,
-            init_text=use_case.task.instruction,
         ),
         runtime,
+        init_text=use_case.task.instruction,
     )
     return out, result
 
@@ -119,8 +119,8 @@ def test_baked_model_exports_to_onnx_matches_and_is_served(
 ):
     """Saved and reloaded, the prompt-tuned model keeps its soft prompt; its ONNX export masks the
     soft tokens' logits, matches PyTorch, and the server prompts it with the soft prompt."""
-    from lifecycle_dagster.ml.compress import CompressConfig, QualityBudget, compress
-    from lifecycle_dagster.ml.export import SUPPRESSED_LOGIT, ExportConfig, OrtDecoder
+    from lifecycle_dagster.ml.compress import CompressConfig, compress
+    from lifecycle_dagster.ml.export import SUPPRESSED_LOGIT, OrtDecoder
     from lifecycle_dagster.ml.sft import load_sft
     from lifecycle_dagster.serving import GenerateRequest, ServedModel
 
@@ -139,12 +139,13 @@ def test_baked_model_exports_to_onnx_matches_and_is_served(
         model_dir,
         out,
         CompressConfig(
-            export=ExportConfig(variants=("fp32", "int4", "int8_dynamic"), block_size=16),
-            budget=QualityBudget(max_rouge_l_drop=1.0),
-            check_new_tokens=8,
-            max_new_tokens=12,
+            variants=["fp32", "int4", "int8_dynamic"],
+            block_size=16,
+            max_rouge_l_drop=1.0,
+            max_new_tokens=8,
         ),
         runtime=runtime,
+        max_new_tokens=12,
         check_prompts=prompts[:2],
         eval_prompts=prompts[:4],
         eval_references=[r["summary"] for r in rows[1][:4]],

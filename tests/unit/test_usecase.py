@@ -16,7 +16,7 @@ def test_tiny_profile_resolves_data_paths_and_overrides(use_case):
     assert use_case.base_model.source == "scratch"
     assert use_case.data.train.is_absolute() and use_case.data.train.exists()
     assert use_case.evaluation.thresholds["rouge_l"].min == 0.2
-    assert use_case.readaptation.ladder[-1].method == "full"
+    assert use_case.readaptation.ladder[-1].adaptation.method == "full"
 
 
 def test_layered_file_and_overrides_win(tmp_path):
@@ -116,44 +116,47 @@ def test_unknown_profile():
 
 def test_the_use_case_climbs_the_lifecycle_ladder():
     """Without a profile the use case starts at prompt tuning and climbs to LoRA, then full
-    fine-tuning; each rung reaches the adaptation step's settings."""
-    from lifecycle_dagster.defs.adaptation.assets import sft_method_config
-    from lifecycle_dagster.defs.evaluation.assets import next_escalation
+    fine-tuning; each rung reaches the adaptation step's settings as the run config carries it."""
     from lifecycle_dagster.lib.configs import SFTAdapterConfig
+    from lifecycle_dagster.ml.readaptation import next_attempt
+    from lifecycle_dagster.ml.tunables import given
 
     uc = load_use_case(BASE)
-    first = sft_method_config(uc, SFTAdapterConfig())
+    first = uc.adaptation.updated(SFTAdapterConfig())
     assert first.method == "prompt_tuning" and first.num_virtual_tokens == 16
-    assert first.init_text == uc.task.instruction
     methods = [first.method]
+    current = first
     for attempt in range(1, uc.readaptation.max_attempts):
-        escalation, why = next_escalation(uc, attempt, {}, elapsed_minutes=0)
+        escalation, why = next_attempt(uc, attempt, current, elapsed_minutes=0)
         assert escalation is not None, why
-        methods.append(sft_method_config(uc, SFTAdapterConfig(**escalation["sft_adapter"])).method)
+        current = uc.adaptation.updated(SFTAdapterConfig(**given(escalation.adaptation)))
+        methods.append(current.method)
     assert methods == ["prompt_tuning", "lora", "lora", "full"]
-    assert [s.learning_rate for s in uc.readaptation.ladder] == [0.002, 0.002, 0.0001]
+    assert [s.adaptation.learning_rate for s in uc.readaptation.ladder] == [0.002, 0.002, 0.0001]
 
 
 def test_an_unknown_method_in_run_config_is_refused_by_name(use_case):
-    import dagster as dg
-
-    from lifecycle_dagster.defs.adaptation.assets import sft_method_config
     from lifecycle_dagster.lib.configs import SFTAdapterConfig
 
-    with pytest.raises(
-        dg.Failure, match="unknown method 'qlora'; one of prompt_tuning, lora, full"
-    ):
-        sft_method_config(use_case, SFTAdapterConfig(method="qlora"))
+    with pytest.raises(ValueError, match="method") as err:
+        use_case.adaptation.updated(SFTAdapterConfig(method="qlora"))
+    assert "'prompt_tuning', 'lora' or 'full'" in str(err.value)
 
 
 def test_a_rung_that_changes_method_must_bring_its_learning_rate():
     # Rungs apply over `adaptation`, not over one another: the second rung is refused too.
-    ladder = [{"method": "lora", "learning_rate": 0.002}, {"method": "lora", "lora_r": 16}]
+    ladder = [
+        {"adaptation": {"method": "lora", "learning_rate": 0.002}},
+        {"adaptation": {"method": "lora", "lora_r": 16}},
+    ]
     with pytest.raises(InputError, match=r"ladder.1 trains lora without a learning_rate"):
         load_use_case(BASE, overrides={"readaptation": {"ladder": ladder}})
     with pytest.raises(InputError, match=r"ladder.1 trains full without a learning_rate"):
         load_use_case(
-            profile="tiny", overrides={"readaptation": {"ladder": [{}, {"method": "full"}]}}
+            profile="tiny",
+            overrides={"readaptation": {"ladder": [{}, {"adaptation": {"method": "full"}}]}},
         )
-    uc = load_use_case(BASE, overrides={"readaptation": {"ladder": [{"max_steps": 90}]}})
-    assert uc.readaptation.ladder[0].learning_rate is None  # same method: inherits the rate
+    uc = load_use_case(
+        BASE, overrides={"readaptation": {"ladder": [{"adaptation": {"max_steps": 90}}]}}
+    )
+    assert uc.readaptation.ladder[0].adaptation.learning_rate is None  # same method: inherits

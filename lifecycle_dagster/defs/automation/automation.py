@@ -74,10 +74,7 @@ def readaptation_request(
     ops: dict = {"sft_adapter": SFTAdapterConfig(**given(nxt.adaptation))}
     if given(nxt.alignment):
         ops["aligned_model"] = AlignedModelConfig(**given(nxt.alignment))
-    reason = (
-        f"attempt {decision.attempt} failed {', '.join(decision.failed)} with {decision.method}; "
-        f"escalating to {nxt.describe()}"
-    )
+    reason = decision.escalation_reason()
     request = dg.RunRequest(
         run_key=f"readapt-{record.storage_id}",
         run_config=dg.RunConfig(ops=ops),
