@@ -38,7 +38,8 @@ from lifecycle_dagster import settings
 from lifecycle_dagster.ml.compress import quality_drop
 from lifecycle_dagster.ml.data import load_task_data, prompts_for, references
 from lifecycle_dagster.ml.evaluate import clean_completion, rouge_l
-from lifecycle_dagster.ml.export import GenaiGenerator, export_onnx
+from lifecycle_dagster.ml.export import export_onnx
+from lifecycle_dagster.ml.runtimes import GenaiGenerator
 from lifecycle_dagster.ml.usecase_loader import load_use_case
 
 BENCH = settings.state_home() / "bench"

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lifecycle_dagster.ml.compress import SERVING_FILE, selected_folder
 from lifecycle_dagster.ml.evaluate import clean_completion
-from lifecycle_dagster.ml.export import GenaiGenerator
+from lifecycle_dagster.ml.runtimes import GenaiGenerator
 from lifecycle_dagster.resources.registry import CHAMPION, ModelRegistry, local_path
 
 MAX_NEW_TOKENS = 256

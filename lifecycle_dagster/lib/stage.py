@@ -19,8 +19,8 @@ from lifecycle_dagster.resources.artifacts import (
     PATH_KEY,
     USABLE_KEY,
     ArtifactStore,
-    records_of,
-    select_record,
+    upstream_metadata,
+    use_case_key,
 )
 from lifecycle_dagster.resources.mlflow import MlflowTracking, StageRun
 from lifecycle_dagster.resources.registry import registered_name
@@ -51,49 +51,10 @@ def attempt_started_at(context) -> float:
     return start or time.time()
 
 
-def use_case_key(context) -> str | None:
-    """The use case this materialization belongs to: its partition key. A partitioned asset run
-    without one is refused: it would read the newest artifacts of any use case."""
-    if context.has_partition_key:
-        return context.partition_key
-    assets_def = getattr(context, "assets_def", None)
-    if assets_def is not None and assets_def.partitions_def is not None:
-        raise dg.Failure(
-            f"{context.asset_key.to_user_string()}: this run has no use case; launch it for the "
-            f"use case's partition (`lifecycle run` adds it, or pick one in the UI)"
-        )
-    return None
-
-
 def load_use_case(context, store: ArtifactStore) -> UseCase:
     return UseCase.model_validate_json(
-        (upstream(context, store, "use_case") / "use_case.json").read_text()
+        (store.upstream(context, "use_case") / "use_case.json").read_text()
     )
-
-
-def upstream(context, store: ArtifactStore, asset: str) -> Path:
-    return store.latest(context.instance, asset, context.run.run_id, use_case_key(context))
-
-
-def upstream_metadata(context, asset: str) -> dict:
-    """Metadata of the materialization ``upstream`` would resolve (this run's, else usable)."""
-    return _metadata(
-        select_record(context.instance, asset, context.run.run_id, use_case_key(context))
-    )
-
-
-def newest_metadata(context, asset: str) -> dict:
-    """Metadata of this run's materialization of ``asset``, else of the newest one, usable or not
-    (a gate reads the latest verdict, not the last good one)."""
-    records = records_of(context.instance, asset, use_case_key(context))
-    record = next((r for r in records if r.run_id == context.run.run_id), None)
-    return _metadata(record or (records[0] if records else None))
-
-
-def _metadata(record) -> dict:
-    if record is None:
-        return {}
-    return {k: v.value for k, v in record.asset_materialization.metadata.items()}
 
 
 @dataclass

@@ -22,17 +22,10 @@ from typing import Literal
 from pydantic import Field
 
 from lifecycle_dagster.ml.evaluate import rouge_l
-from lifecycle_dagster.ml.export import (
-    VARIANTS,
-    ExportConfig,
-    Faithfulness,
-    GenaiGenerator,
-    OrtDecoder,
-    export_onnx,
-    generate_texts,
-    verify_against_torch,
-)
+from lifecycle_dagster.ml.export import VARIANTS, ExportConfig, export_onnx
+from lifecycle_dagster.ml.faithfulness import Faithfulness, verify_against_torch
 from lifecycle_dagster.ml.progress import Log
+from lifecycle_dagster.ml.runtimes import GenaiGenerator, OrtDecoder, generate_texts
 
 SELECTED_FILE = "selected.json"
 SERVING_FILE = "serving.json"

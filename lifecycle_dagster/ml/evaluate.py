@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from lifecycle_dagster.ml.progress import Log
-from lifecycle_dagster.ml.suite import SuiteConfig
+from lifecycle_dagster.ml.suite import SuiteConfig, rouge_scores
 from lifecycle_dagster.ml.suite import score as suite_score
 
 
@@ -61,13 +61,8 @@ def generate(
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [
-        scorer.score(ref, pred)["rougeL"].fmeasure
-        for pred, ref in zip(predictions, references, strict=True)
-    ]
+    """ROUGE-L F1 per example, as the evaluation suite scores it (``suite.rouge_scores``)."""
+    return rouge_scores(predictions, references, ("rouge_l",))["rouge_l"]
 
 
 def perplexity(

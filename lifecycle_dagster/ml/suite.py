@@ -56,16 +56,23 @@ class SuiteResult:
     per_example: list[dict] = field(default_factory=list)
 
 
-def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+ROUGE_TYPES = {"rouge1": "rouge1", "rouge2": "rouge2", "rouge_l": "rougeL"}
+
+
+def rouge_scores(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    metrics: Sequence[str] = tuple(ROUGE_TYPES),
+) -> dict[str, list[float]]:
+    """ROUGE F1 per example (rouge_score, Porter stemming): the project's one ROUGE."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    out: dict[str, list[float]] = {"rouge1": [], "rouge2": [], "rouge_l": []}
+    scorer = rouge_scorer.RougeScorer([ROUGE_TYPES[m] for m in metrics], use_stemmer=True)
+    out: dict[str, list[float]] = {m: [] for m in metrics}
     for pred, ref in zip(predictions, references, strict=True):
         s = scorer.score(ref, pred)
-        out["rouge1"].append(s["rouge1"].fmeasure)
-        out["rouge2"].append(s["rouge2"].fmeasure)
-        out["rouge_l"].append(s["rougeL"].fmeasure)
+        for m in metrics:
+            out[m].append(s[ROUGE_TYPES[m]].fmeasure)
     return out
 
 

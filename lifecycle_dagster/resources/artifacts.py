@@ -47,6 +47,11 @@ class ArtifactStore(dg.ConfigurableResource):
         with atomic_dir(target, extra) as tmp:
             yield tmp
 
+    def upstream(self, context, asset: str) -> Path:
+        """The artifact of ``asset`` this materialization reads: this run's, else the newest
+        usable one, of the same use case (partition)."""
+        return self.latest(context.instance, asset, context.run.run_id, use_case_key(context))
+
     def latest(
         self,
         instance: dg.DagsterInstance,
@@ -106,3 +111,39 @@ def _choose(records, run_id: str | None):
 def _usable(record) -> bool:
     meta = record.asset_materialization.metadata
     return USABLE_KEY not in meta or bool(meta[USABLE_KEY].value)
+
+
+def use_case_key(context) -> str | None:
+    """The use case this materialization belongs to: its partition key. A partitioned asset run
+    without one is refused: it would read the newest artifacts of any use case."""
+    if context.has_partition_key:
+        return context.partition_key
+    assets_def = getattr(context, "assets_def", None)
+    if assets_def is not None and assets_def.partitions_def is not None:
+        raise dg.Failure(
+            f"{context.asset_key.to_user_string()}: this run has no use case; launch it for the "
+            f"use case's partition (`lifecycle run` adds it, or pick one in the UI)"
+        )
+    return None
+
+
+def upstream_metadata(context, asset: str) -> dict:
+    """Metadata of the materialization ``ArtifactStore.upstream`` resolves (this run's, else the
+    newest usable one)."""
+    return _metadata(
+        select_record(context.instance, asset, context.run.run_id, use_case_key(context))
+    )
+
+
+def newest_metadata(context, asset: str) -> dict:
+    """Metadata of this run's materialization of ``asset``, else of the newest one, usable or not
+    (a gate reads the latest verdict, not the last good one)."""
+    records = records_of(context.instance, asset, use_case_key(context))
+    record = next((r for r in records if r.run_id == context.run.run_id), None)
+    return _metadata(record or (records[0] if records else None))
+
+
+def _metadata(record) -> dict:
+    if record is None:
+        return {}
+    return {k: v.value for k, v in record.asset_materialization.metadata.items()}

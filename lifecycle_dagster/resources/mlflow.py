@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,18 +27,35 @@ class StageRun:
         self.url = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
     def log_params(self, params: dict) -> None:
-        for key, value in params.items():
-            text = value if isinstance(value, str) else json.dumps(value, default=str)
-            self.client.log_param(self.run_id, key, text[:6000])
+        from mlflow.entities import Param
+
+        items = [
+            Param(k, (v if isinstance(v, str) else json.dumps(v, default=str))[:6000])
+            for k, v in params.items()
+        ]
+        self._batch(params=items)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        for key, value in metrics.items():
-            if value is not None:
-                self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+        self._batch(metrics=[(k, v, step or 0) for k, v in metrics.items() if v is not None])
 
     def log_curve(self, name: str, points: list[tuple[int, float]]) -> None:
-        for step, value in points:
-            self.client.log_metric(self.run_id, name, float(value), step=int(step))
+        self._batch(metrics=[(name, v, int(s)) for s, v in points])
+
+    def _batch(self, metrics=(), params=(), tags=()) -> None:
+        """One ``log_batch`` request per MLflow limit's worth (1000 metrics, 100 params or tags),
+        instead of one request per value: what matters against a remote tracking server."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, int(s)) for k, v, s in metrics]
+        params, tags = list(params), list(tags)
+        while metrics or params or tags:
+            self.client.log_batch(
+                self.run_id, metrics=metrics[:1000], params=params[:100], tags=tags[:100]
+            )
+            metrics, params, tags = metrics[1000:], params[100:], tags[100:]
 
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
@@ -51,14 +67,16 @@ class StageRun:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_table(self, rows: list[dict], name: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            self.client.log_artifact(self.run_id, str(path))
+        """Rows as an MLflow table (``name``.json), which the MLflow UI shows and compares."""
+        import pandas as pd
+
+        if rows:
+            self.client.log_table(self.run_id, pd.DataFrame(rows), f"{Path(name).stem}.json")
 
     def set_tags(self, tags: dict) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        from mlflow.entities import RunTag
+
+        self._batch(tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 class MlflowTracking(dg.ConfigurableResource):

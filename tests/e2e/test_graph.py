@@ -177,8 +177,8 @@ def test_adapter_and_aligned_model_load_and_generate(lifecycle_run, instance, ru
 
 def test_onnx_artifact_runs_in_onnxruntime_and_matches(lifecycle_run, instance, use_case):
     from lifecycle_dagster.ml.data import format_prompt
-    from lifecycle_dagster.ml.export import GenaiGenerator
     from lifecycle_dagster.ml.models import load_tokenizer
+    from lifecycle_dagster.ml.runtimes import GenaiGenerator
 
     m = meta(instance, "onnx_model")
     checks = {

@@ -160,7 +160,7 @@ def test_compress_exports_every_variant_checks_them_and_picks_by_policy(
     import json
 
     from lifecycle_dagster.ml.compress import CompressConfig, compress
-    from lifecycle_dagster.ml.export import GenaiGenerator
+    from lifecycle_dagster.ml.runtimes import GenaiGenerator
 
     evals = data[0]["eval"].rows[:12]
     prompts = [format_prompt(use_case, r["dialogue"]) for r in evals]
@@ -205,7 +205,7 @@ def test_compress_exports_every_variant_checks_them_and_picks_by_policy(
 def test_policy_and_quality_budget():
     from lifecycle_dagster.ml.compress import CompressConfig, VariantReport, quality_drop
     from lifecycle_dagster.ml.compress import select_variant as pick
-    from lifecycle_dagster.ml.export import Faithfulness
+    from lifecycle_dagster.ml.faithfulness import Faithfulness
 
     budget = CompressConfig(max_rouge_l_drop=0.01, max_reward_drop_pct=2.0)
     ref = {"rouge_l": 0.70, "mean_reward": 2.0}
@@ -261,14 +261,14 @@ def test_decoder_refuses_an_export_without_cache_inputs(tmp_path, tiny_base):
             }
         )
     )
-    from lifecycle_dagster.ml.export import OrtDecoder
+    from lifecycle_dagster.ml.runtimes import OrtDecoder
 
     with pytest.raises(ValueError, match="no KV-cache inputs"):
         OrtDecoder(tmp_path, 1)
 
 
 def test_cache_check_catches_a_cache_that_is_ignored():
-    from lifecycle_dagster.ml.export import cache_matches
+    from lifecycle_dagster.ml.faithfulness import cache_matches
 
     rng = np.random.default_rng(0)
     full = rng.normal(size=(6, 50)).astype(np.float32) * 5

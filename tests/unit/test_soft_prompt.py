@@ -120,7 +120,8 @@ def test_baked_model_exports_to_onnx_matches_and_is_served(
     """Saved and reloaded, the prompt-tuned model keeps its soft prompt; its ONNX export masks the
     soft tokens' logits, matches PyTorch, and the server prompts it with the soft prompt."""
     from lifecycle_dagster.ml.compress import CompressConfig, compress
-    from lifecycle_dagster.ml.export import SUPPRESSED_LOGIT, OrtDecoder
+    from lifecycle_dagster.ml.export import SUPPRESSED_LOGIT
+    from lifecycle_dagster.ml.runtimes import OrtDecoder
     from lifecycle_dagster.ml.sft import load_sft
     from lifecycle_dagster.serving import GenerateRequest, ServedModel
 

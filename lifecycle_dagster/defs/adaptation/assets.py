@@ -5,13 +5,13 @@ import dagster as dg
 from lifecycle_dagster.lib.configs import SFTAdapterConfig
 from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import prompt_baseline_result, sft_result
-from lifecycle_dagster.lib.stage import stage, upstream, upstream_metadata
+from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.data import EvalSplit, read_rows, sft_records
 from lifecycle_dagster.ml.evaluate import evaluate_model
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
 from lifecycle_dagster.ml.prompting import score_prompting
 from lifecycle_dagster.ml.sft import load_sft, train_sft
-from lifecycle_dagster.resources.artifacts import ArtifactStore
+from lifecycle_dagster.resources.artifacts import ArtifactStore, upstream_metadata
 from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 
@@ -36,8 +36,8 @@ def prompt_baseline(
     with stage(context, "prompt_baseline", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
         runtime = compute.runtime(uc.compute)
-        model_dir = model_dir_of(upstream(context, artifact_store, "base_model"))
-        data = upstream(context, artifact_store, "task_dataset")
+        model_dir = model_dir_of(artifact_store.upstream(context, "base_model"))
+        data = artifact_store.upstream(context, "task_dataset")
         result = score_prompting(
             load_causal_lm(model_dir, runtime),
             load_tokenizer(model_dir),
@@ -75,8 +75,8 @@ def sft_adapter(
         runtime = compute.runtime(uc.compute)
         method = uc.adaptation.updated(config)
         st.run.log_params(method.model_dump())
-        model_dir = model_dir_of(upstream(context, artifact_store, "base_model"))
-        data = upstream(context, artifact_store, "task_dataset")
+        model_dir = model_dir_of(artifact_store.upstream(context, "base_model"))
+        data = artifact_store.upstream(context, "task_dataset")
         records = sft_records(uc, read_rows(data / "train.jsonl"))
         st.log(f"sft_adapter: {method.method}, {method.max_steps} steps on {runtime.describe()}")
         with st.write() as tmp:

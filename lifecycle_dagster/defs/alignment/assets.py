@@ -5,7 +5,7 @@ import dagster as dg
 from lifecycle_dagster.lib.configs import AlignedModelConfig
 from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import aligned_result, reward_result
-from lifecycle_dagster.lib.stage import stage, upstream
+from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.align import align_and_score
 from lifecycle_dagster.ml.data import EvalSplit, preference_records, prompts_for, read_rows
 from lifecycle_dagster.ml.evaluate import RewardScorer
@@ -37,10 +37,10 @@ def reward_model(
     with stage(context, "reward_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
         runtime = compute.runtime(uc.compute)
-        prefs = upstream(context, artifact_store, "preference_dataset")
+        prefs = artifact_store.upstream(context, "preference_dataset")
         train = preference_records(uc, read_rows(prefs / "preferences_train.jsonl"))
         held_out = preference_records(uc, read_rows(prefs / "preferences_eval.jsonl"))
-        base = model_dir_of(upstream(context, artifact_store, "base_model"))
+        base = model_dir_of(artifact_store.upstream(context, "base_model"))
         if uc.reward.source == "train":
             st.run.log_params(uc.reward.model_dump())
         with st.write() as tmp:
@@ -72,13 +72,13 @@ def aligned_model(
         runtime = compute.runtime(uc.compute)
         method = uc.alignment.updated(config)
         st.run.log_params(method.model_dump())
-        data = upstream(context, artifact_store, "task_dataset")
-        prefs = upstream(context, artifact_store, "preference_dataset")
+        data = artifact_store.upstream(context, "task_dataset")
+        prefs = artifact_store.upstream(context, "preference_dataset")
         # The SFT model as one network (LoRA merged, a soft prompt baked into the vocabulary), with
         # the tokenizer that prompts it.
         policy, tok = load_sft(
-            model_dir_of(upstream(context, artifact_store, "base_model")),
-            upstream(context, artifact_store, "sft_adapter") / "adapter",
+            model_dir_of(artifact_store.upstream(context, "base_model")),
+            artifact_store.upstream(context, "sft_adapter") / "adapter",
             runtime,
             merge=True,
             training=True,
@@ -93,7 +93,7 @@ def aligned_model(
                 prompts=prompts_for(uc, read_rows(data / "train.jsonl")),
                 pairs=preference_records(uc, read_rows(prefs / "preferences_train.jsonl")),
                 scorer=RewardScorer(
-                    upstream(context, artifact_store, "reward_model") / "model", runtime
+                    artifact_store.upstream(context, "reward_model") / "model", runtime
                 ),
                 split=EvalSplit.read(uc, data),
                 max_new_tokens=uc.evaluation.max_new_tokens,

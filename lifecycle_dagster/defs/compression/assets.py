@@ -7,12 +7,12 @@ import dagster as dg
 
 from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES, follows_upstream
 from lifecycle_dagster.lib.results import onnx_result
-from lifecycle_dagster.lib.stage import newest_metadata, stage, upstream
+from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.compress import compress, serving_manifest
 from lifecycle_dagster.ml.data import EvalSplit
 from lifecycle_dagster.ml.evaluate import RewardScorer
 from lifecycle_dagster.ml.runtime import select_runtime
-from lifecycle_dagster.resources.artifacts import ArtifactStore
+from lifecycle_dagster.resources.artifacts import ArtifactStore, newest_metadata
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 CHECKS = {
@@ -60,7 +60,7 @@ def onnx_model(
                 f"{verdict.get('verdict', 'none')}); the candidate below thresholds is not exported"
             )
         source = Path(verdict["candidate_path"]) / "model"
-        split = EvalSplit.read(uc, upstream(context, artifact_store, "task_dataset"))
+        split = EvalSplit.read(uc, artifact_store.upstream(context, "task_dataset"))
         st.run.log_params({f"compression.{k}": v for k, v in uc.compression.model_dump().items()})
         with st.write() as tmp:
             result = compress(
@@ -73,7 +73,7 @@ def onnx_model(
                 eval_prompts=split.prompts,
                 eval_references=split.references,
                 reward=RewardScorer(
-                    upstream(context, artifact_store, "reward_model") / "model", runtime
+                    artifact_store.upstream(context, "reward_model") / "model", runtime
                 ),
                 reference={
                     "rouge_l": verdict.get("aligned_rouge_l"),

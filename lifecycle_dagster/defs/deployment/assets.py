@@ -6,9 +6,14 @@ import dagster as dg
 
 from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import champion_result
-from lifecycle_dagster.lib.stage import newest_metadata, stage, upstream_metadata
+from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.promotion import blocking_reason
-from lifecycle_dagster.resources.artifacts import USABLE_KEY, ArtifactStore
+from lifecycle_dagster.resources.artifacts import (
+    USABLE_KEY,
+    ArtifactStore,
+    newest_metadata,
+    upstream_metadata,
+)
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 

@@ -7,13 +7,7 @@ import dagster as dg
 
 from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import evaluation_result
-from lifecycle_dagster.lib.stage import (
-    attempt_of,
-    attempt_started_at,
-    stage,
-    upstream,
-    upstream_metadata,
-)
+from lifecycle_dagster.lib.stage import attempt_of, attempt_started_at, stage
 from lifecycle_dagster.ml.data import EvalSplit, read_rows
 from lifecycle_dagster.ml.evaluate import RewardScorer
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
@@ -21,7 +15,7 @@ from lifecycle_dagster.ml.promotion import compare_with_champion
 from lifecycle_dagster.ml.readaptation import decide
 from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft
 from lifecycle_dagster.ml.verdict import CANDIDATE, Candidate, assess
-from lifecycle_dagster.resources.artifacts import ArtifactStore
+from lifecycle_dagster.resources.artifacts import ArtifactStore, upstream_metadata
 from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 from lifecycle_dagster.resources.registry import registered_name
@@ -39,13 +33,13 @@ CHECKS = {
 def _candidates(context, store, uc, runtime, split) -> dict[str, Candidate]:
     """Each stage's model with the tokenizer that prompts it (a prompt-tuned model's carries its
     soft prompt), loaded when scored; the prompt baseline is the base model with its best shots."""
-    base = model_dir_of(upstream(context, store, "base_model"))
+    base = model_dir_of(store.upstream(context, "base_model"))
     base_model = (load_causal_lm(base, runtime), load_tokenizer(base))
-    train = read_rows(upstream(context, store, "task_dataset") / "train.jsonl")
-    best = json.loads((upstream(context, store, "prompt_baseline") / "best.json").read_text())
+    train = read_rows(store.upstream(context, "task_dataset") / "train.jsonl")
+    best = json.loads((store.upstream(context, "prompt_baseline") / "best.json").read_text())
     sft, aligned = (
-        upstream(context, store, "sft_adapter"),
-        upstream(context, store, "aligned_model"),
+        store.upstream(context, "sft_adapter"),
+        store.upstream(context, "aligned_model"),
     )
     return {
         "base": Candidate(lambda: base_model, split.prompts),
@@ -94,14 +88,14 @@ def evaluation(
     verdict against the thresholds, and the comparison with the registry's champion."""
     with stage(context, "evaluation", artifact_store, mlflow_tracking) as st:
         uc, runtime = st.use_case, compute.runtime(st.use_case.compute)
-        split = EvalSplit.read(uc, upstream(context, artifact_store, "task_dataset"))
+        split = EvalSplit.read(uc, artifact_store.upstream(context, "task_dataset"))
         result = assess(
             _candidates(context, artifact_store, uc, runtime, split),
             split,
             suite=uc.evaluation.suite,
             thresholds=uc.evaluation.thresholds,
             reward=RewardScorer(
-                upstream(context, artifact_store, "reward_model") / "model", runtime
+                artifact_store.upstream(context, "reward_model") / "model", runtime
             ),
             max_new_tokens=uc.evaluation.max_new_tokens,
             batch_size=uc.evaluation.batch_size,

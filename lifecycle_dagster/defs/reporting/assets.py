@@ -4,9 +4,9 @@ import dagster as dg
 
 from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.render import render_bars
-from lifecycle_dagster.lib.stage import stage, upstream_metadata
+from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.report import PHASES, build_report, report_body
-from lifecycle_dagster.resources.artifacts import ArtifactStore
+from lifecycle_dagster.resources.artifacts import ArtifactStore, upstream_metadata
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 SOURCES = sorted({a for p in PHASES for a in p.assets})

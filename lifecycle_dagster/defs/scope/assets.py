@@ -5,9 +5,9 @@ import dagster as dg
 from lifecycle_dagster.lib.configs import UseCaseConfig
 from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import use_case_result
-from lifecycle_dagster.lib.stage import stage, use_case_key
+from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.usecase_loader import load_use_case
-from lifecycle_dagster.resources.artifacts import ArtifactStore
+from lifecycle_dagster.resources.artifacts import ArtifactStore, use_case_key
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 

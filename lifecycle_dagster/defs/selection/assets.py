@@ -5,7 +5,7 @@ import dagster as dg
 from lifecycle_dagster import settings
 from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import base_model_result
-from lifecycle_dagster.lib.stage import stage, upstream
+from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.data import read_rows
 from lifecycle_dagster.ml.models import materialize_base_model
 from lifecycle_dagster.resources.artifacts import ArtifactStore
@@ -33,7 +33,7 @@ def base_model(
         uc = st.use_case
         runtime = compute.runtime(uc.compute)
         st.log(f"base_model: source {uc.base_model.source} on {runtime.describe()}")
-        data = upstream(context, artifact_store, "task_dataset")
+        data = artifact_store.upstream(context, "task_dataset")
         rows = read_rows(data / "train.jsonl")
         corpus = [r[uc.task.input_field] for r in rows] + [r[uc.task.target_field] for r in rows]
         scratch = uc.base_model.scratch.model_dump() if uc.base_model.source == "scratch" else {}
