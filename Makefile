@@ -55,16 +55,17 @@ tiny: setup
 	$(BIN)/lifecycle run --profile tiny
 
 # Every tier, in random order (pytest-randomly: `-p no:randomly` turns it off, `--randomly-seed=N`
-# repeats an order). test-fast leaves tests/e2e out; it keeps the GGUF test (unit tier), hence models.
+# repeats an order). test-fast is the unit and dagster tiers (under two minutes on 2 cores); the
+# e2e tier needs the demo GGUF (the conversion test), hence models.
 test: setup models
 	export LIFECYCLE_DEMO_GGUF=$(SMOLLM_GGUF); \
 	$(BIN)/python -m pytest -q
 
-test-fast: setup models
-	export LIFECYCLE_DEMO_GGUF=$(SMOLLM_GGUF); \
+test-fast: setup
 	$(BIN)/python -m pytest -q -m "not e2e"
 
-test-e2e: setup
+test-e2e: setup models
+	export LIFECYCLE_DEMO_GGUF=$(SMOLLM_GGUF); \
 	$(BIN)/python -m pytest -q -m e2e
 
 lint: setup
