@@ -34,16 +34,19 @@ def _dagster_type(annotation) -> type | None:
         return kinds.pop() if len(kinds) == 1 and kinds <= set(_SCALARS) else None
     if origin in (typing.Union, types.UnionType) and len(args) == 1:
         return _dagster_type(args[0])
+    if origin is list and len(args) == 1 and args[0] in _SCALARS:
+        return annotation
     return None
 
 
 def run_config_for(declaration: type[Tunables], name: str, doc: str) -> type[dg.Config]:
-    """A Dagster run config whose fields are an optional update of ``declaration``'s."""
+    """A Dagster run config whose fields are an optional update of ``declaration``'s: every one
+    of them, so a ladder rung can change anything the use case sets."""
     fields = {}
     for field_name, info in declaration.model_fields.items():
         kind = _dagster_type(info.annotation)
         if kind is None:
-            continue
+            raise TypeError(f"{declaration.__name__}.{field_name} cannot travel in a run config")
         optional = copy(info)
         optional.default, optional.default_factory = None, None
         optional.description = f"{info.description} Unset: the use case's."

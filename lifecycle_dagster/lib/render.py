@@ -77,3 +77,28 @@ def md_table(rows: list[dict]) -> str:
 
 def json_md(data) -> dg.MetadataValue:
     return dg.MetadataValue.json(json.loads(json.dumps(data, default=str)))
+
+
+def table(rows: list[dict]) -> dg.MetadataValue:
+    """Rows as a Dagster table the UI can sort (numbers stay numbers, anything else is text)."""
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+
+    def kind(values) -> str:
+        present = [v for v in values if v is not None]
+        if present and all(isinstance(v, bool) for v in present):
+            return "bool"
+        if present and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+            return "float" if any(isinstance(v, float) for v in present) else "int"
+        return "string"
+
+    kinds = {c: kind([r.get(c) for r in rows]) for c in cols}
+
+    def cell(value, k):
+        if value is None or k != "string":
+            return value
+        return str(value)
+
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord({c: cell(r.get(c), kinds[c]) for c in cols}) for r in rows],
+        schema=dg.TableSchema(columns=[dg.TableColumn(c, kinds[c]) for c in cols]),
+    )

@@ -8,7 +8,7 @@ import json
 
 import dagster as dg
 
-from lifecycle_dagster.lib.render import md_table
+from lifecycle_dagster.lib.render import md_table, table
 from lifecycle_dagster.lib.stage import Stage
 from lifecycle_dagster.ml.readaptation import Decision
 from lifecycle_dagster.ml.verdict import Assessment
@@ -66,7 +66,7 @@ def evaluation_result(
             "regressed": regression["regressed"],
             "vs_champion": regression["summary"],
             "comparison": dg.MetadataValue.md(md_table(result.rows)),
-            "thresholds": dg.MetadataValue.md(md_table(result.verdicts) or "none set"),
+            "thresholds": table(result.verdicts) if result.verdicts else "none set",
         },
         check_results=[
             check(
@@ -152,7 +152,7 @@ def onnx_result(st: Stage, result, source, split) -> dg.MaterializeResult:
             "registered_model": registered,
             "registered_version": version,
             "source_model": str(source),
-            "variants": dg.MetadataValue.md(md_table(rows)),
+            "variants": table(rows),
             "deploy_path": dg.MetadataValue.path(
                 str(st.target / result.selected) if result.selected else ""
             ),
@@ -210,6 +210,7 @@ def sft_result(
             "method": method.method,
             "max_steps": method.max_steps,
             **shape,
+            **({"lora_alpha": method.scaling_alpha} if method.method == "lora" else {}),
             "config": dg.MetadataValue.json(method.model_dump(mode="json")),
             "is_adapter": result.is_adapter,
             "device": device,
@@ -239,7 +240,7 @@ def prompt_baseline_result(st: Stage, result) -> dg.MaterializeResult:
             "best_shots": best["shots"],
         },
         metadata={
-            "strategies": dg.MetadataValue.md(md_table(rows)),
+            "strategies": table(rows),
             "best_strategy": best["strategy"],
             "best_template": dg.MetadataValue.md(f"```\n{result.template[-1500:]}\n```"),
         },
@@ -332,7 +333,7 @@ def champion_result(st: Stage, registry, decisions: list, onnx_model: str) -> dg
     return st.result(
         metrics={"promoted": int(decisions[-1].promoted)},
         metadata={
-            "decisions": dg.MetadataValue.md(md_table(rows)),
+            "decisions": table(rows),
             "onnx_champion": rows[-1]["champion_now"],
             "aligned_champion": rows[0]["champion_now"],
             "registry": dg.MetadataValue.url(f"{st.tracking.ui_url}/#/models/{onnx_model}"),
@@ -412,7 +413,7 @@ def use_case_result(st: Stage, profile: str, source_file: str | None) -> dg.Mate
             "base_model_source": uc.base_model.source,
             "adaptation_method": uc.adaptation.method,
             "alignment_method": uc.alignment.method,
-            "thresholds": dg.MetadataValue.md(md_table(thresholds) or "none"),
+            "thresholds": table(thresholds) if thresholds else "none",
             "fingerprint": uc.fingerprint(),
             "resolved": dg.MetadataValue.json(resolved),
         }

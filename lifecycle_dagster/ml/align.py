@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lifecycle_dagster.ml.progress import Log, Progress, hf_callback, trainer_kwargs
+from lifecycle_dagster.ml.progress import History, Log, Progress, hf_callback, trainer_kwargs
 from lifecycle_dagster.ml.runtime import Runtime
 from lifecycle_dagster.ml.tunables import Tunables
 
@@ -155,27 +155,24 @@ def align(
             )
         _quiet(trainer)
         trainer.train()
+        history = History(trainer.state.log_history)
         model = trainer.model
     model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    kl = progress.series("kl")
+    kl = history.series("kl")
     reward_key = next(
-        (
-            k
-            for k in ("reward", "rewards/reward_model/mean", "rewards/chosen")
-            if progress.series(k)
-        ),
+        (k for k in ("reward", "rewards/reward_model/mean", "rewards/chosen") if history.series(k)),
         "reward",
     )
     return AlignResult(
         path=Path(out_dir),
         method=config.method,
         mean_kl=sum(v for _, v in kl) / len(kl) if kl else None,
-        reward_curve=progress.series(reward_key),
+        reward_curve=history.series(reward_key),
         kl_curve=kl,
-        loss_curve=progress.series("loss"),
+        loss_curve=history.series("loss"),
         seconds=progress.elapsed,
     )
 

@@ -184,11 +184,18 @@ class EvalSplit:
     use_case: UseCase
     rows: list[dict]
 
+    all_rows: list[dict] | None = None  # before the cap
+
     @classmethod
     def read(cls, uc: UseCase, path: Path) -> EvalSplit:
         """The split from a dataset artifact's ``eval.jsonl`` (or that file itself)."""
         path = Path(path)
-        return cls(uc, eval_rows(uc, read_rows(path / "eval.jsonl" if path.is_dir() else path)))
+        rows = read_rows(path / "eval.jsonl" if path.is_dir() else path)
+        return cls(uc, eval_rows(uc, rows), rows)
+
+    def first(self, n: int) -> EvalSplit:
+        """The first ``n`` rows of the whole split (the cap does not apply)."""
+        return EvalSplit(self.use_case, (self.all_rows or self.rows)[:n])
 
     @property
     def prompts(self) -> list[str]:
@@ -205,6 +212,3 @@ class EvalSplit:
     @property
     def ids(self) -> list[str]:
         return [str(r["id"]) for r in self.rows]
-
-    def head(self, n: int) -> EvalSplit:
-        return EvalSplit(self.use_case, self.rows[:n])

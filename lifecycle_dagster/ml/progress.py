@@ -61,9 +61,23 @@ def hf_callback(progress: Progress):
     return _Callback()
 
 
-def loss_ends(progress: Progress, key: str = "loss") -> tuple[float, float]:
+class History:
+    """A trainer's own record of what it logged (``trainer.state.log_history``), as curves."""
+
+    def __init__(self, records: list[dict]):
+        self.records = records
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        return [
+            (int(r["step"]), float(r[key]))
+            for r in self.records
+            if isinstance(r.get(key), int | float) and "step" in r
+        ]
+
+
+def loss_ends(history: Progress | History, key: str = "loss") -> tuple[float, float]:
     """Mean of the first and of the last tenth of a logged curve: start and end, less noisy."""
-    values = [v for _, v in progress.series(key)] or [float("nan")]
+    values = [v for _, v in history.series(key)] or [float("nan")]
     k = max(1, len(values) // 10)
     return sum(values[:k]) / k, sum(values[-k:]) / k
 

@@ -26,10 +26,15 @@ class Escalation(BaseModel):
     alignment: AlignmentUpdate
 
     def describe(self) -> str:
-        out = f"adaptation {_words(self.adaptation)}"
-        if align := _words(self.alignment):
-            out += f", alignment {align}"
-        return out
+        parts = [
+            f"{name} {words}"
+            for name, words in (
+                ("adaptation", _words(self.adaptation)),
+                ("alignment", _words(self.alignment)),
+            )
+            if words
+        ]
+        return ", ".join(parts) or "the same settings"
 
 
 class Decision(BaseModel):
@@ -118,10 +123,12 @@ def next_attempt(
     rung = r.ladder[attempt - 1]
     adaptation = rung.adaptation.model_dump(exclude_none=True)
     if rung.max_steps_factor:
-        adaptation["max_steps"] = int(current.max_steps * rung.max_steps_factor)
+        adaptation["max_steps"] = max(1, int(current.max_steps * rung.max_steps_factor))
     alignment = rung.alignment.model_dump(exclude_none=True)
     if rung.alignment_max_steps_factor:
-        alignment["max_steps"] = int(uc.alignment.max_steps * rung.alignment_max_steps_factor)
+        alignment["max_steps"] = max(
+            1, int(uc.alignment.max_steps * rung.alignment_max_steps_factor)
+        )
     # Applied here, so a rung that cannot apply fails at the verdict, not in the next run.
     uc.adaptation.updated(adaptation)
     uc.alignment.updated(alignment)

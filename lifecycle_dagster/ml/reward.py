@@ -8,7 +8,14 @@ from pathlib import Path
 
 from pydantic import Field
 
-from lifecycle_dagster.ml.progress import Log, Progress, hf_callback, loss_ends, trainer_kwargs
+from lifecycle_dagster.ml.progress import (
+    History,
+    Log,
+    Progress,
+    hf_callback,
+    loss_ends,
+    trainer_kwargs,
+)
 from lifecycle_dagster.ml.runtime import Runtime
 from lifecycle_dagster.ml.tunables import Tunables
 
@@ -82,15 +89,16 @@ def train_reward_model(
         )
         _quiet(trainer)
         trainer.train()
+        history = History(trainer.state.log_history)
     trainer.model.eval()
     trainer.model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    loss_start, loss_end = loss_ends(progress)
+    loss_start, loss_end = loss_ends(history)
     return RewardResult(
         path=Path(out_dir),
         loss_start=loss_start,
         loss_end=loss_end,
-        loss_curve=progress.series("loss"),
+        loss_curve=history.series("loss"),
         seconds=progress.elapsed,
     )
 

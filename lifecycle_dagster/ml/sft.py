@@ -7,9 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from lifecycle_dagster.ml.progress import Log, Progress, hf_callback, loss_ends, trainer_kwargs
+from lifecycle_dagster.ml.progress import (
+    History,
+    Log,
+    Progress,
+    hf_callback,
+    loss_ends,
+    trainer_kwargs,
+)
 from lifecycle_dagster.ml.runtime import Runtime
 from lifecycle_dagster.ml.tunables import Tunables
 
@@ -33,8 +40,9 @@ class SFTMethodConfig(Tunables):
         None, gt=0, description="LoRA: scaling numerator (alpha / r); unset: 2 x lora_r."
     )
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA: dropout on the adapter input.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="LoRA: module names to adapt, or every linear layer."
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        description="LoRA: module names to adapt; [all-linear] adapts every linear layer.",
     )
     num_virtual_tokens: int = Field(
         16,
@@ -46,6 +54,11 @@ class SFTMethodConfig(Tunables):
         512, gt=0, description="Longest tokenized example; longer ones are cut."
     )
     seed: int = Field(0, description="Seed of initialisation and data order.")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, v):
+        return [v] if isinstance(v, str) else v
 
     @property
     def scaling_alpha(self) -> int:
@@ -87,7 +100,9 @@ def peft_config_for(config: SFTMethodConfig, tokenizer, init_text: str = ""):
             r=config.lora_r,
             lora_alpha=config.scaling_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules,
+            target_modules="all-linear"
+            if config.target_modules == ["all-linear"]
+            else config.target_modules,
         )
     if config.method == "prompt_tuning":
         init = {"prompt_tuning_init": PromptTuningInit.RANDOM}
@@ -153,11 +168,12 @@ def train_sft(
         _quiet(trainer)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         trainer.train()
+        history = History(trainer.state.log_history)
         trained = trainer.model
     trained.eval()
     trained.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    loss_start, loss_end = loss_ends(progress)
+    loss_start, loss_end = loss_ends(history)
     return SFTResult(
         path=Path(out_dir),
         method=config.method,
@@ -166,7 +182,7 @@ def train_sft(
         total_parameters=total,
         loss_start=loss_start,
         loss_end=loss_end,
-        loss_curve=progress.series("loss"),
+        loss_curve=history.series("loss"),
         seconds=progress.elapsed,
     )
 

@@ -161,6 +161,24 @@ class LadderStep(_Strict):
         None, gt=0, description="Alignment steps: times the use case's."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_rung(cls, data):
+        """A flat rung (``{method, lora_r, max_steps, learning_rate, beta}``, the format before
+        rungs held partial updates, still in older use cases and artifacts) reads as nested."""
+        if not isinstance(data, dict):
+            return data
+        flat = {k: data[k] for k in ("method", "max_steps", "learning_rate", "lora_r") if k in data}
+        beta = {"beta": data["beta"]} if "beta" in data else {}
+        if not flat and not beta:
+            return data
+        rest = {k: v for k, v in data.items() if k not in {*flat, "beta"}}
+        return {
+            **rest,
+            "adaptation": {**rest.get("adaptation", {}), **flat},
+            "alignment": {**rest.get("alignment", {}), **beta},
+        }
+
 
 class ReadaptationSpec(_Strict):
     max_attempts: int = Field(3, gt=0, description="Attempts in all, the first one included.")

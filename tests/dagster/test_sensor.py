@@ -203,3 +203,16 @@ def test_a_verdict_recorded_before_typed_decisions_launches_nothing(instance):
     result, _ = tick(instance)
     assert not result.run_requests
     assert "recorded without a decision" in result.skip_reason.skip_message
+
+
+def test_an_unreadable_decision_launches_nothing_and_blocks_no_one(instance):
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key="evaluation",
+            partition="support_triage",
+            metadata={"verdict": "fail", "attempt": 1, "decision": dg.MetadataValue.json({})},
+        )
+    )
+    verdict(instance, passed=False, attempt=1, escalate={"method": "full"})
+    result, _ = tick(instance)
+    assert [r.partition_key for r in result.run_requests] == [UC]

@@ -84,3 +84,30 @@ def test_a_rung_is_a_validated_partial_update(use_case):
         LadderStep(adaptation={"lora_r": 0})
     with pytest.raises(ValueError, match="unknown_field|Extra inputs"):
         LadderStep(adaptation={"unknown_field": 1})
+
+
+def test_a_flat_rung_from_an_older_use_case_reads_as_partial_updates():
+    rung = LadderStep.model_validate(
+        {"method": "lora", "lora_r": 16, "max_steps_factor": 2, "beta": 0.1, "learning_rate": None}
+    )
+    assert rung.adaptation.model_dump(exclude_none=True) == {"method": "lora", "lora_r": 16}
+    assert rung.alignment.model_dump(exclude_none=True) == {"beta": 0.1}
+    assert rung.max_steps_factor == 2
+
+
+def test_an_alignment_only_rung_says_so(use_case):
+    ladder = [LadderStep(alignment={"beta": 0.2})]
+    uc = use_case.model_copy(
+        update={"readaptation": use_case.readaptation.model_copy(update={"ladder": ladder})}
+    )
+    esc, why = next_attempt(uc, 1, uc.adaptation, elapsed_minutes=0)
+    assert esc.describe() == "alignment beta 0.2" and why.endswith("alignment beta 0.2")
+
+
+def test_a_factor_never_asks_for_zero_steps(use_case):
+    ladder = [LadderStep(max_steps_factor=0.001, alignment_max_steps_factor=0.001)]
+    uc = use_case.model_copy(
+        update={"readaptation": use_case.readaptation.model_copy(update={"ladder": ladder})}
+    )
+    esc, _ = next_attempt(uc, 1, SFTMethodConfig(max_steps=10), elapsed_minutes=0)
+    assert esc.adaptation.max_steps == 1 and esc.alignment.max_steps == 1

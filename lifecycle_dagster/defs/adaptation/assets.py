@@ -74,7 +74,7 @@ def sft_adapter(
         uc = st.use_case
         runtime = compute.runtime(uc.compute)
         method = uc.adaptation.updated(config)
-        st.run.log_params(method.model_dump())
+        st.run.log_params({**method.model_dump(), "lora_alpha": method.scaling_alpha})
         model_dir = model_dir_of(artifact_store.upstream(context, "base_model"))
         data = artifact_store.upstream(context, "task_dataset")
         records = sft_records(uc, read_rows(data / "train.jsonl"))

@@ -4,6 +4,7 @@ import json
 import time
 
 import dagster as dg
+from pydantic import ValidationError
 
 from lifecycle_dagster.lib.configs import AlignedModelConfig, SFTAdapterConfig
 from lifecycle_dagster.lib.data_changes import DATA_FILES, changed_datasets
@@ -65,7 +66,12 @@ def readaptation_request(
         return "a verdict without a use case partition (an older deployment's): no run", None
     if "decision" not in meta:
         return f"{use_case}: a verdict recorded without a decision (an older version): no run", None
-    decision = Decision.model_validate(meta["decision"]).at(now)
+    try:
+        decision = Decision.model_validate(meta["decision"]).at(now)
+    except ValidationError as exc:  # one unreadable record never stalls the other use cases
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"{use_case}: decision unreadable ({where}: {first['msg']}): no run", None
     if decision.verdict == "fail" and use_case not in partitions:
         return f"{use_case}: verdict fail, but the use case's partition was removed: no run", None
     if decision.next is None:

@@ -69,7 +69,7 @@ def onnx_model(
                 uc.compression,
                 runtime=runtime,
                 max_new_tokens=uc.evaluation.max_new_tokens,
-                check_prompts=split.head(uc.compression.check_prompts).prompts,
+                check_prompts=split.first(uc.compression.check_prompts).prompts,
                 eval_prompts=split.prompts,
                 eval_references=split.references,
                 reward=RewardScorer(

@@ -5,7 +5,7 @@ import shutil
 import dagster as dg
 
 from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES
-from lifecycle_dagster.lib.render import md_table
+from lifecycle_dagster.lib.render import table
 from lifecycle_dagster.lib.results import check
 from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.artifacts import file_sha256
@@ -59,7 +59,7 @@ def task_dataset(
                 "leaked_rows": leaked,
             },
             metadata={
-                "splits": dg.MetadataValue.md(md_table(stats)),
+                "splits": table(stats),
                 "source": dg.MetadataValue.path(str(uc.data.train.parent)),
             },
             check_results=[
@@ -129,7 +129,7 @@ def preference_dataset(
                 "eval_pairs": len(splits["eval"].rows),
                 "leaked_rows": leaked,
             },
-            metadata={"splits": dg.MetadataValue.md(md_table(stats))},
+            metadata={"splits": table(stats)},
             check_results=[
                 check(
                     "pairs_are_distinct",

@@ -54,6 +54,14 @@ def _candidates(context, store, uc, runtime, split) -> dict[str, Candidate]:
     }
 
 
+def trained_with(uc, sft_meta: dict) -> SFTMethodConfig:
+    """The adaptation the current SFT weights were trained with (recorded by sft_adapter; an older
+    record has only its method and steps)."""
+    if "config" in sft_meta:
+        return SFTMethodConfig.model_validate(sft_meta["config"])
+    return uc.adaptation.updated({k: sft_meta[k] for k in ("method", "max_steps") if k in sft_meta})
+
+
 @dg.asset(
     group_name="evaluation",
     partitions_def=USE_CASES,
@@ -107,7 +115,7 @@ def evaluation(
             passed=result.passed,
             failed=result.failed,
             attempt=attempt_of(context),
-            current=SFTMethodConfig.model_validate(sft_meta.get("config") or uc.adaptation),
+            current=trained_with(uc, sft_meta),
             started_at=attempt_started_at(context),
             now=time.time(),
         )

@@ -27,7 +27,9 @@ def use_case(
 ) -> dg.MaterializeResult:
     """The resolved use case: the profile's base, the given file and overrides, validated."""
     uc = load_use_case(
-        config.use_case_file, profile=config.profile or None, overrides=config.overrides or None
+        config.use_case_file or None,
+        profile=config.profile or None,
+        overrides=config.overrides or None,
     )
     key = use_case_key(context)
     if key and uc.name != key:
