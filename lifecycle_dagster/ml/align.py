@@ -204,20 +204,18 @@ def align_and_score(
 ) -> AlignOutcome:
     """Score the SFT ``policy`` on ``split`` (an ``EvalSplit``) with the reward model, align it,
     save it to ``out_dir``, and score the saved model the way the later stages load it."""
-    from lifecycle_dagster.ml.evaluate import evaluate_model
+    from lifecycle_dagster.ml.evaluate import score_split
     from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
     from lifecycle_dagster.ml.soft_prompt import soft_tokens
 
     def score(model, tok, label):
-        return evaluate_model(
+        return score_split(
             model,
             tok,
-            split.prompts,
-            split.references,
+            split,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             reward=scorer,
-            with_perplexity=False,
             log=log,
             stage=label,
         )

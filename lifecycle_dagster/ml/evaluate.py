@@ -232,3 +232,34 @@ def evaluate_model(
         suite_metrics=suite_metrics,
         suite=suite.fingerprint() if suite is not None else "",
     )
+
+
+def score_split(
+    model,
+    tokenizer,
+    split,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    prompts: Sequence[str] | None = None,
+    reward: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
+    suite: SuiteConfig | None = None,
+    log: Log | None = None,
+    stage: str = "evaluate",
+) -> EvalResult:
+    """``evaluate_model`` on an ``EvalSplit``: its zero-shot prompts (or ``prompts``, e.g. with
+    in-context examples), its references and ids; perplexity only with a suite."""
+    return evaluate_model(
+        model,
+        tokenizer,
+        split.prompts if prompts is None else prompts,
+        split.references,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        reward=reward,
+        with_perplexity=suite is not None,
+        ids=split.ids,
+        suite=suite,
+        log=log,
+        stage=stage,
+    )

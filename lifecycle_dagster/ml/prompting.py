@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lifecycle_dagster.ml.data import EvalSplit, format_prompt
-from lifecycle_dagster.ml.evaluate import evaluate_model
+from lifecycle_dagster.ml.evaluate import score_split
 from lifecycle_dagster.ml.progress import Log
 
 
@@ -37,14 +37,13 @@ def score_prompting(
     """Score each shot count on ``split``, the in-context examples taken from ``examples`` in order."""
     strategies = []
     for k in shots:
-        res = evaluate_model(
+        res = score_split(
             model,
             tokenizer,
-            split.prompts_with(examples[:k]),
-            split.references,
+            split,
+            prompts=split.prompts_with(examples[:k]),
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
-            with_perplexity=False,
             log=log,
             stage=f"prompt_baseline[{k}-shot]",
         )

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lifecycle_dagster.ml.data import EvalSplit
-from lifecycle_dagster.ml.evaluate import evaluate_model
+from lifecycle_dagster.ml.evaluate import score_split
 from lifecycle_dagster.ml.progress import Log
 from lifecycle_dagster.ml.suite import SuiteConfig
 
@@ -89,15 +89,14 @@ def assess(
     results, per_example = {}, []
     for name, cand in candidates.items():
         model, tok = cand.load()
-        res = evaluate_model(
+        res = score_split(
             model,
             tok,
-            cand.prompts,
-            split.references,
+            split,
+            prompts=cand.prompts,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             reward=reward,
-            ids=split.ids,
             suite=suite,
             log=log,
             stage=f"evaluation[{name}]",

@@ -7,7 +7,7 @@ from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import prompt_baseline_result, sft_result
 from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.data import EvalSplit, read_rows, sft_records
-from lifecycle_dagster.ml.evaluate import evaluate_model
+from lifecycle_dagster.ml.evaluate import score_split
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
 from lifecycle_dagster.ml.prompting import score_prompting
 from lifecycle_dagster.ml.sft import load_sft, train_sft
@@ -91,15 +91,12 @@ def sft_adapter(
             )
             (tmp / "sft.json").write_text(method.model_dump_json())
         model, tok = load_sft(model_dir, st.target / "adapter", runtime)
-        split = EvalSplit.read(uc, data)
-        after = evaluate_model(
+        after = score_split(
             model,
             tok,
-            split.prompts,
-            split.references,
+            EvalSplit.read(uc, data),
             max_new_tokens=uc.evaluation.max_new_tokens,
             batch_size=uc.evaluation.batch_size,
-            with_perplexity=False,
             log=st.log,
             stage="sft_adapter[eval]",
         )
