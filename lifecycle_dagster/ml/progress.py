@@ -7,6 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 Log = Callable[[str], None]
+# What a progress line shows when a trainer logs them (trl's GRPO logs about 25 values a step; the
+# whole record stays in the trainer's log_history and in MLflow's curves).
+SHOWN = ("loss", "reward", "kl", "rewards/chosen", "rewards/accuracies", "accuracy", "train_loss")
 
 
 @dataclass
@@ -30,7 +33,8 @@ class Progress:
         self._last = now
         elapsed = now - self._start
         eta = elapsed / step * (self.total - step) if step else float("nan")
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        picked = {k: v for k, v in metrics.items() if k in SHOWN} or dict(list(metrics.items())[:4])
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in picked.items())
         self.log(
             f"{self.stage}: step {step}/{self.total}"
             f"{', ' + shown if shown else ''}, elapsed {elapsed:.0f}s, ETA {eta:.0f}s"
