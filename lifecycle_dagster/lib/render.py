@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 
 import dagster as dg
 
@@ -73,10 +72,6 @@ def md_table(rows: list[dict]) -> str:
         cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in (row[c] for c in cols)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
-
-
-def json_md(data) -> dg.MetadataValue:
-    return dg.MetadataValue.json(json.loads(json.dumps(data, default=str)))
 
 
 def table(rows: list[dict]) -> dg.MetadataValue:

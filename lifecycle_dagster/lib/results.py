@@ -46,8 +46,10 @@ def evaluation_result(
     st.run.log_table(result.per_example, "per_example.jsonl")
     st.run.log_text(md_table(result.rows), "evaluation.md")
     st.run.set_tags({"verdict": decision.verdict, "suite": result.suite})
-    st.log(f"evaluation: verdict {decision.verdict} {', '.join(result.failed)}".rstrip())
-    st.log(f"evaluation: {decision.summary() if decision.verdict == 'pass' else decision.reason}")
+    failed = f" ({', '.join(result.failed)})" if result.failed else ""
+    st.log(
+        f"evaluation: verdict {decision.verdict}{failed} at attempt {decision.attempt}; {decision.reason}"
+    )
     warnings = result.warnings()
     return st.result(
         metrics=result.flat_metrics(),
@@ -110,28 +112,6 @@ def onnx_result(st: Stage, result, source, split) -> dg.MaterializeResult:
         f"onnx_model: policy {c.policy}, deploying {result.selected or 'nothing'}"
         + (f" ({chosen.bytes / 1e6:.0f} MB, {chosen.tokens_per_s:.1f} tok/s)" if chosen else "")
     )
-    torch_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
-    metrics = {
-        "pytorch_bytes": torch_bytes,
-        "torch_tokens_per_s": fp32.faithfulness.torch_tokens_per_s,
-        "max_abs_logit_diff_fp32": fp32.faithfulness.max_abs_logit_diff,
-        "reference_rouge_l": result.reference["rouge_l"],
-        "reference_mean_reward": result.reference.get("mean_reward"),
-        **{f"export_seconds_{n}": s for n, s in result.export_seconds.items()},
-    }
-    if chosen:
-        metrics |= {
-            "onnx_bytes": chosen.bytes,
-            "size_ratio": torch_bytes / max(1, chosen.bytes),
-            "ort_tokens_per_s": chosen.tokens_per_s,
-            # Both rates on the same check prompts and token budget, batch 1.
-            "speedup": chosen.faithfulness.ort_tokens_per_s
-            / max(1e-9, chosen.faithfulness.torch_tokens_per_s),
-            "onnx_rouge_l": chosen.rouge_l,
-            "onnx_mean_reward": chosen.mean_reward,
-            "rouge_l_drop": chosen.rouge_l_drop,
-            "reward_drop_pct": chosen.reward_drop_pct,
-        }
     registered, version = st.register(
         "onnx",
         st.target,
@@ -145,7 +125,7 @@ def onnx_result(st: Stage, result, source, split) -> dg.MaterializeResult:
     budget = {"max_rouge_l_drop": c.max_rouge_l_drop, "max_reward_drop_pct": c.max_reward_drop_pct}
     within = ", ".join(n for n, r in result.variants.items() if r.within_budget) or "none"
     return st.result(
-        metrics=metrics,
+        metrics=result.metrics(),
         metadata={
             "selected_variant": result.selected or "none",
             "policy": c.policy,
@@ -344,19 +324,11 @@ def champion_result(st: Stage, registry, decisions: list, onnx_model: str) -> dg
 def base_model_result(st: Stage, result, runtime) -> dg.MaterializeResult:
     """The base model: its shape, its pre-training curve (when pre-trained here), and what
     pre-training and fine-tuning a model of its size would cost on this machine."""
-    from lifecycle_dagster.ml.estimate import estimate, human_seconds
+    from lifecycle_dagster.ml.estimate import human_seconds
 
-    uc = st.use_case
+    uc, feasible = st.use_case, result.feasibility
     curve = result.pretrain.get("loss_curve", [])
     st.run.log_curve("pretrain_loss", curve)
-    config = json.loads((st.target / "model" / "config.json").read_text())
-    feasible = estimate(
-        result.parameters,
-        device=runtime.device,
-        hidden=config.get("hidden_size"),
-        layers=config.get("num_hidden_layers"),
-        adaptation=uc.adaptation,
-    )
     st.run.log_dict(feasible.as_dict(), "pretraining_feasibility.json")
     meta = {
         "source": uc.base_model.source,
@@ -400,7 +372,7 @@ def use_case_result(st: Stage, profile: str, source_file: str | None) -> dg.Mate
         )
         if source_file:
             shutil.copy(source_file, tmp / "use_case.source.yaml")
-    resolved = json.loads(uc.to_json())
+    resolved = uc.model_dump(mode="json")
     st.run.log_dict(resolved, "use_case.json")
     thresholds = [
         {"metric": k, "threshold": v.describe()} for k, v in uc.evaluation.thresholds.items()

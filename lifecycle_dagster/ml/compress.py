@@ -91,10 +91,38 @@ class CompressionResult:
     fp32_matches: bool
     cache_in_use: bool
     export_seconds: dict[str, float]
+    source_bytes: int = 0  # the PyTorch weights exported (safetensors)
 
     @property
     def deployable(self) -> bool:
         return self.fp32_matches and self.cache_in_use and self.selected is not None
+
+    def metrics(self) -> dict[str, float | None]:
+        """The figures of the export: PyTorch's, fp32's faithfulness, and the deployed variant's
+        size, speed and quality against PyTorch."""
+        fp32, chosen = self.variants["fp32"], self.variants.get(self.selected or "")
+        out = {
+            "pytorch_bytes": self.source_bytes,
+            "torch_tokens_per_s": fp32.faithfulness.torch_tokens_per_s,
+            "max_abs_logit_diff_fp32": fp32.faithfulness.max_abs_logit_diff,
+            "reference_rouge_l": self.reference["rouge_l"],
+            "reference_mean_reward": self.reference.get("mean_reward"),
+            **{f"export_seconds_{n}": s for n, s in self.export_seconds.items()},
+        }
+        if chosen:
+            out |= {
+                "onnx_bytes": chosen.bytes,
+                "size_ratio": self.source_bytes / max(1, chosen.bytes),
+                "ort_tokens_per_s": chosen.tokens_per_s,
+                # Both rates on the same check prompts and token budget, batch 1.
+                "speedup": chosen.faithfulness.ort_tokens_per_s
+                / max(1e-9, chosen.faithfulness.torch_tokens_per_s),
+                "onnx_rouge_l": chosen.rouge_l,
+                "onnx_mean_reward": chosen.mean_reward,
+                "rouge_l_drop": chosen.rouge_l_drop,
+                "reward_drop_pct": chosen.reward_drop_pct,
+            }
+        return out
 
 
 def quality_drop(
@@ -207,6 +235,7 @@ def compress(
         and fp32.text_equal == 1.0,
         cache_in_use=all(r.faithfulness.cache_consistent for r in reports.values()),
         export_seconds=exported.seconds,
+        source_bytes=sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")),
     )
     (Path(out_dir) / SELECTED_FILE).write_text(
         json.dumps(

@@ -9,9 +9,13 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lifecycle_dagster.ml.progress import Log
 from lifecycle_dagster.ml.runtime import Runtime
+
+if TYPE_CHECKING:
+    from lifecycle_dagster.ml.estimate import Feasibility
 
 LOAD_KW = {"trust_remote_code": False}
 
@@ -25,6 +29,8 @@ class BaseModelResult:
     vocab_size: int
     context_length: int
     pretrain: dict = field(default_factory=dict)
+    # What pre-training and fine-tuning a model of this size would cost on this machine.
+    feasibility: Feasibility | None = None
 
 
 def materialize_base_model(
@@ -34,8 +40,12 @@ def materialize_base_model(
     runtime: Runtime,
     log: Log | None = None,
     cache_dir: Path | None = None,
+    adaptation=None,
 ) -> BaseModelResult:
-    """Write the base model named by a ``BaseModelSpec`` into ``out_dir`` as safetensors."""
+    """Write the base model named by a ``BaseModelSpec`` into ``out_dir`` as safetensors, with the
+    cost of pre-training such a model here and of fine-tuning it with ``adaptation``
+    (an ``SFTMethodConfig``; the defaults when None)."""
+    from lifecycle_dagster.ml.estimate import estimate
     from lifecycle_dagster.ml.pretrain import pretrain
 
     out_dir = Path(out_dir)
@@ -71,14 +81,22 @@ def materialize_base_model(
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(out_dir, **LOAD_KW)
+    parameters = count_parameters(out_dir)
     return BaseModelResult(
         path=out_dir,
         source=spec.source,
-        parameters=count_parameters(out_dir),
+        parameters=parameters,
         architecture=config.architectures[0] if config.architectures else config.model_type,
         vocab_size=config.vocab_size,
         context_length=getattr(config, "max_position_embeddings", 0),
         pretrain=info,
+        feasibility=estimate(
+            parameters,
+            device=runtime.device,
+            hidden=getattr(config, "hidden_size", None),
+            layers=getattr(config, "num_hidden_layers", None),
+            adaptation=adaptation,
+        ),
     )
 
 

@@ -25,16 +25,15 @@ class Tunables(BaseModel):
 
     def updated(self, changes: Mapping[str, Any] | BaseModel | None = None) -> Self:
         """This config with ``changes`` (a partial update) applied and validated again."""
-        if isinstance(changes, BaseModel):
-            changes = changes.model_dump(exclude_none=True)
+        changes = given(changes) if isinstance(changes, BaseModel) else dict(changes or {})
         if not changes:
             return self
-        return type(self).model_validate({**self.model_dump(), **dict(changes)})
+        return type(self).model_validate({**self.model_dump(), **changes})
 
     @classmethod
-    def partial(cls, name: str | None = None, *, base: type[BaseModel] | None = None):
+    def partial(cls, name: str | None = None):
         """A model of the same fields, each optional (None: not part of the update), with the
-        declaration's bounds and descriptions. ``base`` picks its base class."""
+        declaration's bounds and descriptions."""
         fields = {}
         for field_name, info in cls.model_fields.items():
             optional = copy(info)
@@ -43,7 +42,7 @@ class Tunables(BaseModel):
             fields[field_name] = (info.annotation | None, optional)
         return create_model(
             name or f"{cls.__name__}Update",
-            __base__=base or _Partial,
+            __base__=_Partial,
             __doc__=f"A partial update of {cls.__name__}: the fields given replace its values.",
             **fields,
         )

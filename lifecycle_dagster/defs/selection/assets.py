@@ -52,5 +52,6 @@ def base_model(
                 runtime,
                 log=st.log,
                 cache_dir=settings.state_home() / "cache" / "models",
+                adaptation=uc.adaptation,
             )
         return base_model_result(st, result, runtime)
