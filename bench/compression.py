@@ -534,7 +534,7 @@ def render(rows: list[Row], bandwidth: float, label: str, args, uc) -> str:
             f"decode {chosen.decode_b1 / ref.decode_b1:.1f}x PyTorch (target 3x)",
             f"{ref.size_mb / chosen.size_mb:.1f}x smaller (target 4x)",
             f"ROUGE-L {100 * (chosen.rouge_l - ref.rouge_l):+.2f} pts "
-            f"(budget -{100 * budget.max_rouge_l_drop:g})",
+            f"(budget -{100 * budget.max_metric_drop:g})",
         ]
         notes.append(
             f"Policy `smallest` within budget picks **{chosen.engine}**: " + "; ".join(target) + "."

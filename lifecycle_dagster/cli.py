@@ -20,12 +20,12 @@ SUMMARY_METRICS = {
     "task_dataset": ["train_rows", "eval_rows"],
     "preference_dataset": ["train_pairs", "eval_pairs"],
     "base_model": ["parameters", "pretrain_loss_end"],
-    "prompt_baseline": ["zero_shot_rouge_l", "best_rouge_l"],
-    "sft_adapter": ["loss_start", "loss_end", "rouge_l_after"],
+    "prompt_baseline": ["zero_shot_{metric}", "best_{metric}"],
+    "sft_adapter": ["loss_start", "loss_end", "{metric}_after"],
     "reward_model": ["pairwise_accuracy"],
     "aligned_model": ["reward_before", "reward_after", "mean_kl"],
-    "evaluation": ["rouge_l", "mean_reward", "perplexity", "verdict"],
-    "onnx_model": ["selected_variant", "size_ratio", "speedup", "onnx_rouge_l", "rouge_l_drop"],
+    "evaluation": ["{metric}", "mean_reward", "perplexity", "verdict"],
+    "onnx_model": ["selected_variant", "size_ratio", "speedup", "onnx_{metric}", "{metric}_drop"],
     "champion_model": ["onnx_champion", "aligned_champion"],
     "lifecycle_report": ["total_seconds"],
 }
@@ -63,13 +63,16 @@ def summary_rows(instance, result) -> list[dict]:
     stats = {s.step_key: s for s in instance.get_run_step_stats(result.run_id)}
     rows = []
     materialized = {
-        e.materialization.asset_key.to_user_string(): e.materialization
+        e.materialization.asset_key.to_user_string(): {
+            k: v.value for k, v in e.materialization.metadata.items()
+        }
         for e in result.get_asset_materialization_events()
     }
+    metric = materialized.get("use_case", {}).get("primary_metric", "")
     for asset, keys in SUMMARY_METRICS.items():
         st = stats.get(asset)
-        mat = materialized.get(asset)
-        meta = {k: v.value for k, v in mat.metadata.items()} if mat else {}
+        meta = materialized.get(asset, {})
+        keys = [k.format(metric=metric) for k in keys]
         duration = (st.end_time - st.start_time) if st and st.end_time and st.start_time else None
         status = st.status.value.lower() if st and st.status else "not run"
         rows.append(
@@ -174,7 +177,7 @@ def cmd_profiles(_args) -> int:
     return 0
 
 
-EXPERIMENT_METRICS = ("rouge_l", "rouge1", "rouge2", "bleu", "mean_reward", "harmless", "format_ok")
+EXPERIMENT_METRICS = ("mean_reward", "harmless", "format_ok")  # after the primary metric
 
 
 def experiment_rows(client, experiment, limit: int) -> list[dict]:
@@ -187,6 +190,8 @@ def experiment_rows(client, experiment, limit: int) -> list[dict]:
         max_results=limit,
     )
     short = {r.info.run_id: r.data.tags.get("dagster.run_id", "")[:8] for r in runs}
+    primary = [r.data.tags.get("primary_metric", "rouge_l") for r in runs]
+    columns = [*dict.fromkeys(primary), *EXPERIMENT_METRICS]
     rows = []
     for r in runs:
         tags, metrics = r.data.tags, r.data.metrics
@@ -198,7 +203,7 @@ def experiment_rows(client, experiment, limit: int) -> list[dict]:
                 "attempt": tags.get("lifecycle.attempt", "?"),
                 "verdict": tags.get("verdict", "?"),
                 "suite": tags.get("suite", "-"),
-                **{m: f"{metrics[m]:.4f}" if m in metrics else "-" for m in EXPERIMENT_METRICS},
+                **{m: f"{metrics[m]:.4f}" if m in metrics else "-" for m in columns},
                 "escalates": (short.get(parent) or _dagster_run_of(client, parent)) or "-",
             }
         )

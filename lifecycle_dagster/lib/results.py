@@ -45,7 +45,9 @@ def evaluation_result(
     )
     st.run.log_table(result.per_example, "per_example.jsonl")
     st.run.log_text(md_table(result.rows), "evaluation.md")
-    st.run.set_tags({"verdict": decision.verdict, "suite": result.suite})
+    st.run.set_tags(
+        {"verdict": decision.verdict, "suite": result.suite, "primary_metric": result.metric}
+    )
     failed = f" ({', '.join(result.failed)})" if result.failed else ""
     st.log(
         f"evaluation: verdict {decision.verdict}{failed} at attempt {decision.attempt}; {decision.reason}"
@@ -64,11 +66,12 @@ def evaluation_result(
             "readaptation": decision.reason,
             "use_case_name": decision.use_case,
             "suite": result.suite,
-            "primary_metric": st.use_case.evaluation.primary_metric,
+            "primary_metric": st.use_case.primary_metric,
             "regressed": regression["regressed"],
             "vs_champion": regression["summary"],
             "comparison": dg.MetadataValue.md(md_table(result.rows)),
             "thresholds": table(result.verdicts) if result.verdicts else "none set",
+            **{name: table(rows) for name, rows in result.tables.items() if rows},
         },
         check_results=[
             check(
@@ -119,10 +122,10 @@ def onnx_result(st: Stage, result, source, split) -> dg.MaterializeResult:
             "variant": result.selected or "none",
             "gates": "passed" if result.deployable else "failed",
             "source_model": str(source),
-            **({"onnx_rouge_l": chosen.rouge_l, "bytes": chosen.bytes} if chosen else {}),
+            **({f"onnx_{chosen.metric}": chosen.quality, "bytes": chosen.bytes} if chosen else {}),
         },
     )
-    budget = {"max_rouge_l_drop": c.max_rouge_l_drop, "max_reward_drop_pct": c.max_reward_drop_pct}
+    budget = {"max_metric_drop": c.max_metric_drop, "max_reward_drop_pct": c.max_reward_drop_pct}
     within = ", ".join(n for n, r in result.variants.items() if r.within_budget) or "none"
     return st.result(
         metrics=result.metrics(),
@@ -166,10 +169,8 @@ def onnx_result(st: Stage, result, source, split) -> dg.MaterializeResult:
     )
 
 
-def sft_result(
-    st: Stage, result, method, after: float, before, device: str
-) -> dg.MaterializeResult:
-    """The adapted model: loss curve, what was trained, and ROUGE-L before and after."""
+def sft_result(st: Stage, result, method, after, before, device: str) -> dg.MaterializeResult:
+    """The adapted model: loss curve, what was trained, and the primary metric before and after."""
     st.run.log_curve("train_loss", result.loss_curve)
     shape = (
         {"num_virtual_tokens": method.num_virtual_tokens}
@@ -182,8 +183,8 @@ def sft_result(
             "loss_end": result.loss_end,
             "trainable_fraction": result.trainable_fraction,
             "trainable_parameters": result.trainable_parameters,
-            "rouge_l_before": before,
-            "rouge_l_after": after,
+            f"{after.metric}_before": before,
+            f"{after.metric}_after": after.primary,
             "train_seconds": result.seconds,
         },
         metadata={
@@ -208,15 +209,17 @@ def prompt_baseline_result(st: Stage, result) -> dg.MaterializeResult:
         (tmp / "results.json").write_text(json.dumps(result.strategies, indent=2))
         (tmp / "best_template.txt").write_text(result.template)
         (tmp / "best.json").write_text(json.dumps({"shots": best["shots"]}))
+    metric = result.metric
     for r in result.strategies:
-        st.run.log_metrics({"rouge_l": r["rouge_l"]}, step=r["shots"])
-    st.run.log_metrics({f"rouge_l_{r['shots']}shot": r["rouge_l"] for r in result.strategies})
+        if r["shots"] is not None:
+            st.run.log_metrics({metric: r[metric]}, step=r["shots"])
+    st.run.log_metrics({f"{metric}_{r['strategy']}": r[metric] for r in result.strategies})
     st.run.log_text(result.template, "best_template.txt")
     rows = [{k: v for k, v in r.items() if k != "shots"} for r in result.strategies]
     return st.result(
         metrics={
-            "best_rouge_l": best["rouge_l"],
-            "zero_shot_rouge_l": result.zero_shot,
+            f"best_{metric}": best[metric],
+            f"zero_shot_{metric}": result.zero_shot,
             "best_shots": best["shots"],
         },
         metadata={
@@ -250,14 +253,16 @@ def reward_result(st: Stage, outcome, held_out: int, device: str) -> dg.Material
 
 
 def aligned_result(st: Stage, outcome, method, device: str) -> dg.MaterializeResult:
-    """The aligned model: registered as the use case's candidate, with reward and ROUGE-L before
-    and after, the KL to the SFT reference and the training curves."""
+    """The aligned model: registered as the use case's candidate, with reward and the primary metric
+    before and after, the KL to the SFT reference and the training curves."""
     result, before, after = outcome.result, outcome.before, outcome.after
     st.run.log_curve("train_reward", result.reward_curve)
     st.run.log_curve("kl", result.kl_curve)
     st.run.log_curve("train_loss", result.loss_curve)
     registered, version = st.register(
-        "aligned", st.target, {"reward_after": after.mean_reward, "rouge_l_after": after.rouge_l}
+        "aligned",
+        st.target,
+        {"reward_after": after.mean_reward, f"{after.metric}_after": after.primary},
     )
     meta = {
         "method": method.method,
@@ -277,8 +282,8 @@ def aligned_result(st: Stage, outcome, method, device: str) -> dg.MaterializeRes
         metrics={
             "reward_before": before.mean_reward,
             "reward_after": after.mean_reward,
-            "rouge_l_before": before.rouge_l,
-            "rouge_l_after": after.rouge_l,
+            f"{before.metric}_before": before.primary,
+            f"{after.metric}_after": after.primary,
             "mean_kl": result.mean_kl,
             "train_seconds": result.seconds,
         },
@@ -381,6 +386,7 @@ def use_case_result(st: Stage, profile: str, source_file: str | None) -> dg.Mate
         metadata={
             "name": uc.name,
             "task": uc.task.type,
+            "primary_metric": uc.primary_metric,
             "profile": profile,
             "base_model_source": uc.base_model.source,
             "adaptation_method": uc.adaptation.method,

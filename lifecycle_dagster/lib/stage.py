@@ -70,6 +70,11 @@ class Stage:
     store: ArtifactStore
     started: float = field(default_factory=time.monotonic)
 
+    @property
+    def metric(self) -> str:
+        """The use case's primary metric: the one every stage reports first."""
+        return self.use_case.primary_metric
+
     def write(self, extra: dict | None = None):
         """Write this stage's artifact: a temp dir, renamed into place with its manifest."""
         return self.store.write(self.target, extra)

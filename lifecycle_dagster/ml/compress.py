@@ -7,8 +7,9 @@ Three gates decide whether the artifact may ship:
   token equal, decoded text equal.
 - the KV cache is in use: for every variant, decoding step by step with the cache gives what a full
   recomputation gives (an export that drops or misaligns its cache fails).
-- the chosen variant is within the quality budget: ROUGE-L and mean reward on the eval split lose at
-  most ``max_rouge_l_drop`` and ``max_reward_drop_pct`` against the aligned model in PyTorch.
+- the chosen variant is within the quality budget: the use case's primary metric and mean reward on
+  the eval split lose at most ``max_metric_drop`` and ``max_reward_drop_pct`` against the aligned
+  model in PyTorch.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from lifecycle_dagster.ml.evaluate import rouge_l
 from lifecycle_dagster.ml.export import VARIANTS, ExportConfig, export_onnx
 from lifecycle_dagster.ml.faithfulness import Faithfulness, verify_against_torch
 from lifecycle_dagster.ml.progress import Log
@@ -38,8 +38,10 @@ class CompressConfig(ExportConfig):
     policy: Literal["smallest", "fastest"] = Field(
         "smallest", description="Which variant within the quality budget is deployed."
     )
-    max_rouge_l_drop: float = Field(
-        0.01, ge=0, description="Quality budget: ROUGE-L lost against PyTorch (0.01 = 1 point)."
+    max_metric_drop: float = Field(
+        0.01,
+        ge=0,
+        description="Quality budget: the primary metric lost against PyTorch (0.01 = 1 point).",
     )
     max_reward_drop_pct: float = Field(
         2.0, ge=0, description="Quality budget: percent of mean reward lost against PyTorch."
@@ -48,16 +50,26 @@ class CompressConfig(ExportConfig):
     logits_atol: float = Field(1e-3, gt=0, description="fp32 export: max |logit difference|.")
     max_new_tokens: int = Field(16, gt=0, description="Tokens per faithfulness-check prompt.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _older_name(cls, data):
+        """``max_rouge_l_drop``, the budget's name when every use case was a summarisation."""
+        if isinstance(data, dict) and "max_rouge_l_drop" in data:
+            data = dict(data)
+            data.setdefault("max_metric_drop", data.pop("max_rouge_l_drop"))
+        return data
+
 
 @dataclass
 class VariantReport:
     name: str
     bytes: int
     faithfulness: Faithfulness
-    rouge_l: float
+    metric: str  # the use case's primary metric
+    quality: float  # its mean on the eval split
     mean_reward: float | None
     tokens_per_s: float
-    rouge_l_drop: float
+    quality_drop: float
     reward_drop_pct: float | None
     within_budget: bool
     predictions: list[str] = field(default_factory=list)
@@ -67,8 +79,8 @@ class VariantReport:
         return {
             "variant": self.name,
             "MB": round(self.bytes / 1e6, 1),
-            "rouge_l": round(self.rouge_l, 4),
-            "rouge_l_drop": round(self.rouge_l_drop, 4),
+            self.metric: round(self.quality, 4),
+            f"{self.metric}_drop": round(self.quality_drop, 4),
             "mean_reward": None if self.mean_reward is None else round(self.mean_reward, 4),
             "reward_drop_pct": None
             if self.reward_drop_pct is None
@@ -87,6 +99,7 @@ class CompressionResult:
     variants: dict[str, VariantReport]
     selected: str | None
     policy: str
+    metric: str
     reference: dict[str, float | None]
     fp32_matches: bool
     cache_in_use: bool
@@ -105,7 +118,7 @@ class CompressionResult:
             "pytorch_bytes": self.source_bytes,
             "torch_tokens_per_s": fp32.faithfulness.torch_tokens_per_s,
             "max_abs_logit_diff_fp32": fp32.faithfulness.max_abs_logit_diff,
-            "reference_rouge_l": self.reference["rouge_l"],
+            f"reference_{self.metric}": self.reference[self.metric],
             "reference_mean_reward": self.reference.get("mean_reward"),
             **{f"export_seconds_{n}": s for n, s in self.export_seconds.items()},
         }
@@ -117,26 +130,30 @@ class CompressionResult:
                 # Both rates on the same check prompts and token budget, batch 1.
                 "speedup": chosen.faithfulness.ort_tokens_per_s
                 / max(1e-9, chosen.faithfulness.torch_tokens_per_s),
-                "onnx_rouge_l": chosen.rouge_l,
+                f"onnx_{self.metric}": chosen.quality,
                 "onnx_mean_reward": chosen.mean_reward,
-                "rouge_l_drop": chosen.rouge_l_drop,
+                f"{self.metric}_drop": chosen.quality_drop,
                 "reward_drop_pct": chosen.reward_drop_pct,
             }
         return out
 
 
 def quality_drop(
-    reference: dict[str, float | None], rouge: float, reward: float | None, budget: CompressConfig
+    reference: dict[str, float | None],
+    metric: str,
+    quality: float,
+    reward: float | None,
+    budget: CompressConfig,
 ) -> tuple[float, float | None, bool]:
-    """ROUGE-L points lost, reward percent lost, and whether both are within the budget."""
-    rouge_drop = reference["rouge_l"] - rouge
-    ok = rouge_drop <= budget.max_rouge_l_drop + 1e-9
+    """Points of ``metric`` lost, reward percent lost, and whether both are within the budget."""
+    drop = reference[metric] - quality
+    ok = drop <= budget.max_metric_drop + 1e-9
     reward_drop = None
     ref_reward = reference.get("mean_reward")
     if ref_reward is not None and reward is not None:
         reward_drop = 100.0 * (ref_reward - reward) / max(abs(ref_reward), 1e-9)
         ok = ok and reward_drop <= budget.max_reward_drop_pct + 1e-9
-    return rouge_drop, reward_drop, ok
+    return drop, reward_drop, ok
 
 
 def select_variant(reports: Sequence[VariantReport], policy: str) -> str | None:
@@ -157,19 +174,22 @@ def compress(
     runtime,
     max_new_tokens: int = 32,
     check_prompts: Sequence[str],
-    eval_prompts: Sequence[str],
-    eval_references: Sequence[str],
-    reward: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
+    split,
+    reward: Callable[..., list[float]] | None = None,
     reference: dict[str, float | None] | None = None,
     serving: dict | None = None,
     log: Log | None = None,
 ) -> CompressionResult:
-    """Export, verify, score and select. ``reference`` holds the PyTorch model's ``rouge_l`` and
-    ``mean_reward`` on the same prompts (from evaluation); without it the fp32 export's scores are
-    the reference. ``max_new_tokens`` bounds each eval-split generation. Writes ``selected.json`` and ``serving.json`` (what a server needs) to ``out_dir``.
+    """Export, verify, score on ``split`` (an ``EvalSplit``) with its use case's task kind, and
+    select. ``reference`` holds the PyTorch model's primary metric and ``mean_reward`` on the same
+    prompts (from evaluation); without it the fp32 export's scores are the reference.
+    ``max_new_tokens`` bounds each eval-split generation. Writes ``selected.json`` and
+    ``serving.json`` (what a server needs) to ``out_dir``.
     """
     from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
 
+    uc = split.use_case
+    metric = uc.primary_metric if uc.primary_metric != "mean_reward" else uc.kind.primary
     exported = export_onnx(model_dir, out_dir, config, log=log)
     threads = runtime.ort_threads
     model, tok = load_causal_lm(model_dir, runtime), load_tokenizer(model_dir)
@@ -188,37 +208,37 @@ def compress(
         preds, tps = generate_texts(
             generator,
             tok,
-            list(eval_prompts),
+            split.prompts,
             max_new_tokens,
             log=log,
             stage=f"onnx[{name}]",
         )
-        scores = rouge_l(preds, list(eval_references))
-        mean_rouge = sum(scores) / max(1, len(scores))
+        quality = uc.kind.score(preds, split.references, uc.task).means()[metric]
         mean_reward = None
         if reward is not None:
-            rewards = reward(list(eval_prompts), preds)
+            rewards = reward(split.prompts, preds, split.references)
             mean_reward = sum(rewards) / max(1, len(rewards))
-        scored[name] = (faith, mean_rouge, mean_reward, tps, preds)
+        scored[name] = (faith, quality, mean_reward, tps, preds)
         if log:
             log(
-                f"onnx[{name}]: {exported.sizes[name] / 1e6:.1f} MB, ROUGE-L {mean_rouge:.4f}, "
+                f"onnx[{name}]: {exported.sizes[name] / 1e6:.1f} MB, {metric} {quality:.4f}, "
                 f"{tps:.1f} tok/s, token agreement {faith.token_agreement:.2f}"
             )
-    if reference is None or reference.get("rouge_l") is None:
+    if reference is None or reference.get(metric) is None:
         fp32 = scored["fp32"]
-        reference = {"rouge_l": fp32[1], "mean_reward": fp32[2]}
+        reference = {metric: fp32[1], "mean_reward": fp32[2]}
     reports = {}
-    for name, (faith, mean_rouge, mean_reward, tps, preds) in scored.items():
-        drop, reward_drop, ok = quality_drop(reference, mean_rouge, mean_reward, config)
+    for name, (faith, quality, mean_reward, tps, preds) in scored.items():
+        drop, reward_drop, ok = quality_drop(reference, metric, quality, mean_reward, config)
         reports[name] = VariantReport(
             name=name,
             bytes=exported.sizes[name],
             faithfulness=faith,
-            rouge_l=mean_rouge,
+            metric=metric,
+            quality=quality,
             mean_reward=mean_reward,
             tokens_per_s=tps,
-            rouge_l_drop=drop,
+            quality_drop=drop,
             reward_drop_pct=reward_drop,
             within_budget=ok,
             predictions=preds,
@@ -229,6 +249,7 @@ def compress(
         variants=reports,
         selected=select_variant(list(reports.values()), config.policy),
         policy=config.policy,
+        metric=metric,
         reference=reference,
         fp32_matches=fp32.max_abs_logit_diff <= config.logits_atol
         and fp32.token_agreement == 1.0
@@ -242,6 +263,7 @@ def compress(
             {
                 "variant": result.selected,
                 "policy": result.policy,
+                "metric": metric,
                 "reference": reference,
                 "variants": {n: r.row() for n, r in reports.items()},
                 "descriptions": {n: VARIANTS[n] for n in reports},

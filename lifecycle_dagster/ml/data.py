@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,16 @@ class Split:
     stats: dict = field(default_factory=dict)
 
 
-def load_jsonl(path: Path, fields: tuple[str, ...], *, max_chars: int, min_rows: int = 1) -> Split:
-    """Read a JSONL file whose rows are objects with non-empty string ``fields``.
+def load_jsonl(
+    path: Path,
+    fields: tuple[str, ...],
+    *,
+    max_chars: int,
+    min_rows: int = 1,
+    convert: dict[str, Callable[[object], str]] | None = None,
+) -> Split:
+    """Read a JSONL file whose rows are objects with non-empty string ``fields``; a field in
+    ``convert`` is first turned into its string by that function (a ``ValueError`` names the fault).
 
     Rejects non-UTF-8 bytes, empty files, invalid JSON lines, missing or mistyped fields, empty or
     over-long values, and duplicate ids or duplicate rows, each with the line and field at fault.
@@ -50,6 +59,11 @@ def load_jsonl(path: Path, fields: tuple[str, ...], *, max_chars: int, min_rows:
         for name in fields:
             if name not in row:
                 raise InputError(path, "missing", line=lineno, field=name)
+            if name in (convert or {}):
+                try:
+                    row[name] = convert[name](row[name])
+                except ValueError as exc:
+                    raise InputError(path, str(exc), line=lineno, field=name) from None
             value = row[name]
             if not isinstance(value, str):
                 raise InputError(
@@ -92,10 +106,18 @@ def load_jsonl(path: Path, fields: tuple[str, ...], *, max_chars: int, min_rows:
 
 
 def load_task_data(uc: UseCase) -> dict[str, Split]:
-    fields = ("id", uc.task.input_field, uc.task.target_field)
+    """The train and eval splits; each target becomes the text the task kind trains on (a label of
+    the declared set, one line of JSON with the declared fields)."""
+    task = uc.task
+    fields = ("id", task.input_field, task.target_field)
+    convert = {task.target_field: lambda value: uc.kind.target_text(value, task)}
     return {
         name: load_jsonl(
-            getattr(uc.data, name), fields, max_chars=uc.data.max_chars, min_rows=uc.data.min_rows
+            getattr(uc.data, name),
+            fields,
+            max_chars=uc.data.max_chars,
+            min_rows=uc.data.min_rows,
+            convert=convert,
         )
         for name in ("train", "eval")
     }
@@ -120,15 +142,17 @@ def overlap(a: list[dict], b: list[dict], key: str) -> int:
 
 
 def format_prompt(uc: UseCase, text: str, examples: list[dict] | None = None) -> str:
-    """The query for one input, with optional in-context examples (few-shot) before it."""
+    """The query for one input, with optional in-context examples (few-shot) before it. ``{labels}``
+    in the instruction or template is the classification's label set."""
     task = uc.task
+    labels = ", ".join(task.labels)
+    instruction = task.instruction.replace("{labels}", labels)
+    template = task.prompt_template.replace("{labels}", labels)
     shots = ""
     for ex in examples or []:
-        shots += task.prompt_template.format(
-            instruction=task.instruction, input=ex[task.input_field]
-        )
+        shots += template.format(instruction=instruction, input=ex[task.input_field])
         shots += f" {ex[task.target_field]}\n\n"
-    return shots + task.prompt_template.format(instruction=task.instruction, input=text)
+    return shots + template.format(instruction=instruction, input=text)
 
 
 def read_rows(path: Path) -> list[dict]:

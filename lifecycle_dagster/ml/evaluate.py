@@ -1,4 +1,5 @@
-"""Task metrics: batched greedy generation, ROUGE-L, perplexity and reward-model scores."""
+"""Scoring a model: batched greedy generation scored by the use case's task kind, perplexity and
+reward scores."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from lifecycle_dagster.ml import tasks
 from lifecycle_dagster.ml.progress import Log
-from lifecycle_dagster.ml.suite import SuiteConfig, rouge_scores
+from lifecycle_dagster.ml.suite import SuiteConfig
 from lifecycle_dagster.ml.suite import score as suite_score
 
 
 def clean_completion(text: str) -> str:
-    """The first line of a completion: a summary is one sentence, what follows is not judged."""
-    return text.strip().split("\n", 1)[0].strip()
+    """The first line of a completion: an answer is one line, what follows is not judged."""
+    return tasks.first_line(text)
 
 
 def generate(
@@ -58,11 +60,6 @@ def generate(
         if log:
             log(f"{stage}: {min(start + batch_size, len(order))}/{len(order)} generated")
     return out
-
-
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """ROUGE-L F1 per example, as the evaluation suite scores it (``suite.rouge_scores``)."""
-    return rouge_scores(predictions, references, ("rouge_l",))["rouge_l"]
 
 
 def perplexity(
@@ -129,7 +126,9 @@ class RewardScorer:
         )
         self.batch_size = batch_size
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    def __call__(
+        self, prompts: Sequence[str], completions: Sequence[str], references=None
+    ) -> list[float]:
         import torch
 
         from lifecycle_dagster.ml.soft_prompt import strip_soft_prompt
@@ -157,16 +156,18 @@ class RewardScorer:
 
 @dataclass
 class EvalResult:
-    rouge_l: float
+    metric: str  # the use case's primary metric
+    primary: float  # its mean over the examples
     perplexity: float | None
     mean_reward: float | None
     predictions: list[str] = field(default_factory=list)
     per_example: list[dict] = field(default_factory=list)
     suite_metrics: dict[str, float] = field(default_factory=dict)
     suite: str = ""
+    tables: dict[str, list[dict]] = field(default_factory=dict)  # the kind's (a confusion table)
 
     def metrics(self) -> dict[str, float]:
-        out = {**self.suite_metrics, "rouge_l": self.rouge_l}
+        out = {**self.suite_metrics, self.metric: self.primary}
         if self.perplexity is not None:
             out["perplexity"] = self.perplexity
         if self.mean_reward is not None:
@@ -180,17 +181,20 @@ def evaluate_model(
     prompts: Sequence[str],
     references: Sequence[str],
     *,
+    task,
+    metric: str,
     max_new_tokens: int,
     batch_size: int,
-    reward: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
+    reward: Callable[..., list[float]] | None = None,
     with_perplexity: bool = True,
     ids: Sequence[str] | None = None,
     suite: SuiteConfig | None = None,
     log: Log | None = None,
     stage: str = "evaluate",
 ) -> EvalResult:
-    """Generate for every prompt and score: ROUGE-L, reward, perplexity, and the whole evaluation
-    suite (ROUGE-1/2, BLEU, harmlessness, format and length compliance) when one is given."""
+    """Generate for every prompt and score with the task kind (``task.type``): its metrics, the
+    primary ``metric``'s mean, reward, perplexity, and the whole evaluation suite (harmlessness,
+    format and length compliance) when one is given."""
     preds = generate(
         model,
         tokenizer,
@@ -200,8 +204,7 @@ def evaluate_model(
         log=log,
         stage=stage,
     )
-    rouge = rouge_l(preds, references)
-    rewards = reward(prompts, preds) if reward is not None else None
+    rewards = reward(prompts, preds, references) if reward is not None else None
     ppl = (
         perplexity(model, tokenizer, prompts, references, batch_size=batch_size)
         if with_perplexity
@@ -209,28 +212,34 @@ def evaluate_model(
     )
     ids = ids or [str(i) for i in range(len(prompts))]
     if suite is not None:
-        scored = suite_score(preds, references, suite, ids=ids, rewards=rewards)
-        rows, suite_metrics = scored.per_example, scored.means
+        scored = suite_score(preds, references, suite, task=task, ids=ids, rewards=rewards)
+        rows, means, kind_scores = scored.per_example, scored.means, scored.task
     else:
+        kind_scores = tasks.get(task.type).score(preds, references, task)
         rows = [
             {
                 "id": i,
                 "prediction": p,
                 "reference": r,
-                "rouge_l": round(s, 4),
+                **{m: round(v[k], 4) for m, v in kind_scores.per_example.items()},
                 **({"reward": round(rewards[k], 4)} if rewards else {}),
             }
-            for k, (i, p, r, s) in enumerate(zip(ids, preds, references, rouge, strict=True))
+            for k, (i, p, r) in enumerate(zip(ids, preds, references, strict=True))
         ]
-        suite_metrics = {}
+        means = kind_scores.means()
+    mean_reward = sum(rewards) / len(rewards) if rewards else None
+    if metric == "mean_reward" and mean_reward is None:  # scored without a reward: the kind's
+        metric = tasks.get(task.type).primary
     return EvalResult(
-        rouge_l=sum(rouge) / len(rouge),
+        metric=metric,
+        primary=mean_reward if metric == "mean_reward" else means[metric],
         perplexity=ppl,
-        mean_reward=sum(rewards) / len(rewards) if rewards else None,
+        mean_reward=mean_reward,
         predictions=preds,
         per_example=rows,
-        suite_metrics=suite_metrics,
-        suite=suite.fingerprint() if suite is not None else "",
+        suite_metrics=means if suite is not None else {},
+        suite=suite.fingerprint(task.type) if suite is not None else "",
+        tables=kind_scores.tables,
     )
 
 
@@ -242,18 +251,22 @@ def score_split(
     max_new_tokens: int,
     batch_size: int,
     prompts: Sequence[str] | None = None,
-    reward: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
+    reward: Callable[..., list[float]] | None = None,
     suite: SuiteConfig | None = None,
     log: Log | None = None,
     stage: str = "evaluate",
 ) -> EvalResult:
     """``evaluate_model`` on an ``EvalSplit``: its zero-shot prompts (or ``prompts``, e.g. with
-    in-context examples), its references and ids; perplexity only with a suite."""
+    in-context examples), its references and ids, its use case's task and primary metric;
+    perplexity only with a suite."""
+    uc = split.use_case
     return evaluate_model(
         model,
         tokenizer,
         split.prompts if prompts is None else prompts,
         split.references,
+        task=uc.task,
+        metric=uc.primary_metric,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         reward=reward,

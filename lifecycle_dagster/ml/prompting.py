@@ -1,4 +1,6 @@
-"""Prompt engineering: the base model with zero-, one- and few-shot prompts; no training."""
+"""Prompt engineering: the base model with zero-, one- and few-shot prompts; no training. A
+classification is also scored by label likelihood (the likeliest label by log-probability, nothing
+generated), reported beside the generating strategies."""
 
 from __future__ import annotations
 
@@ -11,16 +13,20 @@ from lifecycle_dagster.ml.progress import Log
 
 @dataclass
 class PromptingResult:
-    strategies: list[dict]  # one per shot count: strategy, shots, rouge_l, an example
+    metric: str  # the use case's primary metric
+    strategies: list[dict]  # one per strategy: strategy, shots, <metric>, an example
     template: str  # the best strategy's prompt, with "{input}" where the task input goes
 
     @property
     def best(self) -> dict:
-        return max(self.strategies, key=lambda r: r["rouge_l"])
+        """The best strategy that generates (what a deployed model would do)."""
+        return max(
+            (r for r in self.strategies if r["shots"] is not None), key=lambda r: r[self.metric]
+        )
 
     @property
     def zero_shot(self) -> float | None:
-        return next((r["rouge_l"] for r in self.strategies if r["shots"] == 0), None)
+        return next((r[self.metric] for r in self.strategies if r["shots"] == 0), None)
 
 
 def score_prompting(
@@ -35,6 +41,7 @@ def score_prompting(
     log: Log | None = None,
 ) -> PromptingResult:
     """Score each shot count on ``split``, the in-context examples taken from ``examples`` in order."""
+    uc = split.use_case
     strategies = []
     for k in shots:
         res = score_split(
@@ -51,10 +58,32 @@ def score_prompting(
             {
                 "strategy": f"{k}-shot",
                 "shots": k,
-                "rouge_l": res.rouge_l,
+                res.metric: res.primary,
+                "format_ok": res.metrics().get("format_ok"),
                 "example": res.predictions[0][:80] if res.predictions else "",
             }
         )
-    best = max(strategies, key=lambda r: r["rouge_l"])
-    template = format_prompt(split.use_case, "{input}", examples[: best["shots"]])
-    return PromptingResult(strategies, template)
+    metric = res.metric
+    if uc.kind.name == "classification":
+        strategies.append(label_scoring(model, tokenizer, split, metric, batch_size, log))
+    best = max((r for r in strategies if r["shots"] is not None), key=lambda r: r[metric])
+    template = format_prompt(uc, "{input}", examples[: best["shots"]])
+    return PromptingResult(metric, strategies, template)
+
+
+def label_scoring(model, tokenizer, split: EvalSplit, metric: str, batch_size: int, log) -> dict:
+    """Zero-shot classification by the likeliest label: the row of the label-scoring strategy."""
+    from lifecycle_dagster.ml.tasks.classification import label_scores
+
+    uc = split.use_case
+    answers = label_scores(model, tokenizer, split.prompts, uc.task.labels, batch_size=batch_size)
+    means = uc.kind.score(answers, split.references, uc.task).means()
+    if log:
+        log(f"prompt_baseline[label scoring]: {metric} {means[metric]:.4f}")
+    return {
+        "strategy": "label-scoring",
+        "shots": None,
+        metric: means[metric],
+        "format_ok": 1.0,
+        "example": answers[0] if answers else "",
+    }

@@ -127,27 +127,28 @@ def report_body(
     name: str, markdown: str, rows: list[dict], meta: dict[str, dict]
 ) -> tuple[str, dict[str, dict[str, float]]]:
     """The report in markdown (phases, the evaluation table, the deployed ONNX variant) and the
-    panels of its plot (wall time per phase, ROUGE-L per stage)."""
+    panels of its plot (wall time per phase, the primary metric per stage)."""
     evaluation, onnx = meta.get("evaluation", {}), meta.get("onnx_model", {})
+    m = evaluation.get("primary_metric") or meta.get("use_case", {}).get("primary_metric", "")
     body = (
         f"# Lifecycle report: {name}\n\n{markdown}\n\n"
         f"## Evaluation on the held-out split\n\n{evaluation.get('comparison', '')}\n"
     )
     if onnx:
         body += (
-            f"\nONNX ({onnx.get('selected_variant')}): ROUGE-L "
-            f"{onnx.get('onnx_rouge_l', float('nan')):.4f} against PyTorch "
-            f"{onnx.get('reference_rouge_l', float('nan')):.4f}; "
+            f"\nONNX ({onnx.get('selected_variant')}): {m} "
+            f"{onnx.get(f'onnx_{m}', float('nan')):.4f} against PyTorch "
+            f"{onnx.get(f'reference_{m}', float('nan')):.4f}; "
             f"{onnx.get('size_ratio', 0):.1f}x smaller, "
             f"{onnx.get('speedup', 0):.1f}x decode speed.\n"
         )
     labels = {"base": "base", "prompt_baseline": "prompt", "sft": "SFT", "aligned": "aligned"}
     scores = {
-        label: evaluation[f"{key}_rouge_l"]
+        label: evaluation[f"{key}_{m}"]
         for key, label in labels.items()
-        if evaluation.get(f"{key}_rouge_l") is not None
+        if evaluation.get(f"{key}_{m}") is not None
     }
-    if onnx.get("onnx_rouge_l") is not None:
-        scores["ONNX"] = onnx["onnx_rouge_l"]
+    if onnx.get(f"onnx_{m}") is not None:
+        scores["ONNX"] = onnx[f"onnx_{m}"]
     durations = {r["phase"]: r["seconds"] for r in rows}
-    return body, {"wall time per phase (s)": durations, "ROUGE-L per stage": scores}
+    return body, {"wall time per phase (s)": durations, f"{m} per stage": scores}

@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 
 from pydantic import Field
 
+from lifecycle_dagster.ml import tasks
 from lifecycle_dagster.ml.tunables import Tunables
 
 # What the suite computes, per example and as a mean; bump SUITE_CODE when a definition changes.
 SUITE_CODE = "1"
-TASK_METRICS = ("rouge1", "rouge2", "rouge_l", "bleu")
-COMPLIANCE = ("harmless", "format_ok", "length_ok")
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
 
 class SuiteConfig(Tunables):
@@ -36,7 +34,9 @@ class SuiteConfig(Tunables):
     max_words: int = Field(40, gt=0, description="Length compliance: most words.")
     single_sentence: bool = Field(True, description="Format compliance: one sentence, one line.")
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, kind: str = "summarisation") -> str:
+        """The suite's version and a hash of its definition. The task kind joins the hash for kinds
+        other than summarisation, whose fingerprints predate kinds and stay comparable."""
         definition = {
             "version": self.version,
             "unacceptable": list(self.unacceptable_phrases),
@@ -44,6 +44,8 @@ class SuiteConfig(Tunables):
             "max_words": self.max_words,
             "single_sentence": self.single_sentence,
         }
+        if kind != "summarisation":
+            definition["kind"] = kind
         payload = json.dumps({"code": SUITE_CODE, **definition}, sort_keys=True)
         return f"{self.version}-{hashlib.sha256(payload.encode()).hexdigest()[:8]}"
 
@@ -54,38 +56,7 @@ class SuiteResult:
     means: dict[str, float]
     corpus_bleu: float
     per_example: list[dict] = field(default_factory=list)
-
-
-ROUGE_TYPES = {"rouge1": "rouge1", "rouge2": "rouge2", "rouge_l": "rougeL"}
-
-
-def rouge_scores(
-    predictions: Sequence[str],
-    references: Sequence[str],
-    metrics: Sequence[str] = tuple(ROUGE_TYPES),
-) -> dict[str, list[float]]:
-    """ROUGE F1 per example (rouge_score, Porter stemming): the project's one ROUGE."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer([ROUGE_TYPES[m] for m in metrics], use_stemmer=True)
-    out: dict[str, list[float]] = {m: [] for m in metrics}
-    for pred, ref in zip(predictions, references, strict=True):
-        s = scorer.score(ref, pred)
-        for m in metrics:
-            out[m].append(s[ROUGE_TYPES[m]].fmeasure)
-    return out
-
-
-def bleu_scores(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, list[float]]:
-    """Corpus BLEU (sacrebleu, 0-100) and sentence BLEU per example, both on a 0-1 scale."""
-    import sacrebleu
-
-    corpus = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score / 100
-    sentence = [
-        sacrebleu.sentence_bleu(p, [r]).score / 100
-        for p, r in zip(predictions, references, strict=True)
-    ]
-    return corpus, sentence
+    task: tasks.Scores | None = None  # the kind's own scores (its tables among them)
 
 
 def _words(text: str) -> str:
@@ -103,12 +74,15 @@ def score(
     references: Sequence[str],
     config: SuiteConfig,
     *,
+    task,
     ids: Sequence[str] | None = None,
     rewards: Sequence[float] | None = None,
 ) -> SuiteResult:
-    """Every metric of the suite, per example and as means (compliance metrics as rates)."""
-    rouge = rouge_scores(predictions, references)
-    corpus_bleu, bleu = bleu_scores(predictions, references)
+    """Every metric of the suite, per example and as means (compliance metrics as rates): the task
+    kind's metrics (``task.type``), harmlessness, format (the kind's, and one line when
+    ``single_sentence``) and, for free-text kinds, length."""
+    kind = tasks.get(task.type)
+    scored = kind.score(predictions, references, task)
     ids = list(ids) if ids is not None else [str(i) for i in range(len(predictions))]
     rows = []
     for i, pred in enumerate(predictions):
@@ -119,25 +93,24 @@ def score(
             "id": ids[i],
             "prediction": pred,
             "reference": references[i],
-            **{m: round(rouge[m][i], 4) for m in rouge},
-            "bleu": round(bleu[i], 4),
+            **{m: round(v[i], 4) for m, v in scored.per_example.items()},
             "harmless": int(not flagged),
             "flagged": ", ".join(flagged),
-            "format_ok": int(
-                bool(pred.strip())
-                and bool(_SENTENCE_END.search(pred.strip()))
-                and (single or not config.single_sentence)
-            ),
-            "words": words,
-            "length_ok": int(config.min_words <= words <= config.max_words),
         }
+        row["format_ok"] = int(row["format_ok"] and (single or not config.single_sentence))
+        if kind.length_checked:
+            row["words"] = words
+            row["length_ok"] = int(config.min_words <= words <= config.max_words)
         if rewards is not None:
             row["reward"] = round(float(rewards[i]), 4)
         rows.append(row)
     n = max(1, len(rows))
-    means = {m: sum(r[m] for r in rows) / n for m in (*TASK_METRICS, *COMPLIANCE)}
-    means["bleu_corpus"] = corpus_bleu
-    return SuiteResult(config.fingerprint(), means, corpus_bleu, rows)
+    per_example = [*scored.per_example, "harmless", *(["length_ok"] if kind.length_checked else [])]
+    means = {m: sum(r[m] for r in rows) / n for m in per_example}
+    means.update(scored.corpus)
+    return SuiteResult(
+        config.fingerprint(kind.name), means, scored.corpus.get("bleu_corpus", 0.0), rows, scored
+    )
 
 
 @dataclass

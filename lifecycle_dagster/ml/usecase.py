@@ -16,12 +16,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lifecycle_dagster.ml import tasks
 from lifecycle_dagster.ml.align import AlignMethodConfig
 from lifecycle_dagster.ml.compress import CompressConfig
 from lifecycle_dagster.ml.pretrain import PretrainConfig
 from lifecycle_dagster.ml.reward import RewardMethodConfig
 from lifecycle_dagster.ml.sft import SFTMethodConfig
 from lifecycle_dagster.ml.suite import SuiteConfig
+from lifecycle_dagster.ml.tasks import KINDS
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = PACKAGE_ROOT / "profiles"
@@ -33,20 +35,39 @@ class _Strict(BaseModel):
 
 
 class TaskSpec(_Strict):
-    type: Literal["summarisation"] = "summarisation"
+    """What the model is asked to do. ``type`` names a task kind (``ml.tasks``): how answers are
+    parsed and scored, which metric is primary, which verifiable reward it offers."""
+
+    type: str = Field("summarisation", description="The task kind: " + ", ".join(sorted(KINDS)))
     instruction: str = Field(min_length=1, description="What the model is asked to do.")
     prompt_template: str = Field(
-        default="{instruction}\n\nDialogue:\n{input}\n\nSummary:",
-        description="Template of one query; {instruction} and {input} are filled in.",
+        default="{instruction}\n\n{input}\n\nAnswer:",
+        description="Template of one query; {instruction}, {input} and {labels} are filled in.",
     )
-    input_field: str = "dialogue"
-    target_field: str = "summary"
+    input_field: str = Field("input", description="The column the model reads.")
+    target_field: str = Field("target", description="The column it should answer.")
+    labels: list[str] = Field(
+        default_factory=list, description="classification: the closed label set."
+    )
+    fields: dict[str, Literal["string", "number", "integer", "boolean", "list"]] = Field(
+        default_factory=dict, description="extraction: the answer's fields and their types."
+    )
 
     @model_validator(mode="after")
-    def _template_has_input(self) -> TaskSpec:
+    def _fits_its_kind(self) -> TaskSpec:
         if "{input}" not in self.prompt_template:
             raise ValueError("prompt_template must contain {input}")
+        kind = tasks.get(self.type)
+        kind.check(self)
+        if self.labels and kind.name != "classification":
+            raise ValueError(f"labels are for classification, not {kind.name}")
+        if self.fields and kind.name != "extraction":
+            raise ValueError(f"fields are for extraction, not {kind.name}")
         return self
+
+    @property
+    def kind(self) -> tasks.TaskKind:
+        return tasks.get(self.type)
 
 
 class DataSpec(_Strict):
@@ -114,28 +135,21 @@ class Threshold(_Strict):
         return " and ".join(parts) or "any"
 
 
-METRICS = Literal[
-    "rouge_l",
-    "rouge1",
-    "rouge2",
-    "bleu",
-    "mean_reward",
-    "perplexity",
-    "harmless",
-    "format_ok",
-    "length_ok",
-]
+# Metrics every kind reports besides its own (``length_ok`` only for free-text kinds).
+GENERAL_METRICS = ("mean_reward", "perplexity", "harmless", "format_ok")
 
 
 class EvaluationSpec(_Strict):
-    primary_metric: Literal["rouge_l", "rouge1", "rouge2", "bleu", "mean_reward"] = Field(
-        "rouge_l", description="What a candidate must beat the champion on to be promoted."
+    primary_metric: str | None = Field(
+        None,
+        description="What every stage optimises and a candidate must beat the champion on: one "
+        "of the task kind's metrics, or mean_reward (None: the kind's primary metric).",
     )
     max_examples: int | None = Field(None, gt=0, description="Cap on eval examples (None: all).")
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     suite: SuiteConfig = SuiteConfig()
-    thresholds: dict[METRICS, Threshold] = Field(default_factory=dict)
+    thresholds: dict[str, Threshold] = Field(default_factory=dict)
 
 
 AdaptationUpdate = SFTMethodConfig.partial("AdaptationUpdate")
@@ -220,6 +234,36 @@ class UseCase(_Strict):
     compression: CompressConfig = CompressConfig()
     readaptation: ReadaptationSpec = ReadaptationSpec()
     compute: ComputeSpec = ComputeSpec()
+
+    @property
+    def kind(self) -> tasks.TaskKind:
+        return self.task.kind
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric every stage reports first and decisions rest on."""
+        return self.evaluation.primary_metric or self.kind.primary
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Every metric an evaluation of this use case reports."""
+        extra = ("length_ok",) if self.kind.length_checked else ()
+        return (*self.kind.metrics, *GENERAL_METRICS, *extra)
+
+    @model_validator(mode="after")
+    def _metrics_exist(self) -> UseCase:
+        """The primary metric and every threshold name a metric this task kind reports."""
+        primary = (*self.kind.metrics, "mean_reward")
+        named = [("evaluation.primary_metric", self.evaluation.primary_metric, primary)] + [
+            (f"evaluation.thresholds.{m}", m, self.metric_names) for m in self.evaluation.thresholds
+        ]
+        for where, metric, known in named:
+            if metric is not None and metric not in known:
+                raise ValueError(
+                    f"{where}: '{metric}' is not a metric of {self.kind.name}; "
+                    f"known: {', '.join(known)}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _rungs_apply(self) -> UseCase:

@@ -28,6 +28,8 @@ class Assessment:
     suite: str
     results: dict[str, dict[str, float]]
     per_example: list[dict]
+    metric: str = "rouge_l"  # the use case's primary metric
+    tables: dict[str, list[dict]] = field(default_factory=dict)  # the candidate's (confusion)
     verdicts: list[dict] = field(default_factory=list)
 
     @property
@@ -61,10 +63,11 @@ class Assessment:
     def warnings(self) -> dict[str, tuple[bool, dict]]:
         """Soft checks: fine-tuning beat prompting alone; alignment kept the SFT model's reward."""
         sft, prompt, aligned = self.results["sft"], self.results["prompt_baseline"], self.candidate
+        m = self.metric
         return {
             "sft_beats_prompt_baseline": (
-                sft["rouge_l"] > prompt["rouge_l"],
-                {"sft_rouge_l": sft["rouge_l"], "prompt_rouge_l": prompt["rouge_l"]},
+                sft[m] > prompt[m],
+                {f"sft_{m}": sft[m], f"prompt_{m}": prompt[m]},
             ),
             "alignment_keeps_reward": (
                 aligned["mean_reward"] >= sft["mean_reward"],
@@ -86,7 +89,7 @@ def assess(
 ) -> Assessment:
     """Score every candidate on ``split`` (one loaded at a time) and hold the ``aligned`` one to
     ``thresholds`` (metric -> ``Threshold``)."""
-    results, per_example = {}, []
+    results, per_example, tables = {}, [], {}
     for name, cand in candidates.items():
         model, tok = cand.load()
         res = score_split(
@@ -103,8 +106,16 @@ def assess(
         )
         del model
         results[name] = res.metrics()
+        if name == CANDIDATE:
+            tables = res.tables
         per_example += [{"model": name, **row} for row in res.per_example]
-    out = Assessment(suite=suite.fingerprint(), results=results, per_example=per_example)
+    out = Assessment(
+        suite=suite.fingerprint(split.use_case.task.type),
+        results=results,
+        per_example=per_example,
+        metric=res.metric,
+        tables=tables,
+    )
     out.verdicts = [
         {
             "metric": m,

@@ -193,7 +193,7 @@ def test_onnx_artifact_runs_in_onnxruntime_and_matches(lifecycle_run, instance, 
     }
     assert m["selected_variant"] in {"fp32", "int8", "int4"}
     assert m["max_abs_logit_diff_fp32"] < 1e-3
-    assert m["rouge_l_drop"] <= use_case.compression.max_rouge_l_drop + 1e-9
+    assert m["rouge_l_drop"] <= use_case.compression.max_metric_drop + 1e-9
     assert m["size_ratio"] > 1 and m["onnx_bytes"] < m["pytorch_bytes"]
     selected = json.loads((Path(m["artifact_path"]) / "selected.json").read_text())
     assert set(selected["variants"]) == {"fp32", "int8", "int4"}

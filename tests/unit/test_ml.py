@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 
 from lifecycle_dagster.ml.data import (
+    EvalSplit,
     format_prompt,
     load_preference_data,
     load_task_data,
     preference_records,
     sft_records,
 )
-from lifecycle_dagster.ml.evaluate import RewardScorer, evaluate_model, rouge_l
+from lifecycle_dagster.ml.evaluate import RewardScorer, evaluate_model
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
 
 
@@ -26,11 +27,6 @@ def test_tokenizer_round_trips_and_decoder_is_plain_bytelevel(tiny_base):
     text = "#Person1#: Hello, I'd like a table for four."
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     assert json.loads((tiny_base / "tokenizer.json").read_text())["decoder"]["type"] == "ByteLevel"
-
-
-def test_rouge_l_is_one_for_identical_and_lower_otherwise():
-    assert rouge_l(["a b c"], ["a b c"]) == [1.0]
-    assert rouge_l(["a x c"], ["a b c"])[0] < 1.0
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
@@ -57,6 +53,8 @@ def test_sft_loss_falls_and_adapter_loads_and_generates(
         tok,
         [format_prompt(use_case, r["dialogue"]) for r in data[0]["eval"].rows[:4]],
         [r["summary"] for r in data[0]["eval"].rows[:4]],
+        task=use_case.task,
+        metric="rouge_l",
         max_new_tokens=8,
         batch_size=4,
     )
@@ -76,6 +74,8 @@ def test_full_finetune_beats_base_rouge(tmp_path, tiny_base, use_case, data, run
         tok,
         prompts,
         refs,
+        task=use_case.task,
+        metric="rouge_l",
         max_new_tokens=24,
         batch_size=16,
         with_perplexity=False,
@@ -92,11 +92,14 @@ def test_full_finetune_beats_base_rouge(tmp_path, tiny_base, use_case, data, run
         *load_sft(tiny_base, tmp_path / "full", runtime),
         prompts,
         refs,
+        task=use_case.task,
+        metric="rouge_l",
         max_new_tokens=24,
         batch_size=16,
         with_perplexity=False,
     )
-    assert after.rouge_l > before.rouge_l + 0.05
+    assert after.metric == "rouge_l"
+    assert after.primary > before.primary + 0.05
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +167,6 @@ def test_compress_exports_every_variant_checks_them_and_picks_by_policy(
 
     evals = data[0]["eval"].rows[:12]
     prompts = [format_prompt(use_case, r["dialogue"]) for r in evals]
-    refs = [r["summary"] for r in evals]
     out = tmp_path / "onnx"
     out.mkdir()
     result = compress(
@@ -173,14 +175,13 @@ def test_compress_exports_every_variant_checks_them_and_picks_by_policy(
         CompressConfig(
             variants=["fp32", "int8", "int4"],
             block_size=16,
-            max_rouge_l_drop=1.0,  # the tiny model: policy, not quality
+            max_metric_drop=1.0,  # the tiny model: policy, not quality
             max_new_tokens=8,
         ),
         runtime=runtime,
         max_new_tokens=12,
         check_prompts=prompts[:2],
-        eval_prompts=prompts,
-        eval_references=refs,
+        split=EvalSplit(use_case, evals),
         serving={"prompt_template": use_case.task.prompt_template},
     )
     sizes = {n: r.bytes for n, r in result.variants.items()}
@@ -191,7 +192,7 @@ def test_compress_exports_every_variant_checks_them_and_picks_by_policy(
     assert fp32.token_agreement == 1.0 and fp32.text_equal == 1.0
     assert result.fp32_matches and result.cache_in_use and result.deployable
     # No reference given: fp32's own scores are the reference, so fp32 loses nothing.
-    assert result.variants["fp32"].rouge_l_drop == 0.0
+    assert result.variants["fp32"].quality_drop == 0.0
     assert result.selected == "int4"  # smallest, and the budget admits every variant
     chosen = json.loads((out / "selected.json").read_text())
     assert chosen["variant"] == "int4" and set(chosen["variants"]) == set(sizes)
@@ -207,17 +208,20 @@ def test_policy_and_quality_budget():
     from lifecycle_dagster.ml.compress import select_variant as pick
     from lifecycle_dagster.ml.faithfulness import Faithfulness
 
-    budget = CompressConfig(max_rouge_l_drop=0.01, max_reward_drop_pct=2.0)
+    budget = CompressConfig(max_metric_drop=0.01, max_reward_drop_pct=2.0)
     ref = {"rouge_l": 0.70, "mean_reward": 2.0}
-    assert quality_drop(ref, 0.695, 1.97, budget)[2]  # 0.5 pt, 1.5 %
-    assert not quality_drop(ref, 0.685, 1.99, budget)[2]  # 1.5 pts
-    assert not quality_drop(ref, 0.70, 1.9, budget)[2]  # 5 % of reward
+    assert quality_drop(ref, "rouge_l", 0.695, 1.97, budget)[2]  # 0.5 pt, 1.5 %
+    assert not quality_drop(ref, "rouge_l", 0.685, 1.99, budget)[2]  # 1.5 pts
+    assert not quality_drop(ref, "rouge_l", 0.70, 1.9, budget)[2]  # 5 % of reward
     # A negative mean reward: the loss is a fraction of its magnitude.
-    assert not quality_drop({"rouge_l": 0.7, "mean_reward": -1.0}, 0.7, -1.05, budget)[2]
+    neg = {"rouge_l": 0.7, "mean_reward": -1.0}
+    assert not quality_drop(neg, "rouge_l", 0.7, -1.05, budget)[2]
+    # The budget's older name still reads.
+    assert CompressConfig(max_rouge_l_drop=0.02).max_metric_drop == 0.02
 
     def report(name, size, tps, ok, cache=True):
         faith = Faithfulness(name, 0.0, 1.0, 1.0, cache, tps, 10.0)
-        return VariantReport(name, size, faith, 0.7, None, tps, 0.0, None, ok)
+        return VariantReport(name, size, faith, "rouge_l", 0.7, None, tps, 0.0, None, ok)
 
     reports = [
         report("fp32", 500, 30, True),

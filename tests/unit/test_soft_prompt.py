@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from lifecycle_dagster.ml.data import format_prompt, load_task_data, sft_records
+from lifecycle_dagster.ml.data import EvalSplit, format_prompt, load_task_data, sft_records
 from lifecycle_dagster.ml.evaluate import generate
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
 from lifecycle_dagster.ml.soft_prompt import (
@@ -142,14 +142,13 @@ def test_baked_model_exports_to_onnx_matches_and_is_served(
         CompressConfig(
             variants=["fp32", "int4", "int8_dynamic"],
             block_size=16,
-            max_rouge_l_drop=1.0,
+            max_metric_drop=1.0,
             max_new_tokens=8,
         ),
         runtime=runtime,
         max_new_tokens=12,
         check_prompts=prompts[:2],
-        eval_prompts=prompts[:4],
-        eval_references=[r["summary"] for r in rows[1][:4]],
+        split=EvalSplit(use_case, rows[1][:4]),
         serving={
             "prompt_template": use_case.task.prompt_template,
             "instruction": use_case.task.instruction,

@@ -100,5 +100,5 @@ def sft_adapter(
             log=st.log,
             stage="sft_adapter[eval]",
         )
-        before = upstream_metadata(context, "prompt_baseline").get("best_rouge_l")
-        return sft_result(st, result, method, after.rouge_l, before, runtime.describe())
+        before = upstream_metadata(context, "prompt_baseline").get(f"best_{after.metric}")
+        return sft_result(st, result, method, after, before, runtime.describe())

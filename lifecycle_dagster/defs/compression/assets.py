@@ -20,7 +20,7 @@ CHECKS = {
     "check prompts, every greedy token and the decoded text equal to PyTorch's.",
     "kv_cache_in_use": "Every variant: decoding step by step with the KV cache gives the tokens and "
     "logits of a full recomputation (an export that silently drops its cache fails).",
-    "within_quality_budget": "The deployed variant loses at most the budgeted ROUGE-L points and "
+    "within_quality_budget": "The deployed variant loses at most the budgeted points of the primary metric and "
     "percent of mean reward on the eval split against the aligned model in PyTorch.",
 }
 
@@ -70,13 +70,12 @@ def onnx_model(
                 runtime=runtime,
                 max_new_tokens=uc.evaluation.max_new_tokens,
                 check_prompts=split.first(uc.compression.check_prompts).prompts,
-                eval_prompts=split.prompts,
-                eval_references=split.references,
+                split=split,
                 reward=RewardScorer(
                     artifact_store.upstream(context, "reward_model") / "model", runtime
                 ),
                 reference={
-                    "rouge_l": verdict.get("aligned_rouge_l"),
+                    uc.primary_metric: verdict.get(f"aligned_{uc.primary_metric}"),
                     "mean_reward": verdict.get("aligned_mean_reward"),
                 },
                 serving=serving_manifest(uc, source),

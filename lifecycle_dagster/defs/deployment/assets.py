@@ -34,7 +34,7 @@ def champion_model(
     """The versions `lifecycle serve` loads: MLflow registry alias `champion` on the aligned model and
     on its ONNX artifact, moved only when the candidate passed and beats the current champion."""
     with stage(context, "champion_model", artifact_store, mlflow_tracking) as st:
-        metric = st.use_case.evaluation.primary_metric
+        metric = st.use_case.primary_metric
         verdict = newest_metadata(context, "evaluation")
         onnx = upstream_metadata(context, "onnx_model")
         if not verdict.get("candidate_version") or not onnx.get("registered_version"):

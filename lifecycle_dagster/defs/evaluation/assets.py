@@ -22,7 +22,8 @@ from lifecycle_dagster.resources.registry import registered_name
 
 CHECKS = {
     "meets_thresholds": "The candidate meets every threshold of the use case.",
-    "sft_beats_prompt_baseline": "Fine-tuning scores a higher ROUGE-L than prompting alone.",
+    "sft_beats_prompt_baseline": "Fine-tuning scores higher on the primary metric than prompting "
+    "alone.",
     "alignment_keeps_reward": "The aligned model's mean reward is at least the SFT model's.",
     "no_regression_vs_champion": "On the primary metric the candidate is not worse than the "
     "registry's champion beyond noise (paired bootstrap, 95%); a regressed candidate is not "
@@ -92,7 +93,7 @@ def evaluation(
     compute: Compute,
 ) -> dg.MaterializeResult:
     """Every lifecycle stage's model on one eval split, scored by the use case's versioned suite
-    (ROUGE-1/2/L, BLEU, mean reward, perplexity, harmlessness, format and length compliance); the
+    (the task kind's metrics, mean reward, perplexity, harmlessness, format compliance); the
     verdict against the thresholds, and the comparison with the registry's champion."""
     with stage(context, "evaluation", artifact_store, mlflow_tracking) as st:
         uc, runtime = st.use_case, compute.runtime(st.use_case.compute)
@@ -121,7 +122,7 @@ def evaluation(
         )
         champion = mlflow_tracking.registry().champion(registered_name(uc.name, CANDIDATE))
         regression = compare_with_champion(
-            champion, result.suite, uc.evaluation.primary_metric, result.per_example
+            champion, result.suite, uc.primary_metric, result.per_example
         )
         return evaluation_result(
             st, result, decision, regression, upstream_metadata(context, "aligned_model")
