@@ -8,12 +8,12 @@ from lifecycle_dagster.ml.artifacts import file_sha256, read_manifest
 from lifecycle_dagster.ml.usecase import UseCase
 from lifecycle_dagster.resources.artifacts import select_record
 
-# The files each dataset asset snapshots: use-case data field -> file name inside the artifact.
+# The files each dataset asset snapshots: use-case data field -> its copy inside the artifact.
 DATA_FILES = {
-    "task_dataset": {"train": "train.jsonl", "eval": "eval.jsonl"},
+    "task_dataset": {"train": "source/train", "eval": "source/eval"},
     "preference_dataset": {
-        "preferences_train": "preferences_train.jsonl",
-        "preferences_eval": "preferences_eval.jsonl",
+        "preferences_train": "source/preferences_train",
+        "preferences_eval": "source/preferences_eval",
     },
 }
 
@@ -40,8 +40,8 @@ def changed_datasets(
         except (AttributeError, KeyError, OSError, ValueError):
             continue  # never materialized, or its snapshot is gone: nothing to compare with
         for field, name in files.items():
-            source = Path(getattr(uc.data, field))
-            if not source.is_file() or name not in manifest:
+            source = uc.data.files().get(field)
+            if source is None or not source.is_file() or name not in manifest:
                 continue
             stat = source.stat()
             key = f"{source}:{stat.st_size}:{stat.st_mtime_ns}"

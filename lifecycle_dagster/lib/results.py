@@ -235,6 +235,7 @@ def reward_result(st: Stage, outcome, held_out: int, device: str) -> dg.Material
     st.run.log_curve("train_loss", outcome.loss_curve)
     meta = {
         "source": outcome.source,
+        "reward": outcome.description,
         "held_out_pairs": held_out,
         "max_steps": outcome.max_steps,
         "device": device,

@@ -60,12 +60,13 @@ class AlignResult:
 
 
 def reward_function(scorer):
-    """A trl reward function (prompts, completions -> floats) backed by a RewardScorer."""
+    """A trl reward function backed by a reward ``(prompts, completions, references) -> floats``;
+    trl passes the dataset's ``reference`` column along."""
 
-    def reward_model(prompts, completions, **_):
-        return scorer(prompts, completions)
+    def reward(prompts, completions, reference=None, **_):
+        return scorer(prompts, completions, reference)
 
-    return reward_model
+    return reward
 
 
 def align(
@@ -76,6 +77,7 @@ def align(
     runtime: Runtime,
     *,
     prompts: list[str] | None = None,
+    references: list[str] | None = None,
     pairs: list[dict] | None = None,
     scorer=None,
     log: Log | None = None,
@@ -148,7 +150,12 @@ def align(
                 model=policy,
                 reward_funcs=reward_function(scorer),
                 args=args,
-                train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                train_dataset=Dataset.from_list(
+                    [
+                        {"prompt": p, "reference": r}
+                        for p, r in zip(prompts, references or [""] * len(prompts), strict=True)
+                    ]
+                ),
                 processing_class=tokenizer,
                 peft_config=peft_config,
                 callbacks=[hf_callback(progress)],
@@ -163,7 +170,16 @@ def align(
     tokenizer.save_pretrained(out_dir)
     kl = history.series("kl")
     reward_key = next(
-        (k for k in ("reward", "rewards/reward_model/mean", "rewards/chosen") if history.series(k)),
+        (
+            k
+            for k in (
+                "reward",
+                "rewards/reward/mean",
+                "rewards/reward_model/mean",
+                "rewards/chosen",
+            )
+            if history.series(k)
+        ),
         "reward",
     )
     return AlignResult(
@@ -195,6 +211,7 @@ def align_and_score(
     runtime: Runtime,
     *,
     prompts: list[str],
+    references: list[str],
     pairs: list[dict],
     scorer,
     split,
@@ -230,6 +247,7 @@ def align_and_score(
         config,
         runtime,
         prompts=prompts,
+        references=references,
         pairs=pairs,
         scorer=scorer,
         log=log,

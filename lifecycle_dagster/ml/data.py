@@ -135,6 +135,38 @@ def load_preference_data(uc: UseCase) -> dict[str, Split]:
     }
 
 
+def build_pairs(uc: UseCase, rows: list[dict], seed: int = 0) -> list[dict]:
+    """Preference pairs from task rows, for a use case without preference files: the reference is
+    chosen over another row's reference (one with a different answer, picked with a fixed seed),
+    so a reward model learns whether a response fits its input."""
+    import random
+
+    task = uc.task
+    rng = random.Random(seed)
+    targets = [r[task.target_field] for r in rows]
+    pairs = []
+    for row in rows:
+        others = [t for t in targets if t != row[task.target_field]]
+        if not others:
+            continue
+        pairs.append(
+            {
+                "id": str(row["id"]),
+                "prompt": row[task.input_field],
+                "chosen": row[task.target_field],
+                "rejected": rng.choice(others),
+            }
+        )
+    return pairs
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Rows as JSONL (a dataset artifact's file)."""
+    Path(path).write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
+
+
 def overlap(a: list[dict], b: list[dict], key: str) -> int:
     """Rows of ``b`` whose ``key`` also occurs in ``a`` (train/eval leakage)."""
     seen = {row[key] for row in a}

@@ -136,18 +136,36 @@ def freeze_lower_layers(model, trainable_layers: int) -> int:
 
 @dataclass
 class RewardOutcome:
-    """The reward model in ``out_dir/model`` (trained or reused) and how well it ranks held-out
-    pairs."""
+    """Alignment's reward in ``out_dir`` (``reward.json``, and the reward model in ``model/`` when
+    there is one) and how well its model ranks held-out pairs."""
 
     source: str
+    description: str
     max_steps: int
-    pairwise_accuracy: float
-    mean_margin: float
+    pairwise_accuracy: float | None
+    mean_margin: float | None
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
 
 
+REWARD_FILE = "reward.json"
+
+
+def describe_reward(uc) -> str:
+    """Which reward alignment optimises, in words (the report and the UI say it)."""
+    source, spec = uc.reward_source, uc.reward
+    if source == "existing":
+        return f"an existing reward model ({spec.path})"
+    if source == "train":
+        pairs = "preference files" if uc.data.has_preferences else "pairs built from the task data"
+        return f"a reward model trained on {pairs}"
+    text = f"the {uc.kind.name} verifiable reward ({uc.kind.reward_description})"
+    if spec.model_weight:
+        text += f" + {spec.model_weight:g} x the reward model at {spec.path}"
+    return text
+
+
 def reward_model_for(
-    spec,
+    uc,
     base_model: Path,
     train: list[dict],
     held_out: list[dict],
@@ -155,32 +173,67 @@ def reward_model_for(
     runtime: Runtime,
     log: Log | None = None,
 ) -> RewardOutcome:
-    """Train a reward model on ``train`` (``spec`` is a ``RewardMethodConfig`` with ``source`` and
-    ``path``), or copy the existing one, into ``out_dir/model``; then score ``held_out`` with it and
-    write ``out_dir/eval.json``."""
+    """Alignment's reward for use case ``uc`` (``uc.reward_source``) in ``out_dir``: a reward model
+    trained on ``train`` or copied from ``reward.path`` into ``out_dir/model``, and
+    ``reward.json`` saying how rewards are computed; then the model's ranking of ``held_out``."""
     import json
     import shutil
 
     from lifecycle_dagster.ml.evaluate import RewardScorer
 
-    out_dir = Path(out_dir)
+    spec, source, out_dir = uc.reward, uc.reward_source, Path(out_dir)
     curve: list = []
-    if spec.source == "existing":
-        if log:
-            log(f"reward_model: reusing {spec.path}")
-        shutil.copytree(spec.path, out_dir / "model")
-    else:
+    if source == "train":
         curve = train_reward_model(
             base_model, train, out_dir / "model", spec, runtime, log
         ).loss_curve
-    accuracy, margin = pairwise_accuracy(RewardScorer(out_dir / "model", runtime), held_out)
-    (out_dir / "eval.json").write_text(
-        json.dumps({"pairwise_accuracy": accuracy, "mean_margin": margin})
-    )
+    elif spec.path:
+        if log:
+            log(f"reward_model: reusing {spec.path}")
+        shutil.copytree(spec.path, out_dir / "model")
+    description = describe_reward(uc)
+    accuracy = margin = None
+    if (out_dir / "model").exists():
+        accuracy, margin = pairwise_accuracy(RewardScorer(out_dir / "model", runtime), held_out)
+    info = {
+        "source": source,
+        "description": description,
+        "kind": uc.kind.name,
+        "model_weight": spec.model_weight if source == "verifiable" else 1.0,
+        "pairwise_accuracy": accuracy,
+        "mean_margin": margin,
+    }
+    (out_dir / REWARD_FILE).write_text(json.dumps(info, indent=2))
     return RewardOutcome(
-        source=spec.source,
-        max_steps=spec.max_steps if spec.source == "train" else 0,
+        source=source,
+        description=description,
+        max_steps=spec.max_steps if source == "train" else 0,
         pairwise_accuracy=accuracy,
         mean_margin=margin,
         loss_curve=curve,
     )
+
+
+def load_reward(artifact: Path, uc, runtime: Runtime):
+    """The reward a ``reward_model`` artifact describes, as ``(prompts, completions, references)
+    -> floats``: the reward model's score, the task kind's verifiable reward, or their mix."""
+    import json
+
+    from lifecycle_dagster.ml.evaluate import RewardScorer
+
+    artifact = Path(artifact)
+    info_file = artifact / REWARD_FILE
+    info = json.loads(info_file.read_text()) if info_file.exists() else {"source": "train"}
+    model = RewardScorer(artifact / "model", runtime) if (artifact / "model").exists() else None
+    if info["source"] != "verifiable":
+        return model
+    kind, task, weight = uc.kind, uc.task, float(info.get("model_weight") or 0.0)
+
+    def reward(prompts, completions, references):
+        scores = kind.reward(list(completions), list(references), task)
+        if model is not None and weight:
+            extra = model(prompts, completions)
+            scores = [s + weight * m for s, m in zip(scores, extra, strict=True)]
+        return scores
+
+    return reward

@@ -73,10 +73,27 @@ class TaskSpec(_Strict):
 class DataSpec(_Strict):
     train: Path
     eval: Path
-    preferences_train: Path
-    preferences_eval: Path
+    preferences_train: Path | None = Field(
+        None, description="Preference pairs (id, prompt, chosen, rejected); optional."
+    )
+    preferences_eval: Path | None = Field(None, description="Held-out preference pairs.")
     max_chars: int = Field(4000, gt=0, description="Longest accepted text field, in characters.")
     min_rows: int = Field(8, gt=0, description="Fewest rows a split may have.")
+
+    @model_validator(mode="after")
+    def _pairs_together(self) -> DataSpec:
+        if (self.preferences_train is None) != (self.preferences_eval is None):
+            raise ValueError("give both preferences_train and preferences_eval, or neither")
+        return self
+
+    @property
+    def has_preferences(self) -> bool:
+        return self.preferences_train is not None
+
+    def files(self) -> dict[str, Path]:
+        """The data files the use case names, by field."""
+        names = ("train", "eval", "preferences_train", "preferences_eval")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
 class BaseModelSpec(_Strict):
@@ -104,18 +121,31 @@ class PromptingSpec(_Strict):
 
 
 class RewardSpec(RewardMethodConfig):
-    """The reward model: trained on the preference pairs (the training tunables are
-    ``RewardMethodConfig``'s), or an existing one reused."""
+    """Where alignment's reward comes from (the training tunables are ``RewardMethodConfig``'s):
 
-    source: Literal["train", "existing"] = Field(
-        "train", description="train a reward model on the pairs, or reuse an existing one."
+    - ``train``: a reward model trained on preference pairs: the use case's preference files, or,
+      without them, pairs built from the task data (the reference chosen over another row's);
+    - ``existing``: a reward model reused from a local directory (``path``);
+    - ``verifiable``: the task kind's verifiable reward (a correct label, field F1, token F1),
+      plus ``model_weight`` times the score of the reward model at ``path`` when one is given.
+
+    Unset, it is ``train`` when the use case has preference files or is a summarisation, and
+    ``verifiable`` otherwise (see ``UseCase.reward_source``)."""
+
+    source: Literal["train", "existing", "verifiable"] | None = Field(
+        None, description="train, existing or verifiable (unset: chosen from the data given)."
     )
     path: str | None = Field(None, description="An existing reward model directory.")
+    model_weight: float = Field(
+        0.0, ge=0, description="verifiable: weight of the reward model at path, mixed in."
+    )
 
     @model_validator(mode="after")
     def _path_given(self) -> RewardSpec:
         if self.source == "existing" and not self.path:
             raise ValueError("source 'existing' needs a path")
+        if self.model_weight and not self.path:
+            raise ValueError("model_weight needs the path of a reward model to mix in")
         return self
 
 
@@ -238,6 +268,17 @@ class UseCase(_Strict):
     @property
     def kind(self) -> tasks.TaskKind:
         return self.task.kind
+
+    @property
+    def reward_source(self) -> str:
+        """Where alignment's reward comes from: the use case's choice, else ``train`` (on its
+        preference files, or on pairs built from the task data for a summarisation, which has no
+        verifiable reward worth optimising) or the kind's ``verifiable`` reward."""
+        if self.reward.source:
+            return self.reward.source
+        if self.data.has_preferences or self.kind.name == "summarisation":
+            return "train"
+        return "verifiable"
 
     @property
     def primary_metric(self) -> str:

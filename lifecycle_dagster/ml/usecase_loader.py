@@ -214,14 +214,14 @@ def _check_sources_exist(uc: UseCase, layers: list[tuple[Path, dict[tuple, int],
                 path, lines = src_path, src_lines
         raise InputError(path, message, line=_nearest_line(lines, loc), field=".".join(loc))
 
-    for key in ("train", "eval", "preferences_train", "preferences_eval"):
-        if not getattr(uc.data, key).exists():
-            fail(("data", key), f"data file not found: {getattr(uc.data, key)}")
+    for key, path in uc.data.files().items():
+        if not path.exists():
+            fail(("data", key), f"data file not found: {path}")
     bm = uc.base_model
     if bm.source == "local" and not (Path(bm.path) / "config.json").exists():
         fail(("base_model", "path"), f"no HF model directory (config.json) at {bm.path}")
     if bm.source == "gguf" and not Path(bm.path).is_file():
         hint = " (`make models` fetches the demo model)" if "SmolLM2" in bm.path else ""
         fail(("base_model", "path"), f"GGUF file not found: {bm.path}{hint}")
-    if uc.reward.source == "existing" and not (Path(uc.reward.path) / "config.json").exists():
+    if uc.reward.path and not (Path(uc.reward.path) / "config.json").exists():
         fail(("reward", "path"), f"no reward model directory (config.json) at {uc.reward.path}")

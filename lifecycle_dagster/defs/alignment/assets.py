@@ -1,4 +1,5 @@
-"""Align: a reward model from preference pairs, then reinforcement learning against it (trl)."""
+"""Align: the reward (a reward model, or the task kind's verifiable reward), then reinforcement
+learning against it (trl)."""
 
 import dagster as dg
 
@@ -7,10 +8,15 @@ from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import aligned_result, reward_result
 from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.align import align_and_score
-from lifecycle_dagster.ml.data import EvalSplit, preference_records, prompts_for, read_rows
-from lifecycle_dagster.ml.evaluate import RewardScorer
+from lifecycle_dagster.ml.data import (
+    EvalSplit,
+    preference_records,
+    prompts_for,
+    read_rows,
+    references,
+)
 from lifecycle_dagster.ml.models import model_dir_of
-from lifecycle_dagster.ml.reward import reward_model_for
+from lifecycle_dagster.ml.reward import load_reward, reward_model_for
 from lifecycle_dagster.ml.sft import load_sft
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.compute import Compute
@@ -33,7 +39,8 @@ def reward_model(
     mlflow_tracking: MlflowTracking,
     compute: Compute,
 ) -> dg.MaterializeResult:
-    """A scalar reward model trained on the preference pairs (or an existing one, reused)."""
+    """Alignment's reward: a scalar reward model trained on the preference pairs, an existing one
+    reused, or the task kind's verifiable reward (optionally mixed with a reward model)."""
     with stage(context, "reward_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
         runtime = compute.runtime(uc.compute)
@@ -41,10 +48,9 @@ def reward_model(
         train = preference_records(uc, read_rows(prefs / "preferences_train.jsonl"))
         held_out = preference_records(uc, read_rows(prefs / "preferences_eval.jsonl"))
         base = model_dir_of(artifact_store.upstream(context, "base_model"))
-        if uc.reward.source == "train":
-            st.run.log_params(uc.reward.model_dump())
+        st.run.log_params({"reward.source": uc.reward_source, **uc.reward.model_dump()})
         with st.write() as tmp:
-            result = reward_model_for(uc.reward, base, train, held_out, tmp, runtime, log=st.log)
+            result = reward_model_for(uc, base, train, held_out, tmp, runtime, log=st.log)
         return reward_result(st, result, len(held_out), runtime.describe())
 
 
@@ -74,6 +80,7 @@ def aligned_model(
         st.run.log_params(method.model_dump())
         data = artifact_store.upstream(context, "task_dataset")
         prefs = artifact_store.upstream(context, "preference_dataset")
+        rows = read_rows(data / "train.jsonl")
         # The SFT model as one network (LoRA merged, a soft prompt baked into the vocabulary), with
         # the tokenizer that prompts it.
         policy, tok = load_sft(
@@ -90,11 +97,10 @@ def aligned_model(
                 tmp / "model",
                 method,
                 runtime,
-                prompts=prompts_for(uc, read_rows(data / "train.jsonl")),
+                prompts=prompts_for(uc, rows),
+                references=references(uc, rows),
                 pairs=preference_records(uc, read_rows(prefs / "preferences_train.jsonl")),
-                scorer=RewardScorer(
-                    artifact_store.upstream(context, "reward_model") / "model", runtime
-                ),
+                scorer=load_reward(artifact_store.upstream(context, "reward_model"), uc, runtime),
                 split=EvalSplit.read(uc, data),
                 max_new_tokens=uc.evaluation.max_new_tokens,
                 batch_size=uc.evaluation.batch_size,

@@ -10,7 +10,7 @@ from lifecycle_dagster.lib.results import onnx_result
 from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.compress import compress, serving_manifest
 from lifecycle_dagster.ml.data import EvalSplit
-from lifecycle_dagster.ml.evaluate import RewardScorer
+from lifecycle_dagster.ml.reward import load_reward
 from lifecycle_dagster.ml.runtime import select_runtime
 from lifecycle_dagster.resources.artifacts import ArtifactStore, newest_metadata
 from lifecycle_dagster.resources.mlflow import MlflowTracking
@@ -71,9 +71,7 @@ def onnx_model(
                 max_new_tokens=uc.evaluation.max_new_tokens,
                 check_prompts=split.first(uc.compression.check_prompts).prompts,
                 split=split,
-                reward=RewardScorer(
-                    artifact_store.upstream(context, "reward_model") / "model", runtime
-                ),
+                reward=load_reward(artifact_store.upstream(context, "reward_model"), uc, runtime),
                 reference={
                     uc.primary_metric: verdict.get(f"aligned_{uc.primary_metric}"),
                     "mean_reward": verdict.get("aligned_mean_reward"),

@@ -1,4 +1,6 @@
-"""Data: the task's train/eval splits and the preference pairs, validated and snapshotted."""
+"""Data: the task's train/eval splits and the preference pairs, validated and snapshotted. Each
+artifact holds the rows every later stage reads (targets as the task kind trains on them) and, under
+``source/``, the files they came from, which the data sensor compares with the files now."""
 
 import shutil
 
@@ -9,15 +11,25 @@ from lifecycle_dagster.lib.render import table
 from lifecycle_dagster.lib.results import check
 from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.artifacts import file_sha256
-from lifecycle_dagster.ml.data import load_jsonl, load_preference_data, load_task_data, overlap
+from lifecycle_dagster.ml.data import (
+    build_pairs,
+    load_preference_data,
+    load_task_data,
+    overlap,
+    read_rows,
+    write_rows,
+)
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 
-def snapshot(split, dest) -> None:
-    """Copy a validated file, refusing it if it changed since it was validated."""
-    shutil.copy(split.path, dest)
-    if file_sha256(dest) != split.sha256:
+def snapshot(split, tmp, name: str, field: str) -> None:
+    """Write a validated split's rows as ``name`` and copy its source file to ``source/<field>``,
+    refusing it if the file changed since it was validated."""
+    write_rows(tmp / name, split.rows)
+    (tmp / "source").mkdir(exist_ok=True)
+    shutil.copy(split.path, tmp / "source" / field)
+    if file_sha256(tmp / "source" / field) != split.sha256:
         raise dg.Failure(f"{split.path} changed while it was being validated; run again")
 
 
@@ -48,7 +60,7 @@ def task_dataset(
         splits = load_task_data(uc)
         with artifact_store.write(st.target) as tmp:
             for name, split in splits.items():
-                snapshot(split, tmp / f"{name}.jsonl")
+                snapshot(split, tmp, f"{name}.jsonl", name)
         leaked = overlap(splits["train"].rows, splits["eval"].rows, uc.task.input_field)
         stats = [{"split": n, **s.stats} for n, s in splits.items()]
         st.run.log_params({f"{n}.sha256": s.sha256 for n, s in splits.items()})
@@ -106,30 +118,32 @@ def preference_dataset(
     artifact_store: ArtifactStore,
     mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
-    """Preference pairs (prompt, chosen, rejected) for the reward model, train and held out."""
+    """Preference pairs (prompt, chosen, rejected) for the reward model and DPO, train and held
+    out: the use case's preference files, or pairs built from the task data when it has none."""
     with stage(context, "preference_dataset", artifact_store, mlflow_tracking) as st:
-        splits = load_preference_data(st.use_case)
-        with st.write() as tmp:
-            for name, split in splits.items():
-                snapshot(split, tmp / f"preferences_{name}.jsonl")
-        same = [r["id"] for s in splits.values() for r in s.rows if r["chosen"] == r["rejected"]]
-        leaked = overlap(splits["train"].rows, splits["eval"].rows, "prompt")
         uc = st.use_case
+        task = load_task_data(uc)
+        splits = load_preference_data(uc) if uc.data.has_preferences else None
+        with st.write() as tmp:
+            for name in ("train", "eval"):
+                if splits:
+                    snapshot(splits[name], tmp, f"preferences_{name}.jsonl", f"preferences_{name}")
+                else:
+                    write_rows(tmp / f"preferences_{name}.jsonl", build_pairs(uc, task[name].rows))
+        rows = {n: read_rows(st.target / f"preferences_{n}.jsonl") for n in ("train", "eval")}
+        same = [r["id"] for s in rows.values() for r in s if r["chosen"] == r["rejected"]]
+        leaked = overlap(rows["train"], rows["eval"], "prompt")
         field = uc.task.input_field
-        task_eval = load_jsonl(
-            uc.data.eval, ("id", field, uc.task.target_field), max_chars=uc.data.max_chars
-        ).rows
-        in_pairs = overlap(
-            [{"prompt": r[field]} for r in task_eval], splits["train"].rows, "prompt"
-        )
-        stats = [{"split": n, **s.stats} for n, s in splits.items()]
+        task_eval = task["eval"].rows
+        in_pairs = overlap([{"prompt": r[field]} for r in task_eval], rows["train"], "prompt")
+        origin = "files" if splits else "built from the task data (reference vs another row's)"
         return st.result(
             metrics={
-                "train_pairs": len(splits["train"].rows),
-                "eval_pairs": len(splits["eval"].rows),
+                "train_pairs": len(rows["train"]),
+                "eval_pairs": len(rows["eval"]),
                 "leaked_rows": leaked,
             },
-            metadata={"splits": table(stats)},
+            metadata={"origin": origin},
             check_results=[
                 check(
                     "pairs_are_distinct",

@@ -9,10 +9,10 @@ from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import evaluation_result
 from lifecycle_dagster.lib.stage import attempt_of, attempt_started_at, stage
 from lifecycle_dagster.ml.data import EvalSplit, read_rows
-from lifecycle_dagster.ml.evaluate import RewardScorer
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
 from lifecycle_dagster.ml.promotion import compare_with_champion
 from lifecycle_dagster.ml.readaptation import decide
+from lifecycle_dagster.ml.reward import load_reward
 from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft
 from lifecycle_dagster.ml.verdict import CANDIDATE, Candidate, assess
 from lifecycle_dagster.resources.artifacts import ArtifactStore, upstream_metadata
@@ -103,9 +103,7 @@ def evaluation(
             split,
             suite=uc.evaluation.suite,
             thresholds=uc.evaluation.thresholds,
-            reward=RewardScorer(
-                artifact_store.upstream(context, "reward_model") / "model", runtime
-            ),
+            reward=load_reward(artifact_store.upstream(context, "reward_model"), uc, runtime),
             max_new_tokens=uc.evaluation.max_new_tokens,
             batch_size=uc.evaluation.batch_size,
             log=st.log,
