@@ -42,9 +42,14 @@ def prepare_dagster_home() -> Path:
     return home
 
 
-def run_config(profile: str, config_file: str | None, overrides: dict | None) -> dict:
-    """The lifecycle job's run config: the use case as profile, file and a parsed override."""
+def run_config(
+    profile: str, config_file: str | None, overrides: dict | None, base: str | None = None
+) -> dict:
+    """The lifecycle job's run config: the use case as profile, base use case, file and a parsed
+    override."""
     use_case = {"profile": profile, "overrides": overrides or {}}
+    if base:
+        use_case["use_case"] = base
     if config_file:
         use_case["use_case_file"] = str(Path(config_file).resolve())
     return {
@@ -109,7 +114,9 @@ def cmd_run(args) -> int:
 
     try:  # fail fast, before Dagster starts, on a bad profile, use-case file or override
         overrides = parse_overrides(args.override)
-        uc = load_use_case(args.config, profile=args.profile, overrides=overrides)
+        uc = load_use_case(
+            args.config, profile=args.profile, use_case=args.use_case, overrides=overrides
+        )
     except InputError as exc:
         print(f"lifecycle: {exc}", file=sys.stderr)
         return 2
@@ -124,7 +131,7 @@ def cmd_run(args) -> int:
     )
     start = time.monotonic()
     result = job.execute_in_process(
-        run_config=run_config(args.profile, args.config, overrides),
+        run_config=run_config(args.profile, args.config, overrides, args.use_case),
         instance=instance,
         partition_key=uc.name,
         tags={PROFILE_TAG: args.profile, USE_CASE_TAG: uc.name},
@@ -174,6 +181,30 @@ def cmd_profiles(_args) -> int:
     for path in sorted(PROFILES_DIR.glob("*.yaml")):
         first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "")
         print(f"{path.stem:<10} {first.lstrip('# ')}")
+    return 0
+
+
+def cmd_use_cases(_args) -> int:
+    """The packaged use cases: their task kind, primary metric and alignment's reward."""
+    from tabulate import tabulate
+
+    from lifecycle_dagster.ml.usecase import USECASES_DIR
+    from lifecycle_dagster.ml.usecase_loader import load_use_case
+
+    rows = []
+    for path in sorted(USECASES_DIR.glob("*/usecase.yaml")):
+        uc = load_use_case(path)
+        rows.append(
+            {
+                "use case": uc.name,
+                "task kind": uc.kind.name,
+                "primary metric": uc.primary_metric,
+                "reward": uc.reward_source,
+                "preference files": "yes" if uc.data.has_preferences else "no",
+            }
+        )
+    print(tabulate(rows, headers="keys"))
+    print("\nRun one: lifecycle run --profile tiny --use-case <use case>")
     return 0
 
 
@@ -286,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize the whole lifecycle in the local instance")
     run.add_argument("--profile", default="demo", help="named preset (see `lifecycle profiles`)")
+    run.add_argument(
+        "--use-case",
+        help="packaged use case (see `lifecycle use-cases`) or YAML in place of the profile's",
+    )
     run.add_argument("--config", help="use-case YAML, complete or layered over the profile's")
     run.add_argument(
         "--override", help="YAML mapping applied last, e.g. '{adaptation: {max_steps: 10}}'"
@@ -316,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.set_defaults(func=cmd_serve)
     prof = sub.add_parser("profiles", help="list the named profiles")
     prof.set_defaults(func=cmd_profiles)
+    ucs = sub.add_parser("use-cases", help="list the packaged use cases and their task kinds")
+    ucs.set_defaults(func=cmd_use_cases)
     args = parser.parse_args(argv)
     return args.func(args)
 

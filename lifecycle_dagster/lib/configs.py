@@ -68,6 +68,11 @@ AlignedModelConfig = run_config_for(
 
 class UseCaseConfig(dg.Config):
     profile: str = Field(default="tiny", description="Named preset (lifecycle_dagster/profiles).")
+    use_case: str | None = Field(
+        default=None,
+        description="A packaged use case (lifecycle_dagster/usecases) or a YAML file, in place "
+        "of the profile's own.",
+    )
     use_case_file: str | None = Field(
         default=None, description="A use-case YAML, complete or layered over the profile's."
     )

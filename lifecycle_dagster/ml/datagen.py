@@ -1,4 +1,6 @@
-"""Generate the default use case's data: dialogue summarisation and preference pairs.
+"""Generate the packaged use cases' data from one set of dialogues: summarisation with preference
+pairs, and the same dialogues as a classification (the request's intent), an extraction (name, day
+and time as JSON) and a question answering task (one question about a slot per dialogue).
 
 The data is made by templates from a fixed seed, so it ships with the package, needs no download and
 is reproducible: ``python -m lifecycle_dagster.ml.datagen <out_dir>`` rewrites the files byte for byte.
@@ -248,16 +250,70 @@ def _unfaithful(r: random.Random, summary: str, slots: dict[str, str]) -> str:
     return out
 
 
-def generate(seed: int = 7, n_train: int = 320, n_eval: int = 80) -> dict[str, list[dict]]:
-    r = random.Random(seed)
+INTENTS = {
+    "_restaurant": "restaurant booking",
+    "_delivery": "late delivery",
+    "_doctor": "doctor appointment",
+    "_support": "tech support",
+    "_hotel": "hotel reservation",
+    "_flight": "flight change",
+    "_library": "library renewal",
+}
+QUESTIONS = {
+    "name": "What is the customer's name?",
+    "count": "For how many people is the table?",
+    "day": "On which day?",
+    "time": "At what time?",
+    "item": "What was ordered?",
+    "city": "Where does the flight go?",
+    "device": "Which device had a problem?",
+    "fix": "What fixed the problem?",
+    "book": "Which book is renewed?",
+    "room": "Which room is reserved?",
+    "nights": "How long is the stay?",
+}
+
+
+def dialogues(r: random.Random, n: int) -> list[dict]:
+    """``n`` distinct dialogues with their summary, slot values and scenario."""
     seen: set[str] = set()
     rows: list[dict] = []
-    while len(rows) < n_train + n_eval:
-        dialogue, summary, slots = r.choice(SCENARIOS)(r)
+    while len(rows) < n:
+        scenario = r.choice(SCENARIOS)
+        dialogue, summary, slots = scenario(r)
         if dialogue in seen:
             continue
         seen.add(dialogue)
-        rows.append({"dialogue": dialogue, "summary": summary, "_slots": slots})
+        rows.append(
+            {"dialogue": dialogue, "summary": summary, "_slots": slots, "_kind": scenario.__name__}
+        )
+    return rows
+
+
+def generate_kinds(seed: int = 11, n_train: int = 320, n_eval: int = 80) -> dict[str, dict]:
+    """The classification, extraction and QA use cases' files: ``{use case: {file: rows}}``."""
+    r = random.Random(seed)
+    rows = dialogues(r, n_train + n_eval)
+    out: dict[str, dict] = {"dialogue_intent": {}, "dialogue_slots": {}, "dialogue_qa": {}}
+    for split, items in (("train", rows[:n_train]), ("eval", rows[n_train:])):
+        intent, slots, qa = [], [], []
+        for i, row in enumerate(items):
+            rid, s = f"{split}-{i:04d}", row["_slots"]
+            intent.append({"id": rid, "dialogue": row["dialogue"], "intent": INTENTS[row["_kind"]]})
+            fields = {k: s.get(k) for k in ("name", "day", "time")}
+            slots.append({"id": rid, "dialogue": row["dialogue"], "slots": fields})
+            slot = r.choice(sorted(s))
+            question = f"{row['dialogue']}\n\nQuestion: {QUESTIONS[slot]}"
+            qa.append({"id": rid, "question": question, "answer": s[slot]})
+        out["dialogue_intent"][f"{split}.jsonl"] = intent
+        out["dialogue_slots"][f"{split}.jsonl"] = slots
+        out["dialogue_qa"][f"{split}.jsonl"] = qa
+    return out
+
+
+def generate(seed: int = 7, n_train: int = 320, n_eval: int = 80) -> dict[str, list[dict]]:
+    r = random.Random(seed)
+    rows = dialogues(r, n_train + n_eval)
     splits = {"train": rows[:n_train], "eval": rows[n_train:]}
     out: dict[str, list[dict]] = {}
     for split, items in splits.items():
@@ -282,10 +338,10 @@ def generate(seed: int = 7, n_train: int = 320, n_eval: int = 80) -> dict[str, l
     return out
 
 
-def write(out_dir: Path, seed: int = 7) -> list[Path]:
+def _write(out_dir: Path, files: dict[str, list[dict]]) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, rows in generate(seed).items():
+    for name, rows in files.items():
         path = out_dir / name
         path.write_text(
             "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
@@ -294,6 +350,21 @@ def write(out_dir: Path, seed: int = 7) -> list[Path]:
     return paths
 
 
+def write(out_dir: Path, seed: int = 7) -> list[Path]:
+    """The summarisation use case's four files in ``out_dir``."""
+    return _write(out_dir, generate(seed))
+
+
+def write_all(usecases_dir: Path) -> list[Path]:
+    """Every packaged use case's data under ``usecases_dir/<use case>/data``."""
+    paths = write(usecases_dir / "dialogue_summarisation" / "data")
+    for name, files in generate_kinds().items():
+        paths += _write(usecases_dir / name / "data", files)
+    return paths
+
+
 if __name__ == "__main__":  # pragma: no cover
-    for p in write(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")):
+    from lifecycle_dagster.ml.usecase import USECASES_DIR
+
+    for p in write_all(Path(sys.argv[1]) if len(sys.argv) > 1 else USECASES_DIR):
         print(p)

@@ -265,6 +265,30 @@ class UseCase(_Strict):
     readaptation: ReadaptationSpec = ReadaptationSpec()
     compute: ComputeSpec = ComputeSpec()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _primary_threshold(cls, data):
+        """``evaluation.thresholds.primary`` is the threshold of the primary metric, whichever it
+        is (a profile states one for every task kind); it replaces that metric's own."""
+        try:
+            thresholds = data["evaluation"]["thresholds"]
+        except (KeyError, TypeError):
+            return data
+        if not isinstance(thresholds, dict) or "primary" not in thresholds:
+            return data
+        task = data.get("task") if isinstance(data.get("task"), dict) else {}
+        try:
+            primary = (
+                data["evaluation"].get("primary_metric")
+                or tasks.get(task.get("type", "summarisation")).primary
+            )
+        except ValueError:
+            return data  # an unknown kind: task.type says so
+        thresholds = {k: v for k, v in thresholds.items() if k != "primary"} | {
+            primary: thresholds["primary"]
+        }
+        return {**data, "evaluation": {**data["evaluation"], "thresholds": thresholds}}
+
     @property
     def kind(self) -> tasks.TaskKind:
         return self.task.kind

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from lifecycle_dagster import settings
 from lifecycle_dagster.ml.errors import InputError
-from lifecycle_dagster.ml.usecase import PROFILES_DIR, UseCase
+from lifecycle_dagster.ml.usecase import PROFILES_DIR, USECASES_DIR, UseCase
 
 
 def parse_overrides(text: str | None, source: str = "--override") -> dict | None:
@@ -163,24 +163,42 @@ def profile_path(profile: str) -> Path:
     return candidate
 
 
+def packaged_use_case(name: str) -> Path:
+    """A use case by name (a folder of the package's ``usecases/``) or by YAML path."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        return path.resolve()
+    candidate = USECASES_DIR / name / "usecase.yaml"
+    if not candidate.exists():
+        known = ", ".join(sorted(p.parent.name for p in USECASES_DIR.glob("*/usecase.yaml")))
+        raise InputError(candidate, f"unknown use case '{name}' (packaged: {known})")
+    return candidate
+
+
 def load_use_case(
     use_case_file: str | Path | None = None,
     *,
     profile: str | None = None,
+    use_case: str | None = None,
     overrides: dict | None = None,
 ) -> UseCase:
-    """Resolve a use case: a profile's base use case, the given file over it, then overrides.
+    """Resolve a use case: a base use case (``use_case``, a packaged name or a YAML file; else the
+    profile's), the profile's overrides, the given file over them, then overrides.
 
-    ``use_case_file`` may be a complete use case or a partial one layered over the profile's.
+    ``use_case_file`` may be a complete use case or a partial one layered over the base.
     """
     layers: list[tuple[Path, dict[tuple, int], dict]] = []
+    if use_case and not profile:
+        base_path = packaged_use_case(use_case)
+        bdata, blines = _load_yaml(base_path)
+        layers.append((base_path, blines, _resolve_paths(bdata, base_path.parent)))
     if profile:
         ppath = profile_path(profile)
         pdata, plines = _load_yaml(ppath)
         base_ref = pdata.get("use_case")
         if not isinstance(base_ref, str):
             raise InputError(ppath, "a profile names its use case", line=1, field="use_case")
-        base_path = (ppath.parent / base_ref).resolve()
+        base_path = packaged_use_case(use_case) if use_case else (ppath.parent / base_ref).resolve()
         bdata, blines = _load_yaml(base_path)
         layers.append((base_path, blines, _resolve_paths(bdata, base_path.parent)))
         over = pdata.get("overrides") or {}

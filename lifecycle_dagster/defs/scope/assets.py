@@ -29,6 +29,7 @@ def use_case(
     uc = load_use_case(
         config.use_case_file or None,
         profile=config.profile or None,
+        use_case=config.use_case or None,
         overrides=config.overrides or None,
     )
     key = use_case_key(context)
