@@ -165,6 +165,7 @@ class EvalResult:
     suite_metrics: dict[str, float] = field(default_factory=dict)
     suite: str = ""
     tables: dict[str, list[dict]] = field(default_factory=dict)  # the kind's (a confusion table)
+    task_metrics: dict[str, float] = field(default_factory=dict)  # the kind's means (format_ok)
 
     def metrics(self) -> dict[str, float]:
         out = {**self.suite_metrics, self.metric: self.primary}
@@ -240,6 +241,7 @@ def evaluate_model(
         suite_metrics=means if suite is not None else {},
         suite=suite.fingerprint(task.type) if suite is not None else "",
         tables=kind_scores.tables,
+        task_metrics=kind_scores.means(),
     )
 
 

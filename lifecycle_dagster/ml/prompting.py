@@ -59,7 +59,7 @@ def score_prompting(
                 "strategy": f"{k}-shot",
                 "shots": k,
                 res.metric: res.primary,
-                "format_ok": res.metrics().get("format_ok"),
+                "format_ok": res.task_metrics.get("format_ok"),
                 "example": res.predictions[0][:80] if res.predictions else "",
             }
         )
