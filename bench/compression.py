@@ -37,9 +37,10 @@ from statistics import median
 from lifecycle_dagster import settings
 from lifecycle_dagster.ml.compress import quality_drop
 from lifecycle_dagster.ml.data import load_task_data, prompts_for, references
-from lifecycle_dagster.ml.evaluate import clean_completion, rouge_l
+from lifecycle_dagster.ml.evaluate import clean_completion
 from lifecycle_dagster.ml.export import export_onnx
 from lifecycle_dagster.ml.runtimes import GenaiGenerator
+from lifecycle_dagster.ml.tasks.summarisation import rouge_scores
 from lifecycle_dagster.ml.usecase_loader import load_use_case
 
 BENCH = settings.state_home() / "bench"
@@ -470,7 +471,7 @@ def main() -> None:
         row.texts = [
             clean_completion(tok.decode(p, skip_special_tokens=True)) for p in row.predictions
         ]
-        scores = rouge_l(row.texts, refs)
+        scores = rouge_scores(row.texts, refs, ("rouge_l",))["rouge_l"]
         row.rouge_l = sum(scores) / len(scores)
         same = total = 0
         for a, b in zip(ref.predictions, row.predictions, strict=True):
@@ -518,7 +519,7 @@ def render(rows: list[Row], bandwidth: float, label: str, args, uc) -> str:
     onnx = [r for r in rows if r.engine.startswith("ONNX")]
     fit = [
         r for r in onnx
-        if quality_drop({"rouge_l": ref.rouge_l}, r.rouge_l, None, budget)[2]
+        if quality_drop({"rouge_l": ref.rouge_l}, "rouge_l", r.rouge_l, None, budget)[2]
     ]  # fmt: skip
     chosen = min(fit, key=lambda r: r.size_mb) if fit else None
     notes = [
@@ -543,7 +544,7 @@ def render(rows: list[Row], bandwidth: float, label: str, args, uc) -> str:
         for lc in (r for r in rows if r.engine.startswith("llama.cpp")):
             if lc.bits.split()[0] != width:
                 continue
-            lc_ok = quality_drop({"rouge_l": ref.rouge_l}, lc.rouge_l, None, budget)[2]
+            lc_ok = quality_drop({"rouge_l": ref.rouge_l}, "rouge_l", lc.rouge_l, None, budget)[2]
             notes.append(
                 f"Against {lc.engine} ({lc.bits}): {chosen.decode_b1 / lc.decode_b1:.2f}x its "
                 f"batch-1 decode, {chosen.decode_b8 / lc.decode_b8:.2f}x its batch-8 decode, "

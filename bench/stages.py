@@ -38,6 +38,21 @@ def main() -> None:
     prompts = [format_prompt(uc, r["dialogue"]) for r in evals]
     refs = [r["summary"] for r in evals]
     times: dict[str, float] = {}
+
+    def score(model, tok, reward=None):
+        return evaluate_model(
+            model,
+            tok,
+            prompts,
+            refs,
+            task=uc.task,
+            metric=uc.primary_metric,
+            max_new_tokens=32,
+            batch_size=32,
+            reward=reward,
+            with_perplexity=False,
+        )
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
@@ -61,12 +76,10 @@ def main() -> None:
             )
             times[f"sft_{method}"] = time.perf_counter() - t
             model, tok = load_sft(tmp / "base", tmp / method, runtime)
-            ev = evaluate_model(
-                model, tok, prompts, refs, max_new_tokens=32, batch_size=32, with_perplexity=False
-            )
+            ev = score(model, tok)
             print(
                 f"sft[{method}]: {times[f'sft_{method}']:.1f}s loss {res.loss_start:.3f} -> "
-                f"{res.loss_end:.3f}, ROUGE-L {ev.rouge_l:.3f}"
+                f"{res.loss_end:.3f}, {ev.metric} {ev.primary:.3f}"
             )
         t = time.perf_counter()
         rm = train_reward_model(
@@ -84,16 +97,7 @@ def main() -> None:
             f"held-out accuracy {acc:.2f}"
         )
         policy, tok = load_sft(tmp / "base", tmp / "lora", runtime, merge=True, training=True)
-        before = evaluate_model(
-            policy,
-            tok,
-            prompts,
-            refs,
-            max_new_tokens=32,
-            batch_size=32,
-            reward=scorer,
-            with_perplexity=False,
-        )
+        before = score(policy, tok, scorer)
         policy.train()
         t = time.perf_counter()
         align(
@@ -108,19 +112,10 @@ def main() -> None:
         times["grpo"] = time.perf_counter() - t
         from lifecycle_dagster.ml.models import load_causal_lm
 
-        after = evaluate_model(
-            load_causal_lm(tmp / "aligned", runtime),
-            tok,
-            prompts,
-            refs,
-            max_new_tokens=32,
-            batch_size=32,
-            reward=scorer,
-            with_perplexity=False,
-        )
+        after = score(load_causal_lm(tmp / "aligned", runtime), tok, scorer)
         print(
             f"grpo: {times['grpo']:.1f}s reward {before.mean_reward:.3f} -> "
-            f"{after.mean_reward:.3f}, ROUGE-L {before.rouge_l:.3f} -> {after.rouge_l:.3f}"
+            f"{after.mean_reward:.3f}, {after.metric} {before.primary:.3f} -> {after.primary:.3f}"
         )
     base = times["sft_lora"]
     print("ratios to LoRA SFT time: " + ", ".join(f"{k} {v / base:.2f}x" for k, v in times.items()))
