@@ -265,25 +265,32 @@ class UseCase(_Strict):
     readaptation: ReadaptationSpec = ReadaptationSpec()
     compute: ComputeSpec = ComputeSpec()
 
+    @staticmethod
+    def primary_metric_of(data: dict) -> str | None:
+        """The primary metric a raw (unvalidated) use case names, or None where it cannot tell."""
+        try:
+            task = data.get("task") or {}
+            evaluation = data.get("evaluation") or {}
+            return (
+                evaluation.get("primary_metric")
+                or tasks.get(task.get("type", "summarisation")).primary
+            )
+        except (AttributeError, ValueError):
+            return None  # not a mapping, or an unknown kind: validation says so
+
     @model_validator(mode="before")
     @classmethod
     def _primary_threshold(cls, data):
         """``evaluation.thresholds.primary`` is the threshold of the primary metric, whichever it
-        is (a profile states one for every task kind); it replaces that metric's own."""
+        is (a profile states one for every task kind). The loader renames it layer by layer; here
+        it replaces the metric's own."""
         try:
             thresholds = data["evaluation"]["thresholds"]
         except (KeyError, TypeError):
             return data
-        if not isinstance(thresholds, dict) or "primary" not in thresholds:
+        primary = cls.primary_metric_of(data)
+        if not isinstance(thresholds, dict) or "primary" not in thresholds or not primary:
             return data
-        task = data.get("task") if isinstance(data.get("task"), dict) else {}
-        try:
-            primary = (
-                data["evaluation"].get("primary_metric")
-                or tasks.get(task.get("type", "summarisation")).primary
-            )
-        except ValueError:
-            return data  # an unknown kind: task.type says so
         thresholds = {k: v for k, v in thresholds.items() if k != "primary"} | {
             primary: thresholds["primary"]
         }

@@ -219,9 +219,26 @@ def load_use_case(
     merged: dict = {}
     for _, _, data in layers:
         merged = _deep_merge(merged, data)
+    # `thresholds.primary` names the primary metric in the layer that says it, so a later layer's
+    # own threshold for that metric still wins (and a later `primary` wins over an earlier metric).
+    primary = UseCase.primary_metric_of(merged)
+    if primary:
+        layers = [(p, lines, _primary_named(data, primary)) for p, lines, data in layers]
+        merged = {}
+        for _, _, data in layers:
+            merged = _deep_merge(merged, data)
     use_case = _validate(merged, layers)
     _check_sources_exist(use_case, layers)
     return use_case
+
+
+def _primary_named(data: dict, metric: str) -> dict:
+    """A layer with ``evaluation.thresholds.primary`` renamed to ``metric``."""
+    thresholds = (data.get("evaluation") or {}).get("thresholds")
+    if not isinstance(thresholds, dict) or "primary" not in thresholds:
+        return data
+    renamed = {(metric if k == "primary" else k): v for k, v in thresholds.items()}
+    return {**data, "evaluation": {**data["evaluation"], "thresholds": renamed}}
 
 
 def _check_sources_exist(uc: UseCase, layers: list[tuple[Path, dict[tuple, int], dict]]) -> None:

@@ -142,3 +142,11 @@ def test_both_preference_files_or_neither(tmp_path):
     )
     with pytest.raises(InputError, match="give both preferences_train and preferences_eval"):
         load_use_case(path)
+
+
+def test_a_later_layer_threshold_wins_over_the_profiles_primary():
+    later = {"evaluation": {"thresholds": {"rouge_l": {"min": 0.0}}}}
+    assert load_use_case(profile="tiny", overrides=later).evaluation.thresholds["rouge_l"].min == 0
+    primary = {"evaluation": {"thresholds": {"primary": {"min": 0.5}}}}
+    uc = load_use_case(profile="tiny", use_case="dialogue_qa", overrides=primary)
+    assert uc.evaluation.thresholds["token_f1"].min == 0.5
