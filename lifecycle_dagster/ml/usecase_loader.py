@@ -253,10 +253,37 @@ def _check_sources_exist(uc: UseCase, layers: list[tuple[Path, dict[tuple, int],
         if not path.exists():
             fail(("data", key), f"data file not found: {path}")
     bm = uc.base_model
-    if bm.source == "local" and not (Path(bm.path) / "config.json").exists():
-        fail(("base_model", "path"), f"no HF model directory (config.json) at {bm.path}")
-    if bm.source == "gguf" and not Path(bm.path).is_file():
-        hint = " (`make models` fetches the demo model)" if "SmolLM2" in bm.path else ""
-        fail(("base_model", "path"), f"GGUF file not found: {bm.path}{hint}")
-    if uc.reward.path and not (Path(uc.reward.path) / "config.json").exists():
-        fail(("reward", "path"), f"no reward model directory (config.json) at {uc.reward.path}")
+    if bm.source == "local":
+        fault = model_dir_fault(Path(bm.path))
+        if fault:
+            fail(("base_model", "path"), fault)
+    if bm.source == "gguf":
+        if not Path(bm.path).is_file():
+            hint = " (`make models` fetches the demo model)" if "SmolLM2" in bm.path else ""
+            fail(("base_model", "path"), f"GGUF file not found: {bm.path}{hint}")
+        with Path(bm.path).open("rb") as f:
+            if f.read(4) != b"GGUF":
+                fail(("base_model", "path"), f"{bm.path} is not a GGUF file (no GGUF magic)")
+    if uc.reward.path:
+        fault = model_dir_fault(Path(uc.reward.path), "reward model")
+        if fault:
+            fail(("reward", "path"), fault)
+
+
+def model_dir_fault(path: Path, what: str = "model") -> str | None:
+    """Why a local model directory cannot be loaded safely, or None: no ``config.json``, weights
+    only as pickled ``.bin`` files (never loaded: safetensors only), no weights, no tokenizer."""
+    if not (path / "config.json").exists():
+        return f"no HF {what} directory (config.json) at {path}"
+    if not list(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        if pickled:
+            return (
+                f"{path} has weights only as pickled {', '.join(pickled[:2])}; only safetensors "
+                "are loaded (convert with save_pretrained(safe_serialization=True))"
+            )
+        return f"no safetensors weights in {path}"
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any((path / name).exists() for name in tokenizer_files):
+        return f"no tokenizer in {path} (tokenizer.json or tokenizer.model)"
+    return None

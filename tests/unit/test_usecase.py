@@ -160,3 +160,31 @@ def test_a_rung_that_changes_method_must_bring_its_learning_rate():
         BASE, overrides={"readaptation": {"ladder": [{"adaptation": {"max_steps": 90}}]}}
     )
     assert uc.readaptation.ladder[0].adaptation.learning_rate is None  # same method: inherits
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"config.json": "{}", "pytorch_model.bin": "x"}, "only as pickled pytorch_model.bin"),
+        ({"config.json": "{}"}, "no safetensors weights"),
+        ({"config.json": "{}", "model.safetensors": "x"}, "no tokenizer"),
+    ],
+)
+def test_a_model_directory_that_cannot_load_safely_is_refused_first(tmp_path, files, message):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, content in files.items():
+        (model / name).write_text(content)
+    text = _valid_text().replace("source: scratch", f"source: local\n  path: {model}")
+    with pytest.raises(InputError) as err:
+        load_use_case(_write(tmp_path, text))
+    assert err.value.field == "base_model.path" and message in str(err.value)
+
+
+def test_a_file_that_is_not_gguf_is_refused_first(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_text("<html>not a model</html>")
+    text = _valid_text().replace("source: scratch", f"source: gguf\n  path: {fake}")
+    with pytest.raises(InputError) as err:
+        load_use_case(_write(tmp_path, text))
+    assert err.value.field == "base_model.path" and "is not a GGUF file" in str(err.value)
