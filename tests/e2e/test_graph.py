@@ -340,9 +340,11 @@ def test_bad_data_stops_the_run_before_training_and_keeps_last_good(
     )
     assert not result.success
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert [e.step_key for e in failures] == ["task_dataset"]
-    message = failures[0].event_specific_data.error.to_string()
-    assert f"{data / 'train.jsonl'}:5" in message and "field 'summary'" in message
+    # Both data assets read the task file (pairs can be built from it), and both refuse it.
+    assert sorted(e.step_key for e in failures) == ["preference_dataset", "task_dataset"]
+    for failure in failures:
+        message = failure.event_specific_data.error.to_string()
+        assert f"{data / 'train.jsonl'}:5" in message and "field 'summary'" in message
     ran = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
     assert not ran & {"base_model", "sft_adapter", "reward_model", "aligned_model"}
     assert latest_storage_id(instance, "task_dataset", name) == good_task
