@@ -189,7 +189,7 @@ def compress(
     from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
 
     uc = split.use_case
-    metric = uc.primary_metric if uc.primary_metric != "mean_reward" else uc.kind.primary
+    metric = uc.text_metric
     exported = export_onnx(model_dir, out_dir, config, log=log)
     threads = runtime.ort_threads
     model, tok = load_causal_lm(model_dir, runtime), load_tokenizer(model_dir)

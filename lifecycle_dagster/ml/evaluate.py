@@ -216,7 +216,7 @@ def evaluate_model(
         scored = suite_score(preds, references, suite, task=task, ids=ids, rewards=rewards)
         rows, means, kind_scores = scored.per_example, scored.means, scored.task
     else:
-        kind_scores = tasks.get(task.type).score(preds, references, task)
+        kind_scores = task.kind.score(preds, references, task)
         rows = [
             {
                 "id": i,
@@ -230,7 +230,7 @@ def evaluate_model(
         means = kind_scores.means()
     mean_reward = sum(rewards) / len(rewards) if rewards else None
     if metric == "mean_reward" and mean_reward is None:  # scored without a reward: the kind's
-        metric = tasks.get(task.type).primary
+        metric = task.kind.primary
     return EvalResult(
         metric=metric,
         primary=mean_reward if metric == "mean_reward" else means[metric],

@@ -54,7 +54,6 @@ class SuiteConfig(Tunables):
 class SuiteResult:
     fingerprint: str
     means: dict[str, float]
-    corpus_bleu: float
     per_example: list[dict] = field(default_factory=list)
     task: tasks.Scores | None = None  # the kind's own scores (its tables among them)
 
@@ -81,7 +80,7 @@ def score(
     """Every metric of the suite, per example and as means (compliance metrics as rates): the task
     kind's metrics (``task.type``), harmlessness, format (the kind's, and one line when
     ``single_sentence``) and, for free-text kinds, length."""
-    kind = tasks.get(task.type)
+    kind = task.kind
     scored = kind.score(predictions, references, task)
     ids = list(ids) if ids is not None else [str(i) for i in range(len(predictions))]
     rows = []
@@ -108,9 +107,7 @@ def score(
     per_example = [*scored.per_example, "harmless", *(["length_ok"] if kind.length_checked else [])]
     means = {m: sum(r[m] for r in rows) / n for m in per_example}
     means.update(scored.corpus)
-    return SuiteResult(
-        config.fingerprint(kind.name), means, scored.corpus.get("bleu_corpus", 0.0), rows, scored
-    )
+    return SuiteResult(config.fingerprint(kind.name), means, rows, scored)
 
 
 @dataclass

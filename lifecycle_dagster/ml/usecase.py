@@ -265,37 +265,6 @@ class UseCase(_Strict):
     readaptation: ReadaptationSpec = ReadaptationSpec()
     compute: ComputeSpec = ComputeSpec()
 
-    @staticmethod
-    def primary_metric_of(data: dict) -> str | None:
-        """The primary metric a raw (unvalidated) use case names, or None where it cannot tell."""
-        try:
-            task = data.get("task") or {}
-            evaluation = data.get("evaluation") or {}
-            return (
-                evaluation.get("primary_metric")
-                or tasks.get(task.get("type", "summarisation")).primary
-            )
-        except (AttributeError, ValueError):
-            return None  # not a mapping, or an unknown kind: validation says so
-
-    @model_validator(mode="before")
-    @classmethod
-    def _primary_threshold(cls, data):
-        """``evaluation.thresholds.primary`` is the threshold of the primary metric, whichever it
-        is (a profile states one for every task kind). The loader renames it layer by layer; here
-        it replaces the metric's own."""
-        try:
-            thresholds = data["evaluation"]["thresholds"]
-        except (KeyError, TypeError):
-            return data
-        primary = cls.primary_metric_of(data)
-        if not isinstance(thresholds, dict) or "primary" not in thresholds or not primary:
-            return data
-        thresholds = {k: v for k, v in thresholds.items() if k != "primary"} | {
-            primary: thresholds["primary"]
-        }
-        return {**data, "evaluation": {**data["evaluation"], "thresholds": thresholds}}
-
     @property
     def kind(self) -> tasks.TaskKind:
         return self.task.kind
@@ -315,6 +284,11 @@ class UseCase(_Strict):
     def primary_metric(self) -> str:
         """The metric every stage reports first and decisions rest on."""
         return self.evaluation.primary_metric or self.kind.primary
+
+    @property
+    def text_metric(self) -> str:
+        """The primary metric where only texts are scored: the kind's when it is mean_reward."""
+        return self.kind.primary if self.primary_metric == "mean_reward" else self.primary_metric
 
     @property
     def metric_names(self) -> tuple[str, ...]:

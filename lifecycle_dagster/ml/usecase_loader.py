@@ -17,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from lifecycle_dagster import settings
+from lifecycle_dagster.ml import tasks
 from lifecycle_dagster.ml.errors import InputError
 from lifecycle_dagster.ml.usecase import PROFILES_DIR, USECASES_DIR, UseCase
 
@@ -221,7 +222,7 @@ def load_use_case(
         merged = _deep_merge(merged, data)
     # `thresholds.primary` names the primary metric in the layer that says it, so a later layer's
     # own threshold for that metric still wins (and a later `primary` wins over an earlier metric).
-    primary = UseCase.primary_metric_of(merged)
+    primary = _primary_metric_of(merged)
     if primary:
         layers = [(p, lines, _primary_named(data, primary)) for p, lines, data in layers]
         merged = {}
@@ -230,6 +231,17 @@ def load_use_case(
     use_case = _validate(merged, layers)
     _check_sources_exist(use_case, layers)
     return use_case
+
+
+def _primary_metric_of(data: dict) -> str | None:
+    """The primary metric a merged, unvalidated use case names; None where it cannot tell (an
+    unknown kind, which validation then names)."""
+    try:
+        evaluation = data.get("evaluation") or {}
+        kind = tasks.get((data.get("task") or {}).get("type", "summarisation"))
+        return evaluation.get("primary_metric") or kind.primary
+    except (AttributeError, ValueError):
+        return None
 
 
 def _primary_named(data: dict, metric: str) -> dict:

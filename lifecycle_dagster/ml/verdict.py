@@ -28,7 +28,7 @@ class Assessment:
     suite: str
     results: dict[str, dict[str, float]]
     per_example: list[dict]
-    metric: str = "rouge_l"  # the use case's primary metric
+    metric: str  # the use case's primary metric
     tables: dict[str, list[dict]] = field(default_factory=dict)  # the candidate's (confusion)
     verdicts: list[dict] = field(default_factory=list)
 

@@ -11,7 +11,7 @@ from lifecycle_dagster.ml.data import (
     preference_records,
     sft_records,
 )
-from lifecycle_dagster.ml.evaluate import RewardScorer, evaluate_model
+from lifecycle_dagster.ml.evaluate import RewardScorer, evaluate_model, score_split
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
 
 
@@ -65,20 +65,13 @@ def test_sft_loss_falls_and_adapter_loads_and_generates(
 def test_full_finetune_beats_base_rouge(tmp_path, tiny_base, use_case, data, runtime):
     from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft, train_sft
 
-    rows = data[0]["eval"].rows[:16]
-    prompts = [format_prompt(use_case, r["dialogue"]) for r in rows]
-    refs = [r["summary"] for r in rows]
-    tok = load_tokenizer(tiny_base)
-    before = evaluate_model(
+    split = EvalSplit(use_case, data[0]["eval"].rows[:16])
+    before = score_split(
         load_causal_lm(tiny_base, runtime),
-        tok,
-        prompts,
-        refs,
-        task=use_case.task,
-        metric="rouge_l",
+        load_tokenizer(tiny_base),
+        split,
         max_new_tokens=24,
         batch_size=16,
-        with_perplexity=False,
     )
     train_sft(
         tiny_base,
@@ -88,15 +81,8 @@ def test_full_finetune_beats_base_rouge(tmp_path, tiny_base, use_case, data, run
         runtime,
     )
     assert not (tmp_path / "full" / "adapter_config.json").exists()
-    after = evaluate_model(
-        *load_sft(tiny_base, tmp_path / "full", runtime),
-        prompts,
-        refs,
-        task=use_case.task,
-        metric="rouge_l",
-        max_new_tokens=24,
-        batch_size=16,
-        with_perplexity=False,
+    after = score_split(
+        *load_sft(tiny_base, tmp_path / "full", runtime), split, max_new_tokens=24, batch_size=16
     )
     assert after.metric == "rouge_l"
     assert after.primary > before.primary + 0.05

@@ -56,7 +56,7 @@ def test_classification_scores_accuracy_macro_f1_and_counts_unparsed_as_wrong():
 
 
 def test_classification_reward_and_checks():
-    assert classification.reward(["billing", "delivery", "??"], ["billing"] * 3, LABELS) == [
+    assert classification.KIND.reward(["billing", "delivery", "??"], ["billing"] * 3, LABELS) == [
         1.0,
         0.0,
         -0.5,
@@ -98,7 +98,7 @@ def test_extraction_field_scores_after_normalisation_and_invalid_json_is_a_forma
     assert s.per_example["field_f1"][1] == pytest.approx(0.4)
     assert s.per_example["json_valid"] == [1.0, 1.0, 1.0, 0.0]
     assert s.per_example["format_ok"] == [1.0, 1.0, 0.0, 0.0]
-    assert extraction.reward(preds[::3], [ref] * 2, FIELDS) == [1.0, -0.5]
+    assert extraction.KIND.reward(preds[::3], [ref] * 2, FIELDS) == [1.0, -0.5]
 
 
 def test_extraction_targets_and_fields_are_checked():
@@ -127,7 +127,7 @@ def test_question_answering_exact_match_and_token_f1(pred, ref, em, f1):
     s = tasks.get("question_answering").score([pred], [ref], None)
     assert s.per_example["exact_match"] == [em]
     assert s.per_example["token_f1"][0] == pytest.approx(f1)
-    assert question_answering.reward([pred], [ref]) == pytest.approx([f1])
+    assert question_answering.KIND.reward([pred], [ref], None) == pytest.approx([f1])
 
 
 def test_summarisation_scores_rouge_and_bleu_and_checks_the_sentence():

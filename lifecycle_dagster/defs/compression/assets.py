@@ -20,8 +20,8 @@ CHECKS = {
     "check prompts, every greedy token and the decoded text equal to PyTorch's.",
     "kv_cache_in_use": "Every variant: decoding step by step with the KV cache gives the tokens and "
     "logits of a full recomputation (an export that silently drops its cache fails).",
-    "within_quality_budget": "The deployed variant loses at most the budgeted points of the primary metric and "
-    "percent of mean reward on the eval split against the aligned model in PyTorch.",
+    "within_quality_budget": "The deployed variant loses at most the budgeted points of the "
+    "primary metric and percent of mean reward on the eval split against the aligned model in PyTorch.",
 }
 
 

@@ -16,7 +16,6 @@ from lifecycle_dagster.ml.data import (
     load_preference_data,
     load_task_data,
     overlap,
-    read_rows,
     write_rows,
 )
 from lifecycle_dagster.resources.artifacts import ArtifactStore
@@ -124,13 +123,16 @@ def preference_dataset(
         uc = st.use_case
         task = load_task_data(uc)
         splits = load_preference_data(uc) if uc.data.has_preferences else None
+        rows = {
+            n: splits[n].rows if splits else build_pairs(uc, task[n].rows)
+            for n in ("train", "eval")
+        }
         with st.write() as tmp:
             for name in ("train", "eval"):
                 if splits:
                     snapshot(splits[name], tmp, f"preferences_{name}.jsonl", f"preferences_{name}")
                 else:
-                    write_rows(tmp / f"preferences_{name}.jsonl", build_pairs(uc, task[name].rows))
-        rows = {n: read_rows(st.target / f"preferences_{n}.jsonl") for n in ("train", "eval")}
+                    write_rows(tmp / f"preferences_{name}.jsonl", rows[name])
         same = [r["id"] for s in rows.values() for r in s if r["chosen"] == r["rejected"]]
         leaked = overlap(rows["train"], rows["eval"], "prompt")
         field = uc.task.input_field

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PerExample = dict[str, list[float]]
+INVALID_REWARD = -0.5  # an answer the kind cannot parse at all
 
 
 @dataclass
@@ -44,19 +45,29 @@ class TaskKind:
     metrics: tuple[str, ...]
     primary: str
     score: Callable[[Sequence[str], Sequence[str], Any], Scores]
-    reward: Callable[[Sequence[str], Sequence[str], Any], list[float]]
     target_text: Callable[[Any, Any], str]
+    reward_metric: str  # the verifiable reward: this per-example metric...
+    reward_description: str
+    invalid: str | None = None  # ...or INVALID_REWARD where this per-example check is 0
     check: Callable[[Any], None] = lambda task: None
     length_checked: bool = False  # the suite's min/max words apply (free text)
-    reward_description: str = ""
+
+    def reward(self, completions: Sequence[str], references: Sequence[str], task) -> list[float]:
+        """The verifiable reward of each completion against its reference, from ``score``."""
+        per = self.score(completions, references, task).per_example
+        valid = per[self.invalid] if self.invalid else [1.0] * len(completions)
+        return [
+            v if ok else INVALID_REWARD
+            for v, ok in zip(per[self.reward_metric], valid, strict=True)
+        ]
 
 
 KINDS: dict[str, TaskKind] = {}
 
 
 def register(kind: TaskKind) -> TaskKind:
-    if kind.primary not in kind.metrics:
-        raise ValueError(f"{kind.name}: primary metric {kind.primary} is not among its metrics")
+    if kind.primary not in kind.metrics or kind.reward_metric not in kind.metrics:
+        raise ValueError(f"{kind.name}: its primary and reward metrics must be among its metrics")
     KINDS[kind.name] = kind
     return kind
 

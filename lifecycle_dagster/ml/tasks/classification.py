@@ -69,15 +69,6 @@ def score(predictions: Sequence[str], references: Sequence[str], task) -> Scores
     )
 
 
-def reward(completions: Sequence[str], references: Sequence[str], task) -> list[float]:
-    """1 for the correct label, 0 for a wrong one, -0.5 for no label at all."""
-    out = []
-    for c, r in zip(completions, references, strict=True):
-        answer = parse(c, task.labels)
-        out.append(-0.5 if answer is None else float(answer == (parse(r, task.labels) or r)))
-    return out
-
-
 def check(task) -> None:
     labels = list(task.labels or [])
     if len(labels) < 2:
@@ -137,9 +128,10 @@ KIND = register(
         metrics=("accuracy", "macro_f1"),
         primary="accuracy",
         score=score,
-        reward=reward,
         target_text=target_text,
-        check=check,
+        reward_metric="accuracy",
         reward_description="1 for the correct label, 0 for a wrong one, -0.5 for none",
+        invalid="format_ok",
+        check=check,
     )
 )

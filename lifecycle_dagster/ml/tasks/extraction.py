@@ -77,19 +77,6 @@ def score(predictions: Sequence[str], references: Sequence[str], task) -> Scores
     return Scores(per_example=per, answers=answers)
 
 
-def reward(completions: Sequence[str], references: Sequence[str], task) -> list[float]:
-    """Field F1, or -0.5 for an answer that is not a JSON object."""
-    out = []
-    for c, r in zip(completions, references, strict=True):
-        answer = parse(c)
-        out.append(
-            -0.5
-            if answer is None
-            else field_scores(answer, parse(r) or {}, task.fields)["field_f1"]
-        )
-    return out
-
-
 def check(task) -> None:
     fields = dict(task.fields or {})
     if not fields:
@@ -122,9 +109,10 @@ KIND = register(
         metrics=("field_f1", "field_precision", "field_recall", "json_valid"),
         primary="field_f1",
         score=score,
-        reward=reward,
         target_text=target_text,
-        check=check,
+        reward_metric="field_f1",
         reward_description="field F1, -0.5 for an answer that is not a JSON object",
+        invalid="json_valid",
+        check=check,
     )
 )

@@ -36,11 +36,6 @@ def score(predictions: Sequence[str], references: Sequence[str], task=None) -> S
     )
 
 
-def reward(completions: Sequence[str], references: Sequence[str], task=None) -> list[float]:
-    """Token F1 against the reference answer."""
-    return [token_f1(first_line(c), r) for c, r in zip(completions, references, strict=True)]
-
-
 KIND = register(
     TaskKind(
         name="question_answering",
@@ -48,9 +43,9 @@ KIND = register(
         metrics=("token_f1", "exact_match"),
         primary="token_f1",
         score=score,
-        reward=reward,
         target_text=lambda value, task: str(value),
-        length_checked=True,
+        reward_metric="token_f1",
         reward_description="token F1 against the reference answer",
+        length_checked=True,
     )
 )

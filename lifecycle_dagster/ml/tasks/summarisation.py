@@ -59,11 +59,6 @@ def score(predictions: Sequence[str], references: Sequence[str], task=None) -> S
     )
 
 
-def reward(completions: Sequence[str], references: Sequence[str], task=None) -> list[float]:
-    """ROUGE-L F1 against the reference."""
-    return rouge_scores(completions, references, ("rouge_l",))["rouge_l"]
-
-
 KIND = register(
     TaskKind(
         name="summarisation",
@@ -71,9 +66,9 @@ KIND = register(
         metrics=("rouge_l", "rouge1", "rouge2", "bleu"),
         primary="rouge_l",
         score=score,
-        reward=reward,
         target_text=lambda value, task: str(value),
-        length_checked=True,
+        reward_metric="rouge_l",
         reward_description="ROUGE-L F1 against the reference",
+        length_checked=True,
     )
 )
