@@ -149,10 +149,95 @@ def cmd_run(args) -> int:
     if not result.success:
         for event in result.all_events:
             if event.event_type_value == "STEP_FAILURE":
-                err = event.event_specific_data.error
-                print(f"\n{event.step_key} failed: {err.message.strip()}", file=sys.stderr)
+                cause = root_cause(event.event_specific_data.error)
+                print(f"\n{event.step_key} failed:\n{cause}", file=sys.stderr)
         return 1
     return 1 if any(c.severity.value == "ERROR" for c in failed_checks) else 0
+
+
+def root_cause(error) -> str:
+    """The message of the exception at the bottom of a step failure (a ``file:line: field``
+    fault, not the Dagster wrapper around it), without its class name."""
+    while error.cause is not None:
+        error = error.cause
+    message = error.message.strip()
+    prefix = f"{error.cls_name}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
+
+
+def cmd_validate(args) -> int:
+    """Check a use case, its data and its model source without running anything."""
+    from lifecycle_dagster.ml.data import check_token_lengths, describe_split, validate_data
+    from lifecycle_dagster.ml.errors import InputError, collect
+    from lifecycle_dagster.ml.usecase_loader import load_use_case
+
+    start = time.monotonic()
+    try:
+        uc = load_use_case(args.file, profile=args.profile)
+        errors, task, prefs, tokens = [], None, None, {}
+        try:
+            task, prefs = validate_data(uc)
+            tokens = check_token_lengths(uc, task, settings.state_home() / "cache" / "models")
+        except InputError as exc:
+            errors.append(exc)
+        except ValueError as exc:  # the model cannot prompt the use case as it asks
+            errors.append(InputError(args.file, str(exc)))
+        collect(errors)
+    except InputError as exc:
+        print(f"lifecycle validate: {args.file} is not ready:", file=sys.stderr)
+        print(str(exc), file=sys.stderr)
+        return 2
+    pairs = prefs and f"{len(prefs['train'].rows)} train / {len(prefs['eval'].rows)} held out"
+    lines = {
+        "use case": f"{uc.name} ({uc.kind.name}, primary metric {uc.primary_metric})",
+        "train": f"{len(task['train'].rows)} rows from {task['train'].path}",
+        "eval": f"{len(task['eval'].rows)} rows, {describe_split(task['eval'])}",
+        "preference pairs": pairs if prefs else "none (built from the task data if trained)",
+        "reward": uc.reward_source,
+        "base model": f"{uc.base_model.source} {uc.base_model.path or ''}".strip(),
+        "lengths": (
+            f"longest {tokens['longest_tokens']} of {tokens['context_length']} "
+            f"({tokens['token_check']}; prompts {tokens['prompt_format']})"
+            if "longest_tokens" in tokens
+            else tokens.get("token_check", "-")
+        ),
+    }
+    for key, value in lines.items():
+        print(f"{key:<17} {value}")
+    print(f"\nlifecycle validate: ok in {time.monotonic() - start:.1f}s")
+    return 0
+
+
+def cmd_init(args) -> int:
+    """Draft a commented use case from a data file."""
+    import os
+
+    from lifecycle_dagster.ml.errors import InputError
+    from lifecycle_dagster.ml.scaffold import draft, render
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        print(f"lifecycle init: {out} exists; --force replaces it", file=sys.stderr)
+        return 2
+    data = Path(args.data).resolve()
+    try:
+        found = draft(data, args.task)
+    except (InputError, ValueError) as exc:
+        print(f"lifecycle init: {exc}", file=sys.stderr)
+        return 2
+    name = args.name or "".join(c if c.isalnum() or c in "-_" else "_" for c in data.stem)
+    relative = os.path.relpath(data, out.resolve().parent)
+    out.write_text(render(found, name, relative))
+    print(
+        f"lifecycle init: wrote {out}: {found.kind} ({found.why}); input '{found.input}', "
+        f"target '{found.target}', id {repr(found.id) if found.id else 'by line'}"
+        + (f", {len(found.labels)} labels" if found.labels else "")
+        + (f", fields {', '.join(found.fields)}" if found.fields else "")
+    )
+    print(
+        f"next: lifecycle validate {out} --profile tiny && lifecycle run --profile tiny --config {out}"
+    )
+    return 0
 
 
 def cmd_estimate(args) -> int:
@@ -326,6 +411,19 @@ def main(argv: list[str] | None = None) -> int:
         "--override", help="YAML mapping applied last, e.g. '{adaptation: {max_steps: 10}}'"
     )
     run.set_defaults(func=cmd_run)
+    val = sub.add_parser(
+        "validate", help="check a use case, its data and its model source; run nothing"
+    )
+    val.add_argument("file", help="use-case YAML (complete, or a layer over the profile's)")
+    val.add_argument("--profile", help="validate as layered over this profile")
+    val.set_defaults(func=cmd_validate)
+    ini = sub.add_parser("init", help="draft a commented use case from a data file")
+    ini.add_argument("--data", required=True, help="JSONL, CSV, TSV, Parquet or save_to_disk dir")
+    ini.add_argument("--task", help="the task kind (default: guessed from the columns)")
+    ini.add_argument("--out", default="usecase.yaml", help="where to write (default usecase.yaml)")
+    ini.add_argument("--name", help="the use case's name (default: from the data file)")
+    ini.add_argument("--force", action="store_true", help="replace an existing --out file")
+    ini.set_defaults(func=cmd_init)
     lora_r = SFTMethodConfig.model_fields["lora_r"]
     est = sub.add_parser("estimate", help="what pre-training a model of a given size would cost")
     est.add_argument("--params", required=True, help="parameter count, e.g. 1e9")

@@ -111,12 +111,17 @@ class ServedModel:
     def prompt_for(self, request: GenerateRequest) -> str:
         """The text the model sees: the raw prompt or the use case's template around the input,
         after the model's soft prompt when it has one (prompt tuning)."""
+        from lifecycle_dagster.ml.data import PromptFormat
         from lifecycle_dagster.ml.soft_prompt import with_soft_prompt
 
         prompt = request.prompt
         if prompt is None:
-            prompt = self.serving["prompt_template"].format(
-                instruction=self.serving["instruction"], input=request.input
+            fmt = PromptFormat(**self.serving.get("prompt_format", {}))
+            prompt = fmt.prompt(
+                [],
+                self.serving["prompt_template"].format(
+                    instruction=self.serving["instruction"], input=request.input
+                ),
             )
         return with_soft_prompt(self.tokenizer, [prompt])[0]
 

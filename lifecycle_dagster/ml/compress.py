@@ -279,12 +279,16 @@ def compress(
     return result
 
 
-def serving_manifest(uc, source_model: Path) -> dict:
-    """What a server needs beside the ONNX folder to prompt the model as the lifecycle trained it."""
+def serving_manifest(uc, source_model: Path, fmt=None) -> dict:
+    """What a server needs beside the ONNX folder to prompt the model as the lifecycle trained it:
+    the use case's template (labels filled in) and the model's prompt format (a ``PromptFormat``:
+    its chat template, if it is prompted through one)."""
+    labels = ", ".join(uc.task.labels)
     return {
         "use_case": uc.name,
-        "prompt_template": uc.task.prompt_template,
-        "instruction": uc.task.instruction,
+        "prompt_template": uc.task.prompt_template.replace("{labels}", labels),
+        "instruction": uc.task.instruction.replace("{labels}", labels),
+        "prompt_format": dict(fmt.__dict__) if fmt is not None else {},
         "max_new_tokens": uc.evaluation.max_new_tokens,
         "source_model": str(source_model),
     }

@@ -128,6 +128,38 @@ def load_tokenizer(path: Path, padding_side: str = "left"):
     return tok
 
 
+def source_tokenizer(spec, cache_dir: Path | None = None):
+    """The tokenizer and context length of the model a ``BaseModelSpec`` names, without loading
+    its weights: a local directory's, a GGUF file's (from its conversion when cached), a hub id's
+    when it is in the local cache. None for a model pre-trained from scratch (its tokenizer is
+    trained from the data) or a hub model not cached here."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    kwargs: dict = dict(LOAD_KW)
+    where: str | Path = str(spec.path)
+    if spec.source == "scratch":
+        return None
+    if spec.source == "gguf":
+        from lifecycle_dagster.ml.artifacts import file_sha256
+
+        gguf = Path(spec.path)
+        cached = Path(cache_dir) / file_sha256(gguf)[:16] if cache_dir else None
+        if cached is not None and (cached / "MANIFEST.json").exists():
+            where = cached
+        else:
+            where, kwargs["gguf_file"] = gguf.parent, gguf.name
+    elif spec.source == "hub":
+        kwargs |= {"revision": spec.revision, "local_files_only": True}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except OSError:
+        if spec.source == "hub":
+            return None
+        raise
+    return tokenizer, getattr(config, "max_position_embeddings", None)
+
+
 def load_causal_lm(
     path: Path, runtime: Runtime, adapter: Path | None = None, training: bool = False
 ):

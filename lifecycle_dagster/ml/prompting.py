@@ -67,7 +67,7 @@ def score_prompting(
     if uc.kind.name == "classification":
         strategies.append(label_scoring(model, tokenizer, split, metric, batch_size, log))
     best = max((r for r in strategies if r["shots"] is not None), key=lambda r: r[metric])
-    template = format_prompt(uc, "{input}", examples[: best["shots"]])
+    template = format_prompt(uc, "{input}", examples[: best["shots"]], split.fmt)
     return PromptingResult(metric, strategies, template)
 
 

@@ -44,6 +44,11 @@ class TaskSpec(_Strict):
         default="{instruction}\n\n{input}\n\nAnswer:",
         description="Template of one query; {instruction}, {input} and {labels} are filled in.",
     )
+    chat_template: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Prompt through the model's chat template, the filled-in template being the "
+        "user turn: auto (when the model has one, as instruct models do), always, never.",
+    )
     input_field: str = Field("input", description="The column the model reads.")
     target_field: str = Field("target", description="The column it should answer.")
     labels: list[str] = Field(
@@ -71,8 +76,25 @@ class TaskSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    train: Path
-    eval: Path
+    """The data files: JSONL, CSV/TSV, Parquet or a ``datasets.save_to_disk`` directory (the format
+    told by the name unless ``format`` says it). Without an eval file the pipeline holds out a
+    seeded share of the train file (per label for a classification), or takes a DatasetDict's
+    validation/test split."""
+
+    train: Path = Field(description="Task examples: a file, or a save_to_disk directory.")
+    eval: Path | None = Field(None, description="Held-out task examples (None: split from train).")
+    format: Literal["jsonl", "csv", "tsv", "parquet", "arrow"] | None = Field(
+        None, description="The files' format (None: from each file's suffix)."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Field -> the column holding it, e.g. {input: 'Customer message', id: "
+        "ticket}; fields are id, the task's input and target fields, prompt, chosen, rejected.",
+    )
+    eval_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Without an eval file: the share of train held out."
+    )
+    split_seed: int = Field(0, description="Without an eval file: the seed of the split.")
     preferences_train: Path | None = Field(
         None, description="Preference pairs (id, prompt, chosen, rejected); optional."
     )
@@ -309,6 +331,15 @@ class UseCase(_Strict):
                     f"{where}: '{metric}' is not a metric of {self.kind.name}; "
                     f"known: {', '.join(known)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _chat_template_possible(self) -> UseCase:
+        if self.task.chat_template == "always" and self.base_model.source == "scratch":
+            raise ValueError(
+                "task.chat_template: 'always' needs a model with a chat template; one pre-trained "
+                "from scratch has none"
+            )
         return self
 
     @model_validator(mode="after")

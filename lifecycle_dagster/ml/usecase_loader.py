@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from lifecycle_dagster import settings
 from lifecycle_dagster.ml import tasks
-from lifecycle_dagster.ml.errors import InputError
+from lifecycle_dagster.ml.errors import InputError, collect
 from lifecycle_dagster.ml.usecase import PROFILES_DIR, USECASES_DIR, UseCase
 
 
@@ -103,15 +103,18 @@ def _validate(raw: dict, sources: list[tuple[Path, dict[tuple, int], dict]]) -> 
     try:
         return UseCase.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-after"))
-        # The error belongs to the last file that set this field (an override wins).
-        path, lines = sources[0][0], sources[0][1]
-        for src_path, src_lines, src_raw in sources:
-            if _has_path(src_raw, loc):
-                path, lines = src_path, src_lines
-        field = ".".join(str(p) for p in loc) or None
-        raise InputError(path, err["msg"], line=_nearest_line(lines, loc), field=field) from None
+        errors = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not str(p).startswith("function-after"))
+            # The error belongs to the last file that set this field (an override wins).
+            path, lines = sources[0][0], sources[0][1]
+            for src_path, src_lines, src_raw in sources:
+                if _has_path(src_raw, loc):
+                    path, lines = src_path, src_lines
+            field = ".".join(str(p) for p in loc) or None
+            errors.append(InputError(path, err["msg"], line=_nearest_line(lines, loc), field=field))
+        collect(errors)
+        raise  # pragma: no cover (a ValidationError has errors)
 
 
 def _has_path(raw: Any, loc: tuple) -> bool:
@@ -189,6 +192,9 @@ def load_use_case(
     ``use_case_file`` may be a complete use case or a partial one layered over the base.
     """
     layers: list[tuple[Path, dict[tuple, int], dict]] = []
+    if use_case_file is not None and profile and not use_case and _complete(Path(use_case_file)):
+        # A complete use case (``lifecycle init`` writes one) takes the place of the profile's.
+        use_case, use_case_file = str(Path(use_case_file).resolve()), None
     if use_case and not profile:
         base_path = packaged_use_case(use_case)
         bdata, blines = _load_yaml(base_path)
@@ -233,6 +239,13 @@ def load_use_case(
     return use_case
 
 
+def _complete(path: Path) -> bool:
+    """Whether a use-case file stands alone (it has a name, a task and data), rather than being
+    a partial layer over a base use case."""
+    data, _ = _load_yaml(path)
+    return {"name", "task", "data"} <= set(data)
+
+
 def _primary_metric_of(data: dict) -> str | None:
     """The primary metric a merged, unvalidated use case names; None where it cannot tell (an
     unknown kind, which validation then names)."""
@@ -254,12 +267,16 @@ def _primary_named(data: dict, metric: str) -> dict:
 
 
 def _check_sources_exist(uc: UseCase, layers: list[tuple[Path, dict[tuple, int], dict]]) -> None:
+    errors: list[InputError] = []
+
     def fail(loc: tuple, message: str) -> None:
         path, lines = layers[0][0], layers[0][1]
         for src_path, src_lines, src_raw in layers:
             if _has_path(src_raw, loc):
                 path, lines = src_path, src_lines
-        raise InputError(path, message, line=_nearest_line(lines, loc), field=".".join(loc))
+        errors.append(
+            InputError(path, message, line=_nearest_line(lines, loc), field=".".join(loc))
+        )
 
     for key, path in uc.data.files().items():
         if not path.exists():
@@ -273,13 +290,15 @@ def _check_sources_exist(uc: UseCase, layers: list[tuple[Path, dict[tuple, int],
         if not Path(bm.path).is_file():
             hint = " (`make models` fetches the demo model)" if "SmolLM2" in bm.path else ""
             fail(("base_model", "path"), f"GGUF file not found: {bm.path}{hint}")
-        with Path(bm.path).open("rb") as f:
-            if f.read(4) != b"GGUF":
-                fail(("base_model", "path"), f"{bm.path} is not a GGUF file (no GGUF magic)")
+        else:
+            with Path(bm.path).open("rb") as f:
+                if f.read(4) != b"GGUF":
+                    fail(("base_model", "path"), f"{bm.path} is not a GGUF file (no GGUF magic)")
     if uc.reward.path:
         fault = model_dir_fault(Path(uc.reward.path), "reward model")
         if fault:
             fail(("reward", "path"), fault)
+    collect(errors)
 
 
 def model_dir_fault(path: Path, what: str = "model") -> str | None:

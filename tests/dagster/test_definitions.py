@@ -28,6 +28,7 @@ EXPECTED_ASSETS = {
 }
 EXPECTED_CHECKS = {
     ("task_dataset", "no_train_eval_leakage"),
+    ("task_dataset", "no_near_duplicates"),
     ("preference_dataset", "pairs_are_distinct"),
     ("preference_dataset", "no_task_eval_in_pairs"),
     ("preference_dataset", "no_train_eval_leakage"),

@@ -330,8 +330,16 @@ def test_bad_data_stops_the_run_before_training_and_keeps_last_good(
     del row["summary"]
     lines[4] = json.dumps(row)
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    # And a pair whose responses are the same in the preference file.
+    pairs = (data / "preferences_train.jsonl").read_text().splitlines()
+    pair = json.loads(pairs[2])
+    pairs[2] = json.dumps({**pair, "rejected": pair["chosen"]})
+    (data / "preferences_train.jsonl").write_text("\n".join(pairs) + "\n")
     layer = tmp_path / "bad.yaml"
-    layer.write_text(f"data:\n  train: {data / 'train.jsonl'}\n")
+    layer.write_text(
+        f"data:\n  train: {data / 'train.jsonl'}\n"
+        f"  preferences_train: {data / 'preferences_train.jsonl'}\n"
+    )
     result = job.execute_in_process(
         instance=instance,
         partition_key=name,
@@ -340,11 +348,12 @@ def test_bad_data_stops_the_run_before_training_and_keeps_last_good(
     )
     assert not result.success
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    # Both data assets read the task file (pairs can be built from it), and both refuse it.
+    # Both data assets validate every file, and both refuse them, naming each fault.
     assert sorted(e.step_key for e in failures) == ["preference_dataset", "task_dataset"]
     for failure in failures:
         message = failure.event_specific_data.error.to_string()
-        assert f"{data / 'train.jsonl'}:5" in message and "field 'summary'" in message
+        assert f"{data / 'train.jsonl'}:5: field 'summary': missing" in message
+        assert f"{data / 'preferences_train.jsonl'}:3: field 'rejected': the same" in message
     ran = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
     assert not ran & {"base_model", "sft_adapter", "reward_model", "aligned_model"}
     assert latest_storage_id(instance, "task_dataset", name) == good_task

@@ -6,7 +6,7 @@ from lifecycle_dagster.lib.configs import SFTAdapterConfig
 from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import prompt_baseline_result, sft_result
 from lifecycle_dagster.lib.stage import stage
-from lifecycle_dagster.ml.data import EvalSplit, read_rows, sft_records
+from lifecycle_dagster.ml.data import EvalSplit, PromptFormat, read_rows, sft_records
 from lifecycle_dagster.ml.evaluate import score_split
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
 from lifecycle_dagster.ml.prompting import score_prompting
@@ -41,7 +41,7 @@ def prompt_baseline(
         result = score_prompting(
             load_causal_lm(model_dir, runtime),
             load_tokenizer(model_dir),
-            EvalSplit.read(uc, data),
+            EvalSplit.read(uc, data, model_dir),
             read_rows(data / "train.jsonl"),
             uc.prompting.shots,
             max_new_tokens=uc.prompting.max_new_tokens,
@@ -77,7 +77,8 @@ def sft_adapter(
         st.run.log_params({**method.model_dump(), "lora_alpha": method.scaling_alpha})
         model_dir = model_dir_of(artifact_store.upstream(context, "base_model"))
         data = artifact_store.upstream(context, "task_dataset")
-        records = sft_records(uc, read_rows(data / "train.jsonl"))
+        fmt = PromptFormat.read(model_dir)
+        records = sft_records(uc, read_rows(data / "train.jsonl"), fmt)
         st.log(f"sft_adapter: {method.method}, {method.max_steps} steps on {runtime.describe()}")
         with st.write() as tmp:
             result = train_sft(
@@ -94,7 +95,7 @@ def sft_adapter(
         after = score_split(
             model,
             tok,
-            EvalSplit.read(uc, data),
+            EvalSplit.read(uc, data, model_dir),
             max_new_tokens=uc.evaluation.max_new_tokens,
             batch_size=uc.evaluation.batch_size,
             log=st.log,

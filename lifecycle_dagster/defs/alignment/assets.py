@@ -10,6 +10,7 @@ from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.align import align_and_score
 from lifecycle_dagster.ml.data import (
     EvalSplit,
+    PromptFormat,
     preference_records,
     prompts_for,
     read_rows,
@@ -45,9 +46,10 @@ def reward_model(
         uc = st.use_case
         runtime = compute.runtime(uc.compute)
         prefs = artifact_store.upstream(context, "preference_dataset")
-        train = preference_records(uc, read_rows(prefs / "preferences_train.jsonl"))
-        held_out = preference_records(uc, read_rows(prefs / "preferences_eval.jsonl"))
         base = model_dir_of(artifact_store.upstream(context, "base_model"))
+        fmt = PromptFormat.read(base)
+        train = preference_records(uc, read_rows(prefs / "preferences_train.jsonl"), fmt)
+        held_out = preference_records(uc, read_rows(prefs / "preferences_eval.jsonl"), fmt)
         st.run.log_params({"reward.source": uc.reward_source, **uc.reward.model_dump()})
         with st.write() as tmp:
             result = reward_model_for(uc, base, train, held_out, tmp, runtime, log=st.log)
@@ -81,10 +83,12 @@ def aligned_model(
         data = artifact_store.upstream(context, "task_dataset")
         prefs = artifact_store.upstream(context, "preference_dataset")
         rows = read_rows(data / "train.jsonl")
+        base = model_dir_of(artifact_store.upstream(context, "base_model"))
+        fmt = PromptFormat.read(base)
         # The SFT model as one network (LoRA merged, a soft prompt baked into the vocabulary), with
         # the tokenizer that prompts it.
         policy, tok = load_sft(
-            model_dir_of(artifact_store.upstream(context, "base_model")),
+            base,
             artifact_store.upstream(context, "sft_adapter") / "adapter",
             runtime,
             merge=True,
@@ -97,13 +101,14 @@ def aligned_model(
                 tmp / "model",
                 method,
                 runtime,
-                prompts=prompts_for(uc, rows),
+                prompts=prompts_for(uc, rows, fmt=fmt),
                 references=references(uc, rows),
-                pairs=preference_records(uc, read_rows(prefs / "preferences_train.jsonl")),
+                pairs=preference_records(uc, read_rows(prefs / "preferences_train.jsonl"), fmt),
                 scorer=load_reward(artifact_store.upstream(context, "reward_model"), uc, runtime),
-                split=EvalSplit.read(uc, data),
+                split=EvalSplit.read(uc, data, base),
                 max_new_tokens=uc.evaluation.max_new_tokens,
                 batch_size=uc.evaluation.batch_size,
                 log=st.log,
             )
+            fmt.write(tmp / "model")  # the aligned model is prompted as its base was
         return aligned_result(st, result, method, runtime.describe())

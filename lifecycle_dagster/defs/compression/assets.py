@@ -60,7 +60,7 @@ def onnx_model(
                 f"{verdict.get('verdict', 'none')}); the candidate below thresholds is not exported"
             )
         source = Path(verdict["candidate_path"]) / "model"
-        split = EvalSplit.read(uc, artifact_store.upstream(context, "task_dataset"))
+        split = EvalSplit.read(uc, artifact_store.upstream(context, "task_dataset"), source)
         st.run.log_params({f"compression.{k}": v for k, v in uc.compression.model_dump().items()})
         with st.write() as tmp:
             result = compress(
@@ -76,7 +76,7 @@ def onnx_model(
                     uc.primary_metric: verdict.get(f"aligned_{uc.primary_metric}"),
                     "mean_reward": verdict.get("aligned_mean_reward"),
                 },
-                serving=serving_manifest(uc, source),
+                serving=serving_manifest(uc, source, split.fmt),
                 log=st.log,
             )
         return onnx_result(st, result, source, split)

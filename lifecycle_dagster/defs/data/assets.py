@@ -2,10 +2,12 @@
 artifact holds the rows every later stage reads (targets as the task kind trains on them) and, under
 ``source/``, the files they came from, which the data sensor compares with the files now."""
 
+import json
 import shutil
 
 import dagster as dg
 
+from lifecycle_dagster import settings
 from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES
 from lifecycle_dagster.lib.render import table
 from lifecycle_dagster.lib.results import check
@@ -13,9 +15,11 @@ from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.artifacts import file_sha256
 from lifecycle_dagster.ml.data import (
     build_pairs,
-    load_preference_data,
-    load_task_data,
+    check_token_lengths,
+    describe_split,
+    near_duplicates,
     overlap,
+    validate_data,
     write_rows,
 )
 from lifecycle_dagster.resources.artifacts import ArtifactStore
@@ -23,12 +27,16 @@ from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 
 def snapshot(split, tmp, name: str, field: str) -> None:
-    """Write a validated split's rows as ``name`` and copy its source file to ``source/<field>``,
-    refusing it if the file changed since it was validated."""
+    """Write a validated split's rows as ``name`` and copy its source (a file, or a save_to_disk
+    directory) to ``source/<field>``, refusing it if it changed since it was validated."""
     write_rows(tmp / name, split.rows)
     (tmp / "source").mkdir(exist_ok=True)
-    shutil.copy(split.path, tmp / "source" / field)
-    if file_sha256(tmp / "source" / field) != split.sha256:
+    copy = tmp / "source" / field
+    if split.path.is_dir():
+        shutil.copytree(split.path, copy, ignore=shutil.ignore_patterns("*.lock"))
+        return
+    shutil.copy(split.path, copy)
+    if file_sha256(copy) != split.sha256:
         raise dg.Failure(f"{split.path} changed while it was being validated; run again")
 
 
@@ -37,7 +45,7 @@ def snapshot(split, tmp, name: str, field: str) -> None:
     partitions_def=USE_CASES,
     kinds={"json", "mlflow"},
     owners=OWNERS,
-    code_version="1",
+    code_version="2",
     deps=["use_case"],
     check_specs=[
         dg.AssetCheckSpec(
@@ -45,7 +53,13 @@ def snapshot(split, tmp, name: str, field: str) -> None:
             asset="task_dataset",
             blocking=True,
             description="No eval input also occurs in the train split.",
-        )
+        ),
+        dg.AssetCheckSpec(
+            "no_near_duplicates",
+            asset="task_dataset",
+            description="No eval input matches a train input once normalised (case, punctuation, "
+            "articles, spacing).",
+        ),
     ],
 )
 def task_dataset(
@@ -53,33 +67,44 @@ def task_dataset(
     artifact_store: ArtifactStore,
     mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
-    """Task examples (input, reference output) in train and eval splits, validated on load."""
+    """Task examples (input, reference output) in train and eval splits. Every data file of the use
+    case (task and preference files, any format) is validated here, in rows and in tokens against
+    the model's context where its tokenizer is at hand, so a fault stops the run before training."""
     with stage(context, "task_dataset", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
-        splits = load_task_data(uc)
+        splits, _ = validate_data(uc)
+        tokens = check_token_lengths(uc, splits, settings.state_home() / "cache" / "models")
         with artifact_store.write(st.target) as tmp:
-            for name, split in splits.items():
-                snapshot(split, tmp, f"{name}.jsonl", name)
-        leaked = overlap(splits["train"].rows, splits["eval"].rows, uc.task.input_field)
-        stats = [{"split": n, **s.stats} for n, s in splits.items()]
+            snapshot(splits["train"], tmp, "train.jsonl", "train")
+            if splits["eval"].split:  # held out of the train file: the rows are the snapshot
+                write_rows(tmp / "eval.jsonl", splits["eval"].rows)
+                (tmp / "split.json").write_text(json.dumps(splits["eval"].split, indent=2))
+            else:
+                snapshot(splits["eval"], tmp, "eval.jsonl", "eval")
+        field = uc.task.input_field
+        leaked = overlap(splits["train"].rows, splits["eval"].rows, field)
+        near = near_duplicates(splits["train"].rows, splits["eval"].rows, field)
         st.run.log_params({f"{n}.sha256": s.sha256 for n, s in splits.items()})
         return st.result(
             metrics={
                 "train_rows": len(splits["train"].rows),
                 "eval_rows": len(splits["eval"].rows),
                 "leaked_rows": leaked,
+                "near_duplicates": len(near),
             },
             metadata={
-                "splits": table(stats),
-                "source": dg.MetadataValue.path(str(uc.data.train.parent)),
+                "splits": table([{"split": n, **s.stats} for n, s in splits.items()]),
+                "source": dg.MetadataValue.path(str(uc.data.train)),
+                "eval_split": describe_split(splits["eval"]),
+                **tokens,
             },
             check_results=[
-                dg.AssetCheckResult(
-                    check_name="no_train_eval_leakage",
-                    passed=leaked == 0,
-                    severity=dg.AssetCheckSeverity.ERROR,
-                    metadata={"leaked_rows": leaked},
-                )
+                check("no_train_eval_leakage", leaked == 0, {"leaked_rows": leaked}, True),
+                check(
+                    "no_near_duplicates",
+                    not near,
+                    {"rows": len(near), "first_ids": ", ".join(near[:5])},
+                ),
             ],
         )
 
@@ -121,8 +146,7 @@ def preference_dataset(
     out: the use case's preference files, or pairs built from the task data when it has none."""
     with stage(context, "preference_dataset", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
-        task = load_task_data(uc)
-        splits = load_preference_data(uc) if uc.data.has_preferences else None
+        task, splits = validate_data(uc)
         rows = {
             n: splits[n].rows if splits else build_pairs(uc, task[n].rows)
             for n in ("train", "eval")

@@ -97,7 +97,11 @@ def evaluation(
     verdict against the thresholds, and the comparison with the registry's champion."""
     with stage(context, "evaluation", artifact_store, mlflow_tracking) as st:
         uc, runtime = st.use_case, compute.runtime(st.use_case.compute)
-        split = EvalSplit.read(uc, artifact_store.upstream(context, "task_dataset"))
+        split = EvalSplit.read(
+            uc,
+            artifact_store.upstream(context, "task_dataset"),
+            model_dir_of(artifact_store.upstream(context, "base_model")),
+        )
         result = assess(
             _candidates(context, artifact_store, uc, runtime, split),
             split,

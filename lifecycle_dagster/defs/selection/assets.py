@@ -6,8 +6,8 @@ from lifecycle_dagster import settings
 from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import base_model_result
 from lifecycle_dagster.lib.stage import stage
-from lifecycle_dagster.ml.data import read_rows
-from lifecycle_dagster.ml.models import materialize_base_model
+from lifecycle_dagster.ml.data import PromptFormat, read_rows
+from lifecycle_dagster.ml.models import load_tokenizer, materialize_base_model
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
@@ -54,4 +54,5 @@ def base_model(
                 cache_dir=settings.state_home() / "cache" / "models",
                 adaptation=uc.adaptation,
             )
+            PromptFormat.of(uc, load_tokenizer(tmp / "model")).write(tmp / "model")
         return base_model_result(st, result, runtime)
