@@ -161,8 +161,8 @@ def root_cause(error) -> str:
     while error.cause is not None:
         error = error.cause
     message = error.message.strip()
-    prefix = f"{error.cls_name}: "
-    return message[len(prefix) :] if message.startswith(prefix) else message
+    head, sep, rest = message.partition(f"{error.cls_name}: ")
+    return rest if sep and " " not in head else message
 
 
 def cmd_validate(args) -> int:
