@@ -23,7 +23,7 @@ SUMMARY_METRICS = {
     "prompt_baseline": ["zero_shot_{metric}", "best_{metric}"],
     "sft_adapter": ["loss_start", "loss_end", "{metric}_after"],
     "reward_model": ["pairwise_accuracy"],
-    "aligned_model": ["reward_before", "reward_after", "mean_kl"],
+    "aligned_model": ["reward_before", "reward_after", "mean_kl", "candidate"],
     "evaluation": ["{metric}", "mean_reward", "perplexity", "verdict"],
     "onnx_model": ["selected_variant", "size_ratio", "speedup", "onnx_{metric}", "{metric}_drop"],
     "champion_model": ["onnx_champion", "aligned_champion"],

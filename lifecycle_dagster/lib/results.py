@@ -230,10 +230,17 @@ def prompt_baseline_result(st: Stage, result) -> dg.MaterializeResult:
     )
 
 
-def reward_result(st: Stage, outcome, held_out: int, device: str) -> dg.MaterializeResult:
-    """The reward model: where it came from, its loss curve and its held-out ranking."""
+def reward_result(
+    st: Stage, outcome, held_out: int, device: str, weak: str | None, sampled: int = 0
+) -> dg.MaterializeResult:
+    """The reward model: where it came from, its loss curve, its held-out ranking and whether it
+    is strong enough to align against."""
     st.run.log_curve("train_loss", outcome.loss_curve)
+    if weak:
+        st.log(f"reward_model: WARNING too weak to trust: {weak}; alignment will be skipped")
     meta = {
+        "trusted": "no: " + weak if weak else "yes",
+        "rejected_from_sft": sampled,
         "source": outcome.source,
         "reward": outcome.description,
         "held_out_pairs": held_out,
@@ -266,6 +273,8 @@ def aligned_result(st: Stage, outcome, method, device: str) -> dg.MaterializeRes
         {"reward_after": after.mean_reward, f"{after.metric}_after": after.primary},
     )
     meta = {
+        "candidate": outcome.kept,
+        "candidate_reason": outcome.reason,
         "method": method.method,
         "beta": method.beta,
         "soft_prompt_tokens": outcome.soft_prompt_tokens,

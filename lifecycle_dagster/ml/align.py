@@ -10,6 +10,8 @@ before every prompt, frozen (only the linear layers get LoRA), and never samples
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,8 +201,30 @@ class AlignOutcome:
 
     result: AlignResult
     before: object  # EvalResult of the SFT policy
-    after: object  # EvalResult of the saved aligned model
+    after: object  # EvalResult of the aligned model (the SFT policy's when skipped)
     soft_prompt_tokens: int
+    kept: str = "aligned"  # the attempt's candidate saved in out_dir: "aligned" or "sft"
+    reason: str = ""  # why
+
+
+def better_of(before, after) -> tuple[str, str]:
+    """Which of the SFT model (``before``) and the aligned one (``after``), both scored on the eval
+    split, is the attempt's candidate: the better on the primary metric, the aligned one on a tie
+    unless it lowered the reward."""
+    m = after.metric
+    gained = after.primary - before.primary
+    reward_kept = (after.mean_reward or 0.0) >= (before.mean_reward or 0.0)
+    if gained > 0 or (gained == 0 and reward_kept):
+        return (
+            "aligned",
+            f"alignment kept or raised {m} ({before.primary:.4f} -> {after.primary:.4f})",
+        )
+    what = (
+        f"{m} {before.primary:.4f} -> {after.primary:.4f}"
+        if gained
+        else (f"reward {before.mean_reward:.4f} -> {after.mean_reward:.4f} at equal {m}")
+    )
+    return "sft", f"alignment lowered {what}: the SFT model is the attempt's candidate"
 
 
 def align_and_score(
@@ -218,9 +242,12 @@ def align_and_score(
     max_new_tokens: int,
     batch_size: int,
     log: Log | None = None,
+    skip: str | None = None,
 ) -> AlignOutcome:
-    """Score the SFT ``policy`` on ``split`` (an ``EvalSplit``) with the reward model, align it,
-    save it to ``out_dir``, and score the saved model the way the later stages load it."""
+    """Score the SFT ``policy`` on ``split`` (an ``EvalSplit``) with the reward, align it and
+    score the aligned model the way the later stages load it; save the better of the two
+    (``better_of``) to ``out_dir``, the attempt's candidate. With ``skip`` (why: a reward model
+    too weak to trust) nothing is trained and the SFT model is the candidate."""
     from lifecycle_dagster.ml.evaluate import score_split
     from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
     from lifecycle_dagster.ml.soft_prompt import soft_tokens
@@ -239,6 +266,18 @@ def align_and_score(
 
     soft = len(soft_tokens(tokenizer))
     before = score(policy, tokenizer, "aligned_model[sft eval]")
+    out_dir = Path(out_dir)
+    if skip:
+        if log:
+            log(f"aligned_model: alignment skipped: {skip}")
+        policy.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        skipped = AlignResult(path=out_dir, method="skipped", mean_kl=None)
+        return AlignOutcome(skipped, before, before, soft, "sft", f"alignment skipped: {skip}")
+    # The SFT model as it is now, kept in case alignment makes it worse.
+    sft_copy = out_dir.parent / f".{out_dir.name}-sft"
+    policy.save_pretrained(sft_copy, safe_serialization=True)
+    tokenizer.save_pretrained(sft_copy)
     policy.train()
     result = align(
         policy,
@@ -253,4 +292,12 @@ def align_and_score(
         log=log,
     )
     after = score(load_causal_lm(out_dir, runtime), load_tokenizer(out_dir), "aligned_model[eval]")
-    return AlignOutcome(result=result, before=before, after=after, soft_prompt_tokens=soft)
+    kept, reason = better_of(before, after)
+    if kept == "sft":
+        shutil.rmtree(out_dir)
+        os.replace(sft_copy, out_dir)
+    else:
+        shutil.rmtree(sft_copy)
+    if log:
+        log(f"aligned_model: {reason}")
+    return AlignOutcome(result, before, after, soft, kept, reason)

@@ -156,12 +156,78 @@ def describe_reward(uc) -> str:
     if source == "existing":
         return f"an existing reward model ({spec.path})"
     if source == "train":
-        pairs = "preference files" if uc.data.has_preferences else "pairs built from the task data"
+        pairs = (
+            "preference files"
+            if uc.data.has_preferences
+            else "pairs built from the task data (the reference over the SFT model's worse "
+            "answer, else over another row's reference)"
+        )
         return f"a reward model trained on {pairs}"
     text = f"the {uc.kind.name} verifiable reward ({uc.kind.reward_description})"
     if spec.model_weight:
         text += f" + {spec.model_weight:g} x the reward model at {spec.path}"
     return text
+
+
+def with_sft_rejections(
+    uc,
+    rows: dict[str, list[dict]],
+    load_sft,
+    fmt,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    log=None,
+) -> tuple[dict[str, list[dict]], int]:
+    """Pairs built from the task data (no preference files, a reward model to train) with the
+    SFT model's answer as the rejected response wherever it scores worse than the reference on
+    the primary metric; elsewhere (the SFT model already answers as the reference does) the
+    other row's reference stays. ``load_sft`` gives the model and tokenizer, loaded only when
+    needed. Returns the pairs and how many rejections are the SFT model's."""
+    from lifecycle_dagster.ml.data import format_prompt
+    from lifecycle_dagster.ml.evaluate import generate
+    from lifecycle_dagster.ml.tasks import normalize_text
+
+    if uc.reward_source != "train" or uc.data.has_preferences:
+        return rows, 0
+    model, tokenizer = load_sft()
+    out, sampled = {}, 0
+    for name, pairs in rows.items():
+        answers = generate(
+            model,
+            tokenizer,
+            [format_prompt(uc, r["prompt"], fmt=fmt) for r in pairs],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            log=log,
+            stage=f"reward_model[sft answers, {name}]",
+        )
+        per = uc.kind.score(answers, [r["chosen"] for r in pairs], uc.task).per_example
+        scores = per.get(uc.text_metric) or per[uc.kind.reward_metric]
+        out[name] = []
+        for row, answer, score in zip(pairs, answers, scores, strict=True):
+            worse = answer.strip() and score < 1.0
+            if worse and normalize_text(answer) != normalize_text(row["chosen"]):
+                out[name].append({**row, "rejected": answer})
+                sampled += 1
+            else:
+                out[name].append(row)
+    if log:
+        total = sum(len(v) for v in rows.values())
+        log(f"reward_model: {sampled} of {total} rejected responses are the SFT model's answers")
+    return out, sampled
+
+
+def weak_reward(uc, accuracy: float | None) -> str | None:
+    """Why the reward model is too weak to align against (its held-out pairwise accuracy under
+    ``reward.min_pairwise_accuracy``), or None."""
+    floor = uc.reward.min_pairwise_accuracy
+    if accuracy is None or floor is None or accuracy >= floor:
+        return None
+    return (
+        f"the reward model ranks {accuracy:.0%} of held-out pairs right, under the "
+        f"{floor:.0%} reward.min_pairwise_accuracy asks"
+    )
 
 
 def reward_model_for(

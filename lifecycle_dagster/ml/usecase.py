@@ -161,6 +161,13 @@ class RewardSpec(RewardMethodConfig):
     model_weight: float = Field(
         0.0, ge=0, description="verifiable: weight of the reward model at path, mixed in."
     )
+    min_pairwise_accuracy: float | None = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="A reward model ranking fewer held-out pairs right than this is too weak to "
+        "trust: alignment against it is skipped and the SFT model is the candidate (None: any).",
+    )
 
     @model_validator(mode="after")
     def _path_given(self) -> RewardSpec:

@@ -131,8 +131,9 @@ def test_new_dataset_carries_down_the_graph_but_not_past_a_failed_gate(instance)
     _materialize(instance, "task_dataset", blocking["task_dataset"])
     result = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=quiet.cursor)
     requested = {k for k in DOWNSTREAM if result.get_num_requested(dg.AssetKey(k))}
-    # The reward model learns from the preference pairs, not the task data: it stays.
-    assert requested == set(DOWNSTREAM) - {"reward_model"}
+    # Everything downstream follows, the reward model too (its pairs can hold the SFT model's
+    # answers).
+    assert requested == set(DOWNSTREAM)
 
     for key in DOWNSTREAM:
         _materialize(instance, key, blocking[key])

@@ -88,6 +88,7 @@ def test_checks_jobs_sensor_schedule():
     adaptation = d.resolve_job_def("adaptation_job")
     assert {k.to_user_string() for k in adaptation.asset_layer.executable_asset_keys} == {
         "sft_adapter",
+        "reward_model",  # its pairs can hold the SFT model's answers
         "aligned_model",
         "evaluation",
         "onnx_model",

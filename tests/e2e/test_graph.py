@@ -145,6 +145,15 @@ def test_stages_moved_metrics_the_right_way(lifecycle_run, instance):
     results = summary["results"]
     assert set(results) == {"base", "prompt_baseline", "sft", "aligned"}
     assert results["aligned"]["mean_reward"] >= results["sft"]["mean_reward"]
+    # GRPO raised the reward it optimises; the attempt's candidate is whichever of the SFT and
+    # the aligned model scored the better ROUGE-L, and evaluation scored that one.
+    aligned = meta(instance, "aligned_model")
+    assert aligned["reward_after"] > aligned["reward_before"]
+    better = "aligned" if aligned["rouge_l_after"] >= aligned["rouge_l_before"] else "sft"
+    assert aligned["candidate"] == better, aligned["candidate_reason"]
+    assert results["aligned"]["rouge_l"] == pytest.approx(
+        max(aligned["rouge_l_after"], aligned["rouge_l_before"]), abs=0.02
+    )
     assert results["sft"]["rouge_l"] > results["base"]["rouge_l"]
     assert summary["passed"] is True
     assert "| model |" in meta(instance, "evaluation")["comparison"]
@@ -395,6 +404,33 @@ def test_a_second_use_case_is_a_partition_of_its_own(lifecycle_run, definitions,
     # The first use case's history is untouched, and its consumers still resolve its artifacts.
     assert {a: latest_storage_id(instance, a) for a in before} == before
     assert meta(instance, "use_case")["name"] == UC
+
+
+def test_an_existing_reward_model_is_reused_from_its_directory(
+    lifecycle_run, definitions, instance
+):
+    """A use case of its own aligning against the first use case's reward model, read from a
+    local directory: the same model ranks the same held-out pairs the same, and GRPO runs on it."""
+    name = "reused_reward"
+    instance.add_dynamic_partitions("use_cases", [name])
+    trained = Path(meta(instance, "reward_model")["artifact_path"]) / "model"
+    result = definitions.resolve_job_def("lifecycle_job").execute_in_process(
+        instance=instance,
+        partition_key=name,
+        asset_selection=[dg.AssetKey(a) for a in ASSETS[: ASSETS.index("aligned_model") + 1]],
+        run_config=tiny_config(
+            f"{{name: {name}, reward: {{source: existing, path: '{trained}'}}}}"
+        ),
+    )
+    assert result.success
+    reused = meta(instance, "reward_model", name)
+    assert reused["source"] == "existing" and str(trained) in reused["reward"]
+    assert reused["pairwise_accuracy"] == pytest.approx(
+        meta(instance, "reward_model")["pairwise_accuracy"]
+    )
+    assert reused["trusted"] == "yes"
+    aligned = meta(instance, "aligned_model", name)
+    assert aligned["reward_after"] > aligned["reward_before"]
 
 
 def test_a_prompt_tuned_use_case_runs_through_alignment_export_and_serving(

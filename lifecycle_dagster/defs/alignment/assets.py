@@ -17,9 +17,14 @@ from lifecycle_dagster.ml.data import (
     references,
 )
 from lifecycle_dagster.ml.models import model_dir_of
-from lifecycle_dagster.ml.reward import load_reward, reward_model_for
+from lifecycle_dagster.ml.reward import (
+    load_reward,
+    reward_model_for,
+    weak_reward,
+    with_sft_rejections,
+)
 from lifecycle_dagster.ml.sft import load_sft
-from lifecycle_dagster.resources.artifacts import ArtifactStore
+from lifecycle_dagster.resources.artifacts import ArtifactStore, upstream_metadata
 from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 
@@ -31,7 +36,7 @@ from lifecycle_dagster.resources.mlflow import MlflowTracking
     kinds={"pytorch", "trl", "mlflow"},
     owners=OWNERS,
     code_version="1",
-    deps=["base_model", "preference_dataset"],
+    deps=["base_model", "preference_dataset", "sft_adapter"],
     pool="train",
 )
 def reward_model(
@@ -48,12 +53,23 @@ def reward_model(
         prefs = artifact_store.upstream(context, "preference_dataset")
         base = model_dir_of(artifact_store.upstream(context, "base_model"))
         fmt = PromptFormat.read(base)
-        train = preference_records(uc, read_rows(prefs / "preferences_train.jsonl"), fmt)
-        held_out = preference_records(uc, read_rows(prefs / "preferences_eval.jsonl"), fmt)
+        sft = artifact_store.upstream(context, "sft_adapter") / "adapter"
+        rows, sampled = with_sft_rejections(
+            uc,
+            {n: read_rows(prefs / f"preferences_{n}.jsonl") for n in ("train", "eval")},
+            lambda: load_sft(base, sft, runtime, merge=True),
+            fmt,
+            max_new_tokens=uc.evaluation.max_new_tokens,
+            batch_size=uc.evaluation.batch_size,
+            log=st.log,
+        )
+        train = preference_records(uc, rows["train"], fmt)
+        held_out = preference_records(uc, rows["eval"], fmt)
         st.run.log_params({"reward.source": uc.reward_source, **uc.reward.model_dump()})
         with st.write() as tmp:
             result = reward_model_for(uc, base, train, held_out, tmp, runtime, log=st.log)
-        return reward_result(st, result, len(held_out), runtime.describe())
+        weak = weak_reward(uc, result.pairwise_accuracy)
+        return reward_result(st, result, len(held_out), runtime.describe(), weak, sampled)
 
 
 @dg.asset(
@@ -80,6 +96,7 @@ def aligned_model(
         runtime = compute.runtime(uc.compute)
         method = uc.alignment.updated(config)
         st.run.log_params(method.model_dump())
+        reward_meta = upstream_metadata(context, "reward_model")
         data = artifact_store.upstream(context, "task_dataset")
         prefs = artifact_store.upstream(context, "preference_dataset")
         rows = read_rows(data / "train.jsonl")
@@ -109,6 +126,7 @@ def aligned_model(
                 max_new_tokens=uc.evaluation.max_new_tokens,
                 batch_size=uc.evaluation.batch_size,
                 log=st.log,
+                skip=weak_reward(uc, reward_meta.get("pairwise_accuracy")),
             )
             fmt.write(tmp / "model")  # the aligned model is prompted as its base was
         return aligned_result(st, result, method, runtime.describe())
