@@ -95,7 +95,7 @@ def test_every_asset_materialized_and_every_check_passed(lifecycle_run):
         f"{c.asset_key.to_user_string()}:{c.check_name}": c.passed
         for c in lifecycle_run.get_asset_check_evaluations()
     }
-    assert len(checks) == 11
+    assert len(checks) == 12
     assert all(checks.values()), checks
 
 
@@ -516,7 +516,7 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
         partition_key=name,
         asset_selection=[dg.AssetKey("use_case")],
         run_config=tiny_config(
-            f"{{name: {name}, evaluation: {{thresholds: {{rouge_l: {{min: 0.4}}}}}}}}"
+            f"{{name: {name}, evaluation: {{thresholds: {{rouge_l: {{min: 0.6}}}}}}}}"
         ),
     )
     adaptation = definitions.resolve_job_def("adaptation_job")
