@@ -73,6 +73,7 @@ class VariantReport:
     reward_drop_pct: float | None
     within_budget: bool
     predictions: list[str] = field(default_factory=list)
+    drop_ci: tuple[float, float] | None = None  # 95% interval of quality_drop, paired per example
 
     def row(self) -> dict:
         f = self.faithfulness
@@ -81,6 +82,7 @@ class VariantReport:
             "MB": round(self.bytes / 1e6, 1),
             self.metric: round(self.quality, 4),
             f"{self.metric}_drop": round(self.quality_drop, 4),
+            "drop_95ci": f"[{self.drop_ci[0]:.4f}, {self.drop_ci[1]:.4f}]" if self.drop_ci else "-",
             "mean_reward": None if self.mean_reward is None else round(self.mean_reward, 4),
             "reward_drop_pct": None
             if self.reward_drop_pct is None
@@ -144,16 +146,42 @@ def quality_drop(
     quality: float,
     reward: float | None,
     budget: CompressConfig,
+    drop_ci: tuple[float, float] | None = None,
+    pass_on: str = "estimate",
 ) -> tuple[float, float | None, bool]:
-    """Points of ``metric`` lost, reward percent lost, and whether both are within the budget."""
+    """Points of ``metric`` lost, reward percent lost, and whether both are within the budget:
+    the metric's drop judged on its estimate, or with ``pass_on`` "interval" on the top of its
+    interval ``drop_ci`` (a variant whose drop may exceed the budget beyond noise is refused)."""
     drop = reference[metric] - quality
-    ok = drop <= budget.max_metric_drop + 1e-9
+    judged = drop_ci[1] if pass_on == "interval" and drop_ci else drop
+    ok = judged <= budget.max_metric_drop + 1e-9
     reward_drop = None
     ref_reward = reference.get("mean_reward")
     if ref_reward is not None and reward is not None:
         reward_drop = 100.0 * (ref_reward - reward) / max(abs(ref_reward), 1e-9)
         ok = ok and reward_drop <= budget.max_reward_drop_pct + 1e-9
     return drop, reward_drop, ok
+
+
+def per_example_scores(uc, predictions, references, metric: str) -> list[float] | None:
+    """Each prediction's ``metric`` (None for a metric only defined on the whole split)."""
+    return uc.kind.score(predictions, references, uc.task).per_example.get(metric)
+
+
+def drop_interval(
+    drop: float, fp32: list[float] | None, variant: list[float] | None
+) -> tuple[float, float] | None:
+    """A 95% interval of a variant's ``drop``: the paired bootstrap of its per-example loss
+    against the fp32 export (verified equal to PyTorch) on the same examples, centred on
+    ``drop``."""
+    from lifecycle_dagster.ml.suite import paired_bootstrap
+
+    if not fp32 or not variant:
+        return None
+    paired = paired_bootstrap(dict(enumerate(fp32)), dict(enumerate(variant)), "drop")
+    if paired is None:
+        return None
+    return drop + paired.low - paired.mean_diff, drop + paired.high - paired.mean_diff
 
 
 def select_variant(reports: Sequence[VariantReport], policy: str) -> str | None:
@@ -228,8 +256,16 @@ def compress(
         fp32 = scored["fp32"]
         reference = {metric: fp32[1], "mean_reward": fp32[2]}
     reports = {}
+    fp32_scores = per_example_scores(uc, scored["fp32"][4], split.references, metric)
     for name, (faith, quality, mean_reward, tps, preds) in scored.items():
-        drop, reward_drop, ok = quality_drop(reference, metric, quality, mean_reward, config)
+        drop_ci = drop_interval(
+            reference[metric] - quality,
+            fp32_scores,
+            per_example_scores(uc, preds, split.references, metric),
+        )
+        drop, reward_drop, ok = quality_drop(
+            reference, metric, quality, mean_reward, config, drop_ci, uc.evaluation.pass_on
+        )
         reports[name] = VariantReport(
             name=name,
             bytes=exported.sizes[name],
@@ -242,6 +278,7 @@ def compress(
             reward_drop_pct=reward_drop,
             within_budget=ok,
             predictions=preds,
+            drop_ci=drop_ci,
         )
     fp32 = reports["fp32"].faithfulness
     result = CompressionResult(

@@ -129,6 +129,19 @@ class PairedComparison:
         )
 
 
+def bootstrap_interval(
+    values: Sequence[float], *, samples: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """A 95% bootstrap interval of the mean of ``values`` (seeded: the same values give the same
+    interval); None for fewer than two."""
+    n = len(values)
+    if n < 2:
+        return None
+    rng = random.Random(seed)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    return means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
+
+
 def paired_bootstrap(
     candidate: dict[str, float],
     champion: dict[str, float],

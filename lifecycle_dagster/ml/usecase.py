@@ -185,6 +185,10 @@ class Threshold(_Strict):
     def holds(self, value: float) -> bool:
         return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
 
+    def holds_over(self, low: float, high: float) -> bool:
+        """Whether the whole interval ``[low, high]`` is on the right side."""
+        return (self.min is None or low >= self.min) and (self.max is None or high <= self.max)
+
     def describe(self) -> str:
         parts = []
         if self.min is not None:
@@ -205,6 +209,12 @@ class EvaluationSpec(_Strict):
         "of the task kind's metrics, or mean_reward (None: the kind's primary metric).",
     )
     max_examples: int | None = Field(None, gt=0, description="Cap on eval examples (None: all).")
+    pass_on: Literal["estimate", "interval"] = Field(
+        "estimate",
+        description="How a threshold is judged: on the mean over the eval examples, or on its "
+        "95% bootstrap interval (the whole interval must meet it, so noise cannot pass a "
+        "candidate that falls short). The interval is reported either way.",
+    )
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     suite: SuiteConfig = SuiteConfig()

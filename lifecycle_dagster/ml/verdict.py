@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from lifecycle_dagster.ml.data import EvalSplit
 from lifecycle_dagster.ml.evaluate import score_split
 from lifecycle_dagster.ml.progress import Log
-from lifecycle_dagster.ml.suite import SuiteConfig
+from lifecycle_dagster.ml.suite import SuiteConfig, bootstrap_interval, per_example_metric
 
 CANDIDATE = "aligned"
 
@@ -86,9 +86,10 @@ def assess(
     max_new_tokens: int,
     batch_size: int,
     log: Log | None = None,
+    pass_on: str = "estimate",
 ) -> Assessment:
     """Score every candidate on ``split`` (one loaded at a time) and hold the ``aligned`` one to
-    ``thresholds`` (metric -> ``Threshold``)."""
+    ``thresholds`` (metric -> ``Threshold``), each judged as ``judge`` says."""
     results, per_example, tables = {}, [], {}
     for name, cand in candidates.items():
         model, tok = cand.load()
@@ -117,12 +118,24 @@ def assess(
         tables=tables,
     )
     out.verdicts = [
-        {
-            "metric": m,
-            "value": round(out.candidate[m], 4),
-            "threshold": t.describe(),
-            "passed": t.holds(out.candidate[m]),
-        }
-        for m, t in thresholds.items()
+        judge(m, t, out.candidate[m], per_example, pass_on) for m, t in thresholds.items()
     ]
     return out
+
+
+def judge(metric: str, threshold, value: float, per_example: list[dict], pass_on: str) -> dict:
+    """One threshold's verdict on the candidate: its mean with a 95% bootstrap interval over the
+    examples (none for a metric only defined on the whole split, such as macro-F1), passed on
+    the mean or on the whole interval (``evaluation.pass_on``)."""
+    values = per_example_metric(per_example, metric, CANDIDATE)
+    ci = bootstrap_interval([values[k] for k in sorted(values)])
+    on_interval = pass_on == "interval" and ci is not None
+    return {
+        "metric": metric,
+        "value": round(value, 4),
+        "ci_low": round(ci[0], 4) if ci else None,
+        "ci_high": round(ci[1], 4) if ci else None,
+        "threshold": threshold.describe(),
+        "judged_on": "interval" if on_interval else "estimate",
+        "passed": threshold.holds_over(*ci) if on_interval else threshold.holds(value),
+    }

@@ -111,6 +111,7 @@ def evaluation(
             max_new_tokens=uc.evaluation.max_new_tokens,
             batch_size=uc.evaluation.batch_size,
             log=st.log,
+            pass_on=uc.evaluation.pass_on,
         )
         sft_meta = upstream_metadata(context, "sft_adapter")
         decision = decide(
