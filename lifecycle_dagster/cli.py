@@ -144,13 +144,19 @@ def cmd_run(args) -> int:
     )
     print_table(rows)
     failed_checks = [c for c in result.get_asset_check_evaluations() if not c.passed]
-    for check in failed_checks:
-        print(f"check failed: {check.asset_key.to_user_string()}:{check.check_name}")
     if not result.success:
         for event in result.all_events:
             if event.event_type_value == "STEP_FAILURE":
                 cause = root_cause(event.event_specific_data.error)
                 print(f"\n{event.step_key} failed:\n{cause}", file=sys.stderr)
+    for check in failed_checks:  # last: a missed threshold is the cause a person looks for
+        why = check.metadata.get("shortfall")
+        why = f": {why.value}" if why is not None else ""
+        print(
+            f"check failed: {check.asset_key.to_user_string()}:{check.check_name}{why}",
+            file=sys.stderr if not result.success else sys.stdout,
+        )
+    if not result.success:
         return 1
     return 1 if any(c.severity.value == "ERROR" for c in failed_checks) else 0
 

@@ -77,7 +77,11 @@ def evaluation_result(
             check(
                 "meets_thresholds",
                 result.passed,
-                {"failed": ", ".join(result.failed) or "none", "attempt": decision.attempt},
+                {
+                    "failed": ", ".join(result.failed) or "none",
+                    "shortfall": result.shortfall(),
+                    "attempt": decision.attempt,
+                },
                 blocking=True,
             ),
             *(check(name, ok, meta) for name, (ok, meta) in warnings.items()),

@@ -44,6 +44,18 @@ class Assessment:
     def failed(self) -> list[str]:
         return [v["metric"] for v in self.verdicts if not v["passed"]]
 
+    def shortfall(self) -> str:
+        """The thresholds missed, each with its figure and interval, in words."""
+        parts = []
+        for v in self.verdicts:
+            if v["passed"]:
+                continue
+            ci = (
+                f" (95% CI {v['ci_low']:.4f}-{v['ci_high']:.4f})" if v["ci_low"] is not None else ""
+            )
+            parts.append(f"{v['metric']} {v['value']:.4f}{ci} misses {v['threshold']}")
+        return "; ".join(parts) or "none"
+
     @property
     def rows(self) -> list[dict]:
         """One row per model: the comparison table."""

@@ -79,7 +79,9 @@ def test_a_missed_threshold_exits_non_zero_and_says_why(fresh_home):
     proc = run_cli("--profile", "tiny", "--override", unreachable)
     assert proc.returncode == 1
     assert "FAILED" in proc.stdout
-    assert "check failed: evaluation:meets_thresholds" in proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]  # the last line names the shortfall
+    assert last.startswith("check failed: evaluation:meets_thresholds: rouge_l 0.")
+    assert "95% CI" in last and "misses >= 0.99" in last
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("onnx_model "))
     assert "not run" in line  # the blocking check kept the candidate from being exported
 
