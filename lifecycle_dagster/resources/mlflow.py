@@ -79,6 +79,31 @@ class StageRun:
         self._batch(tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+_READY: set[str] = set()  # sqlite stores this process has seen created
+
+
+def ensure_store(uri: str) -> None:
+    """Create (and migrate) a sqlite tracking store once, under a file lock: two runs starting
+    at once on a fresh store would otherwise both run MLflow's schema migrations and one fails
+    half way. Other backends (PostgreSQL) are migrated by their own deployment."""
+    if not uri.startswith("sqlite:///") or uri in _READY:
+        return
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+            MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY.add(uri)
+
+
 class MlflowTracking(dg.ConfigurableResource):
     """Where stage runs are recorded. Defaults to a sqlite store under the state directory."""
 
@@ -93,11 +118,13 @@ class MlflowTracking(dg.ConfigurableResource):
     def client(self):
         from mlflow.tracking import MlflowClient
 
+        ensure_store(self._uri())
         return MlflowClient(tracking_uri=self._uri())
 
     def registry(self):
         from lifecycle_dagster.resources.registry import ModelRegistry
 
+        ensure_store(self._uri())
         return ModelRegistry(self._uri())
 
     def experiment_id(self, name: str) -> str:

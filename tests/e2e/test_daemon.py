@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import mlflow
 import pytest
 import requests
 
@@ -212,3 +213,84 @@ def test_daemon_escalates_a_shortfall_once_and_stops(deployment):
             }
         )
     )
+
+
+FAST = {
+    "adaptation": {"max_steps": 60},
+    "reward": {"max_steps": 20},
+    "alignment": {"max_steps": 4},
+    "evaluation": {
+        "max_examples": 16,
+        "thresholds": {"primary": {"min": 0.0}, "format_ok": {"min": 0.0}},
+    },
+    "prompting": {"shots": [0]},
+    "compression": {"check_prompts": 2, "variants": ["fp32", "int8"]},
+}
+
+
+def test_two_use_cases_launched_at_once_keep_to_their_own_artifacts(deployment):
+    """Two partitions (a summarisation and a classification) submitted together run side by side
+    under the daemon; every artifact, registered model and champion is each use case's own."""
+    from dagster_graphql import DagsterGraphQLClient
+
+    from lifecycle_dagster.resources.registry import registered_name
+
+    proc, log, port = deployment["proc"], deployment["log"], deployment["port"]
+    deadline = time.monotonic() + DEADLINE_S
+
+    def webserver_up():
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2).ok
+        except requests.ConnectionError:
+            return False
+
+    wait_for("the webserver", webserver_up, proc, deadline, log)
+    client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+    instance = dg.DagsterInstance.from_config(str(deployment["home"]))
+    names = {UC: None, "dialogue_intent": "dialogue_intent"}
+    instance.add_dynamic_partitions("use_cases", list(names))
+    runs = {}
+    for name, packaged in names.items():
+        config = {
+            "profile": "tiny",
+            "overrides": FAST,
+            **({"use_case": packaged} if packaged else {}),
+        }
+        runs[name] = client.submit_job_execution(
+            "lifecycle_job",
+            run_config={"ops": {"use_case": {"config": config}}},
+            tags={"lifecycle/profile": "tiny", "dagster/partition": name},
+        )
+
+    def both_finished():
+        found = [instance.get_run_by_id(r) for r in runs.values()]
+        return all(r is not None and r.is_finished for r in found) and found
+
+    finished = wait_for("both runs", both_finished, proc, deadline, log)
+    for run in finished:
+        assert run.status == dg.DagsterRunStatus.SUCCESS, log.read_text()[-4000:]
+    stats = {n: instance.get_run_stats(r) for n, r in runs.items()}
+    first, second = stats.values()
+    assert first.start_time < second.end_time and second.start_time < first.end_time  # overlap
+
+    state = deployment["home"].parent / "state"
+    metric = {UC: "rouge_l", "dialogue_intent": "accuracy"}
+    for name, run_id in runs.items():
+        for asset in ("task_dataset", "sft_adapter", "aligned_model", "evaluation", "onnx_model"):
+            record = records_of(instance, asset, name, limit=1)[0]
+            assert record.run_id == run_id
+            meta = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+            path = Path(str(meta["artifact_path"]))
+            assert path.parent == state / "artifacts" / name / asset
+        evaluation = records_of(instance, "evaluation", name, limit=1)[0]
+        meta = {k: v.value for k, v in evaluation.asset_materialization.metadata.items()}
+        assert metric[name] in meta and str(meta["candidate_path"]).startswith(
+            str(state / "artifacts" / name)
+        )
+    client_ml = mlflow.tracking.MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    for name in runs:
+        for kind in ("aligned", "onnx"):
+            versions = client_ml.search_model_versions(f"name = '{registered_name(name, kind)}'")
+            champion = client_ml.get_model_version_by_alias(registered_name(name, kind), "champion")
+            assert [v.version for v in versions] == [champion.version]  # one run, one version
+            assert f"/artifacts/{name}/" in champion.source  # its own artifact, not the other's
