@@ -258,7 +258,11 @@ def test_two_use_cases_launched_at_once_keep_to_their_own_artifacts(deployment):
         }
         runs[name] = client.submit_job_execution(
             "lifecycle_job",
-            run_config={"ops": {"use_case": {"config": config}}},
+            # One process per run (not per step): the test is about the two runs, not step isolation.
+            run_config={
+                "ops": {"use_case": {"config": config}},
+                "execution": {"config": {"in_process": {}}},
+            },
             tags={"lifecycle/profile": "tiny", "dagster/partition": name},
         )
 
