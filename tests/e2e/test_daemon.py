@@ -110,6 +110,18 @@ def deployment(tmp_path):
         assert not leftover, f"still running 30 s after SIGTERM: {leftover}"
 
 
+def wait_for_webserver(deployment, deadline: float) -> None:
+    port = deployment["port"]
+
+    def up():
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2).ok
+        except requests.ConnectionError:
+            return False
+
+    wait_for("the webserver", up, deployment["proc"], deadline, deployment["log"])
+
+
 def group_members(pgid: int) -> list[str]:
     out = subprocess.run(
         ["ps", "-o", "pid=,stat=,args=", "-g", str(pgid)], capture_output=True, text=True
@@ -123,14 +135,7 @@ def test_daemon_escalates_a_shortfall_once_and_stops(deployment):
 
     proc, log, port = deployment["proc"], deployment["log"], deployment["port"]
     deadline = time.monotonic() + DEADLINE_S
-
-    def webserver_up():
-        try:
-            return requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2).ok
-        except requests.ConnectionError:
-            return False
-
-    wait_for("the webserver", webserver_up, proc, deadline, log)
+    wait_for_webserver(deployment, deadline)
     client = DagsterGraphQLClient("127.0.0.1", port_number=port)
     instance = dg.DagsterInstance.from_config(str(deployment["home"]))
     instance.add_dynamic_partitions("use_cases", [UC])  # what `lifecycle run` does first
@@ -237,14 +242,7 @@ def test_two_use_cases_launched_at_once_keep_to_their_own_artifacts(deployment):
 
     proc, log, port = deployment["proc"], deployment["log"], deployment["port"]
     deadline = time.monotonic() + DEADLINE_S
-
-    def webserver_up():
-        try:
-            return requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2).ok
-        except requests.ConnectionError:
-            return False
-
-    wait_for("the webserver", webserver_up, proc, deadline, log)
+    wait_for_webserver(deployment, deadline)
     client = DagsterGraphQLClient("127.0.0.1", port_number=port)
     instance = dg.DagsterInstance.from_config(str(deployment["home"]))
     names = {UC: None, "dialogue_intent": "dialogue_intent"}
