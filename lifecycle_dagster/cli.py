@@ -216,8 +216,6 @@ def cmd_validate(args) -> int:
 
 def cmd_init(args) -> int:
     """Draft a commented use case from a data file."""
-    import os
-
     from lifecycle_dagster.ml.errors import InputError
     from lifecycle_dagster.ml.scaffold import draft, render
 

@@ -325,7 +325,7 @@ def serving_manifest(uc, source_model: Path, fmt=None) -> dict:
         "use_case": uc.name,
         "prompt_template": uc.task.prompt_template.replace("{labels}", labels),
         "instruction": uc.task.instruction.replace("{labels}", labels),
-        "prompt_format": dict(fmt.__dict__) if fmt is not None else {},
+        "prompt_format": asdict(fmt) if fmt is not None else {},
         "max_new_tokens": uc.evaluation.max_new_tokens,
         "source_model": str(source_model),
     }

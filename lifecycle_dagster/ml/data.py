@@ -3,11 +3,10 @@ names the file, the line (or row) and the field, and every fault in every file i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lifecycle_dagster.ml.datafiles import has_split, read_table
@@ -176,7 +175,7 @@ def load_rows(
     return Split(
         path=path,
         rows=rows,
-        sha256=hashlib.sha256(table.raw).hexdigest(),
+        sha256=table.sha256,
         stats=_stats(rows, [f for f in fields if f != "id"]),
         where=where,
     )
@@ -445,7 +444,7 @@ class PromptFormat:
         return cls(**json.loads(path.read_text())) if path.exists() else cls()
 
     def write(self, folder: Path) -> None:
-        (Path(folder) / PROMPT_FORMAT_FILE).write_text(json.dumps(self.__dict__, indent=2))
+        (Path(folder) / PROMPT_FORMAT_FILE).write_text(json.dumps(asdict(self), indent=2))
 
     def _render(self, messages: list[dict], generation: bool) -> str:
         from transformers.utils.chat_template_utils import render_jinja_template

@@ -5,11 +5,13 @@ so that every fault can name it; nothing here judges the values (``ml.data`` doe
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lifecycle_dagster.ml.artifacts import file_sha256
 from lifecycle_dagster.ml.errors import InputError
 from lifecycle_dagster.ml.usecase_loader import read_text
 
@@ -33,14 +35,14 @@ class Located:
 
 @dataclass
 class Table:
-    """A data file read: its rows, its columns (where the format declares them) and the bytes it
-    was read from, for the dataset's digest."""
+    """A data file read: its rows, its columns (where the format declares them) and the sha256 of
+    what it was read from (a directory's files in name order), for the dataset's digest."""
 
     path: Path
     format: str
     rows: list[Located]
     columns: list[str] | None
-    raw: bytes
+    sha256: str
 
 
 def detect_format(path: Path, given: str | None = None) -> str:
@@ -92,7 +94,7 @@ def _jsonl(path: Path) -> Table:
         if not isinstance(row, dict):
             raise InputError(path, f"expected a JSON object, got {type(row).__name__}", line=lineno)
         rows.append(Located(row, line=lineno))
-    return Table(path, "jsonl", rows, None, text.encode())
+    return Table(path, "jsonl", rows, None, _digest(text))
 
 
 def _csv(path: Path, delimiter: str) -> Table:
@@ -126,7 +128,7 @@ def _csv(path: Path, delimiter: str) -> Table:
                 path, f"{len(cells)} cells where the header has {len(header)} columns", line=start
             )
         rows.append(Located(dict(zip(header, cells, strict=True)), line=start))
-    return Table(path, "csv" if delimiter == "," else "tsv", rows, header, text.encode())
+    return Table(path, "csv" if delimiter == "," else "tsv", rows, header, _digest(text))
 
 
 def _parquet(path: Path) -> Table:
@@ -138,7 +140,7 @@ def _parquet(path: Path) -> Table:
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(path, f"not a readable Parquet file: {exc}") from None
     rows = [Located(r, index=i) for i, r in enumerate(table.to_pylist(), start=1)]
-    return Table(path, "parquet", rows, table.column_names, path.read_bytes())
+    return Table(path, "parquet", rows, table.column_names, file_sha256(path))
 
 
 def _arrow(path: Path, split: str) -> Table:
@@ -164,10 +166,14 @@ def _arrow(path: Path, split: str) -> Table:
             if isinstance(row.get(name), int) and row[name] >= 0:
                 row[name] = feature.int2str(row[name])
         rows.append(Located(row, index=i))
-    digest = b"".join(
-        p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.suffix != ".lock"
-    )
-    return Table(path, "arrow", rows, list(data.column_names), digest)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix != ".lock"):
+        digest.update(f"{file.relative_to(path)}:{file_sha256(file)}\n".encode())
+    return Table(path, "arrow", rows, list(data.column_names), digest.hexdigest())
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def has_split(path: Path, split: str) -> bool:

@@ -101,7 +101,7 @@ def draft(path: Path, kind: str | None = None) -> Draft:
         raise InputError(path, f"needs an input and a target column; found {', '.join(names)}")
     if kind is not None:
         tasks.get(kind)  # a known kind
-    target, why = _target(rest, n, kind)
+    target, why = _target(path, rest, n, kind)
     kind = kind or why[0]
     texts = [c for c in rest if c is not target and c.texts]
     if not texts:
@@ -137,7 +137,9 @@ def draft(path: Path, kind: str | None = None) -> Draft:
     return out
 
 
-def _target(columns: list[Column], n: int, kind: str | None) -> tuple[Column, tuple[str, str]]:
+def _target(
+    path: Path, columns: list[Column], n: int, kind: str | None
+) -> tuple[Column, tuple[str, str]]:
     """The column to predict, and (kind, why)."""
     objects = [c for c in columns if c.objects]
     labelled = [c for c in columns if 1 < c.distinct <= min(MAX_LABELS, n // 2) and c.texts]
@@ -149,7 +151,7 @@ def _target(columns: list[Column], n: int, kind: str | None) -> tuple[Column, tu
         return c, ("classification", f"'{c.name}' takes {c.distinct} values over {n} rows")
     texts = sorted((c for c in columns if c.texts), key=lambda c: c.mean_words)
     if not texts:
-        raise InputError("data", "no text column")
+        raise InputError(path, "no text column to predict")
     shortest = texts[0]
     if kind == "question_answering" or (kind is None and shortest.mean_words <= 6):
         return shortest, (
