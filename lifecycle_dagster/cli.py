@@ -344,7 +344,7 @@ def cmd_experiments(args) -> int:
     from lifecycle_dagster.resources.registry import ModelRegistry, registered_name
 
     uri = settings.mlflow_uri()
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiments = [
         e
         for e in client.search_experiments()

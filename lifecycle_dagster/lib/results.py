@@ -10,8 +10,10 @@ import dagster as dg
 
 from lifecycle_dagster.lib.render import md_table, table
 from lifecycle_dagster.lib.stage import Stage
+from lifecycle_dagster.ml.models import model_dir_of
 from lifecycle_dagster.ml.readaptation import Decision
-from lifecycle_dagster.ml.verdict import Assessment
+from lifecycle_dagster.ml.verdict import CANDIDATE, Assessment
+from lifecycle_dagster.resources.artifacts import upstream_metadata
 
 
 def check(name: str, passed: bool, metadata: dict, blocking: bool = False) -> dg.AssetCheckResult:
@@ -23,11 +25,46 @@ def check(name: str, passed: bool, metadata: dict, blocking: bool = False) -> dg
     )
 
 
+def genai_evaluation(st: Stage, result: Assessment, split) -> dict[str, dict[str, float]]:
+    """Every scored model's generations as an MLflow GenAI evaluation run (the kind's code
+    scorers, per-example assessments), linked to the model's MLflow logged model: the base model
+    (also behind the prompt baseline), the SFT model and the aligned candidate."""
+    from lifecycle_dagster.resources.mlflow_genai import evaluate_models
+
+    ids = {
+        a: upstream_metadata(st.context, a).get("mlflow_model_id")
+        for a in ("base_model", "sft_adapter", "aligned_model")
+    }
+    field = st.use_case.task.input_field
+    return evaluate_models(
+        st.tracking.uri,
+        st.run,
+        result.per_example,
+        {r["id"]: str(r.get(field, "")) for r in split.rows},
+        st.use_case.task,
+        st.use_case.evaluation.suite,
+        model_ids={
+            "base": ids["base_model"],
+            "prompt_baseline": ids["base_model"],
+            "sft": ids["sft_adapter"],
+            CANDIDATE: ids["aligned_model"],
+        },
+        dataset=st.dataset("task_dataset", "eval.jsonl"),
+        tags={"dagster.run_id": st.context.run.run_id, "lifecycle.attempt": str(st.attempt_no)},
+    )
+
+
 def evaluation_result(
-    st: Stage, result: Assessment, decision: Decision, regression: dict, candidate: dict
+    st: Stage,
+    result: Assessment,
+    decision: Decision,
+    regression: dict,
+    candidate: dict,
+    genai: dict | None = None,
 ) -> dg.MaterializeResult:
     """The evaluation's artifact (summary, per-example table), its MLflow run, the verdict, the
     re-adaptation decision the sensor reads, and the four checks."""
+    st.reads(eval=("task_dataset", "eval.jsonl"))
     with st.write() as tmp:
         summary = {
             "suite": result.suite,
@@ -45,9 +82,9 @@ def evaluation_result(
     )
     st.run.log_table(result.per_example, "per_example.jsonl")
     st.run.log_text(md_table(result.rows), "evaluation.md")
-    st.run.set_tags(
-        {"verdict": decision.verdict, "suite": result.suite, "primary_metric": result.metric}
-    )
+    verdict = {"verdict": decision.verdict, "suite": result.suite, "primary_metric": result.metric}
+    st.run.set_tags(verdict)
+    st.attempt.set_tags(verdict)
     failed = f" ({', '.join(result.failed)})" if result.failed else ""
     st.log(
         f"evaluation: verdict {decision.verdict}{failed} at attempt {decision.attempt}; {decision.reason}"
@@ -70,6 +107,7 @@ def evaluation_result(
             "regressed": regression["regressed"],
             "vs_champion": regression["summary"],
             "comparison": dg.MetadataValue.md(md_table(result.rows)),
+            "mlflow_genai": dg.MetadataValue.json(genai or {}),
             "thresholds": table(result.verdicts) if result.verdicts else "none set",
             **{name: table(rows) for name, rows in result.tables.items() if rows},
         },
@@ -93,6 +131,7 @@ def evaluation_result(
 def onnx_result(st: Stage, result, source, split) -> dg.MaterializeResult:
     """The ONNX artifact: every variant's row, the deployed one's figures, its registry version and
     the three blocking gates."""
+    st.reads(eval=("task_dataset", "eval.jsonl"))
     c = st.use_case.compression
     rows = [r.row() for r in result.variants.values()]
     st.run.log_text(md_table(rows), "variants.md")
@@ -119,6 +158,13 @@ def onnx_result(st: Stage, result, source, split) -> dg.MaterializeResult:
         f"onnx_model: policy {c.policy}, deploying {result.selected or 'nothing'}"
         + (f" ({chosen.bytes / 1e6:.0f} MB, {chosen.tokens_per_s:.1f} tok/s)" if chosen else "")
     )
+    if chosen is not None:
+        st.log_model(
+            "onnx",
+            st.target / (result.selected or ""),
+            params={"variant": result.selected, "policy": c.policy, "bytes": chosen.bytes},
+            source_model=str(source),
+        )
     registered, version = st.register(
         "onnx",
         st.target,
@@ -175,12 +221,14 @@ def onnx_result(st: Stage, result, source, split) -> dg.MaterializeResult:
 
 def sft_result(st: Stage, result, method, after, before, device: str) -> dg.MaterializeResult:
     """The adapted model: loss curve, what was trained, and the primary metric before and after."""
+    st.reads(train=("task_dataset", "train.jsonl"), eval=("task_dataset", "eval.jsonl"))
     st.run.log_curve("train_loss", result.loss_curve)
     shape = (
         {"num_virtual_tokens": method.num_virtual_tokens}
         if method.method == "prompt_tuning"
         else {"lora_r": method.lora_r}
     )
+    st.log_model("sft", st.target / "adapter", params=method.model_dump(), method=method.method)
     return st.result(
         metrics={
             "loss_start": result.loss_start,
@@ -209,6 +257,7 @@ def sft_result(st: Stage, result, method, after, before, device: str) -> dg.Mate
 def prompt_baseline_result(st: Stage, result) -> dg.MaterializeResult:
     """Each prompting strategy's score (plotted by shot count in MLflow) and the best template."""
     best = result.best
+    st.reads(train=("task_dataset", "train.jsonl"), eval=("task_dataset", "eval.jsonl"))
     with st.write() as tmp:
         (tmp / "results.json").write_text(json.dumps(result.strategies, indent=2))
         (tmp / "best_template.txt").write_text(result.template)
@@ -220,6 +269,7 @@ def prompt_baseline_result(st: Stage, result) -> dg.MaterializeResult:
     st.run.log_metrics({f"{metric}_{r['strategy']}": r[metric] for r in result.strategies})
     st.run.log_text(result.template, "best_template.txt")
     rows = [{k: v for k, v in r.items() if k != "shots"} for r in result.strategies]
+    prompt = register_prompt(st, result)
     return st.result(
         metrics={
             f"best_{metric}": best[metric],
@@ -230,8 +280,37 @@ def prompt_baseline_result(st: Stage, result) -> dg.MaterializeResult:
             "strategies": table(rows),
             "best_strategy": best["strategy"],
             "best_template": dg.MetadataValue.md(f"```\n{result.template[-1500:]}\n```"),
+            **prompt,
         },
     )
+
+
+def register_prompt(st: Stage, result) -> dict:
+    """The best template in MLflow's prompt registry as ``<use case>-prompt``, with its score;
+    alias ``best`` follows the best-scoring version."""
+    from lifecycle_dagster.resources.mlflow_genai import register_best_prompt
+
+    best, metric = result.best, result.metric
+    name = f"{st.use_case.name}-prompt"
+    version, is_best = register_best_prompt(
+        st.tracking.uri,
+        st.run,
+        name,
+        result.template,
+        metric=metric,
+        score=best[metric],
+        message=f"prompt_baseline: {best['strategy']}, {metric} {best[metric]:.4f}",
+        tags={
+            "strategy": best["strategy"],
+            "shots": str(best["shots"]),
+            "dagster.run_id": st.context.run.run_id,
+            "base_model": st.use_case.base_model.source,
+        },
+    )
+    st.log(
+        f"prompt_baseline: prompt {name} version {version}" + (" (alias best)" if is_best else "")
+    )
+    return {"prompt_registry": f"prompts:/{name}/{version}", "prompt_is_best": is_best}
 
 
 def reward_result(
@@ -239,6 +318,10 @@ def reward_result(
 ) -> dg.MaterializeResult:
     """The reward model: where it came from, its loss curve, its held-out ranking and whether it
     is strong enough to align against."""
+    st.reads(
+        preferences_train=("preference_dataset", "preferences_train.jsonl"),
+        preferences_eval=("preference_dataset", "preferences_eval.jsonl"),
+    )
     st.run.log_curve("train_loss", outcome.loss_curve)
     if weak:
         st.log(f"reward_model: WARNING too weak to trust: {weak}; alignment will be skipped")
@@ -255,6 +338,8 @@ def reward_result(
         meta["loss_curve"] = st.plot(
             {"loss": outcome.loss_curve}, "reward model loss", "reward_loss"
         )
+    if (st.target / "model").is_dir():  # a verifiable reward alone is not a model
+        st.log_model("reward", st.target / "model", params={"source": outcome.source})
     return st.result(
         metrics={
             "pairwise_accuracy": outcome.pairwise_accuracy,
@@ -267,10 +352,12 @@ def reward_result(
 def aligned_result(st: Stage, outcome, method, device: str) -> dg.MaterializeResult:
     """The aligned model: registered as the use case's candidate, with reward and the primary metric
     before and after, the KL to the SFT reference and the training curves."""
+    st.reads(train=("task_dataset", "train.jsonl"), eval=("task_dataset", "eval.jsonl"))
     result, before, after = outcome.result, outcome.before, outcome.after
     st.run.log_curve("train_reward", result.reward_curve)
     st.run.log_curve("kl", result.kl_curve)
     st.run.log_curve("train_loss", result.loss_curve)
+    st.log_model("aligned", st.target / "model", params=method.model_dump(), candidate=outcome.kept)
     registered, version = st.register(
         "aligned",
         st.target,
@@ -365,6 +452,12 @@ def base_model_result(st: Stage, result, runtime) -> dg.MaterializeResult:
     }
     if curve:
         meta["pretrain_loss_curve"] = st.plot({"loss": curve}, "pre-training loss", "pretrain_loss")
+    st.log_model(
+        "base",
+        model_dir_of(st.target),
+        params={"architecture": result.architecture, "parameters": result.parameters},
+        source=uc.base_model.source,
+    )
     return st.result(
         metrics={
             "parameters": result.parameters,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from lifecycle_dagster.resources.artifacts import (
     upstream_metadata,
     use_case_key,
 )
-from lifecycle_dagster.resources.mlflow import MlflowTracking, StageRun
+from lifecycle_dagster.resources.mlflow import ATTEMPT_STAGE, DatasetRef, MlflowTracking, StageRun
 from lifecycle_dagster.resources.registry import registered_name
 
 
@@ -57,6 +58,17 @@ def load_use_case(context, store: ArtifactStore) -> UseCase:
     )
 
 
+# Small files that describe a model, logged with its MLflow logged model (the weights stay in the
+# artifact store): configs, the adapter's, the prompt format, the ONNX variant's.
+DESCRIPTIVE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "prompt_format.json",
+    "genai_config.json",
+)
+
+
 @dataclass
 class Stage:
     """One asset materialization: its log, its MLflow run, its artifact target and timings."""
@@ -65,10 +77,16 @@ class Stage:
     name: str
     use_case: UseCase
     run: StageRun
+    attempt: StageRun  # the parent run of the whole lifecycle run
     target: Path
     tracking: MlflowTracking
     store: ArtifactStore
     started: float = field(default_factory=time.monotonic)
+    model_id: str | None = None  # the MLflow logged model this stage produced, if any
+
+    @property
+    def attempt_no(self) -> int:
+        return attempt_of(self.context)
 
     @property
     def metric(self) -> str:
@@ -82,6 +100,47 @@ class Stage:
     def log(self, message: str) -> None:
         self.context.log.info(message)
 
+    def dataset(self, asset: str, filename: str) -> DatasetRef:
+        """A file of an upstream asset's artifact (or this stage's own, once written) as an MLflow
+        dataset named after the use case and the file, with the digest from its manifest."""
+        root = self.target if asset == self.name else self.store.upstream(self.context, asset)
+        path = root / filename
+        digest = read_manifest(root)["files"][filename]["sha256"]
+        with path.open() as f:
+            first = f.readline()
+            rows = (1 if first.strip() else 0) + sum(1 for line in f if line.strip())
+        columns = list(json.loads(first)) if first.strip() else []
+        name = f"{self.use_case.name}-{Path(filename).stem}"
+        return DatasetRef(name, path, digest, rows, columns)
+
+    def reads(self, attempt: bool = False, **files: tuple[str, str]) -> None:
+        """Record the data files this stage read as MLflow dataset inputs, by context:
+        ``reads(train=("task_dataset", "train.jsonl"))``; with ``attempt`` on the attempt's
+        parent run too (the datasets themselves, once per lifecycle run)."""
+        datasets = {context: self.dataset(*where) for context, where in files.items()}
+        self.run.log_datasets(datasets)
+        if attempt:
+            self.attempt.log_datasets(datasets)
+
+    def log_model(self, name: str, path: Path, *, params: dict | None = None, **tags) -> str:
+        """This stage's model as an MLflow logged model (``<use case>-<name>``): its parameters,
+        where its weights are (``path``, in the artifact store) and its small descriptive files.
+        The stage's metrics become the model's metrics."""
+        files = [path / f for f in DESCRIPTIVE_FILES] + [self.target / "MANIFEST.json"]
+        self.model_id = self.run.log_model(
+            f"{self.use_case.name}-{name}",
+            params=params,
+            tags={
+                "artifact.path": str(path),
+                "artifact.version": read_manifest(self.target)["version"],
+                "lifecycle.attempt": attempt_of(self.context),
+                "dagster.run_id": self.context.run.run_id,
+                **tags,
+            },
+            files=files,
+        )
+        return self.model_id
+
     def register(self, kind: str, source: Path, tags: dict | None = None) -> tuple[str, str]:
         """Register ``source`` (inside this stage's artifact) as a new version of the use case's
         ``kind`` model; the version becomes the ``candidate``. Returns (name, version)."""
@@ -90,6 +149,7 @@ class Stage:
             name,
             source,
             run_id=self.run.run_id,
+            model_id=self.model_id,
             tags={
                 "dagster.run_id": self.context.run.run_id,
                 "dagster.asset_key": self.context.asset_key.to_user_string(),
@@ -127,7 +187,10 @@ class Stage:
         manifest = read_manifest(self.target)
         seconds = time.monotonic() - self.started
         metrics = {k: v for k, v in (metrics or {}).items() if v is not None}
-        self.run.log_metrics({**metrics, "duration_s": seconds})
+        self.run.log_metrics({**metrics, "duration_s": seconds}, model_id=self.model_id)
+        # The attempt's run carries every stage's figures, so attempts compare in one table.
+        self.attempt.log_metrics({f"{self.name}.{k}": v for k, v in metrics.items()})
+        self.attempt.log_metrics({f"{self.name}.duration_s": seconds})
         self.run.set_tags(
             {"artifact.path": str(self.target), "artifact.version": manifest["version"]}
         )
@@ -139,7 +202,10 @@ class Stage:
             "artifact_bytes": dir_size(self.target),
             "duration_s": round(seconds, 2),
             "attempt": attempt_of(self.context),
+            "mlflow_attempt_run_id": self.attempt.run_id,
         }
+        if self.model_id:
+            meta["mlflow_model_id"] = self.model_id
         for key, value in metrics.items():
             meta[key] = float(value) if isinstance(value, float) else value
         meta.update(metadata or {})
@@ -171,7 +237,6 @@ def stage(
     uc = use_case or load_use_case(context, store)
     tags = {
         "dagster.run_id": context.run.run_id,
-        "dagster.asset_key": context.asset_key.to_user_string(),
         "dagster.job": context.job_name,
         "lifecycle.attempt": str(attempt_of(context)),
         "lifecycle.use_case": uc.name,
@@ -179,12 +244,19 @@ def stage(
     if reason := context.run.tags.get(REASON_TAG):
         tags["lifecycle.reason"] = reason
     if verdict_run := context.run.tags.get(VERDICT_RUN_TAG):
-        # An escalated attempt: its runs nest under the evaluation run whose verdict it answers.
-        parent = mlflow.stage_run_id(uc.name, verdict_run, "evaluation")
-        if parent:
-            tags["lifecycle.escalated_from"] = parent
-            tags["mlflow.parentRunId"] = parent
-    with mlflow.stage_run(uc.name, name, tags) as run:
+        # An escalated attempt: linked to the attempt whose failed verdict it answers.
+        previous = mlflow.stage_run_id(uc.name, verdict_run, ATTEMPT_STAGE)
+        if previous:
+            tags["lifecycle.escalated_from"] = previous
+    parent_id = mlflow.attempt_run(
+        uc.name,
+        context.run.run_id,
+        create=opens_attempt(context),
+        name=f"attempt {tags['lifecycle.attempt']} ({context.job_name} {context.run.run_id[:8]})",
+        tags=tags,
+    )
+    tags["dagster.asset_key"] = context.asset_key.to_user_string()
+    with mlflow.stage_run(uc.name, name, tags, parent_id=parent_id) as run:
         if params:
             run.log_params(params)
         context.log.info(f"{name}: MLflow run {run.url}")
@@ -193,7 +265,19 @@ def stage(
             name=name,
             use_case=uc,
             run=run,
+            attempt=StageRun(run.client, parent_id, run.experiment_id, mlflow.ui_url),
             target=store.target(name, context.run.run_id, use_case_key(context)),
             tracking=mlflow,
             store=store,
         )
+
+
+def opens_attempt(context) -> bool:
+    """Whether this step creates the run's MLflow parent run: the first (by name) of the assets
+    in the run's selection that have no upstream in it. Every other step runs after one of them,
+    or waits for the parent to appear."""
+    layer = context.job_def.asset_layer
+    selected = set(context.run.asset_selection or layer.selected_asset_keys)
+    graph = layer.asset_graph
+    roots = [k for k in selected if not (set(graph.get(k).parent_keys) & selected)]
+    return context.asset_key == min(roots, key=lambda k: k.to_user_string(), default=None)

@@ -1,20 +1,51 @@
-"""MLflow tracking as a Dagster resource: one experiment per use case, one run per materialization.
+"""MLflow tracking as a Dagster resource: one experiment per use case; in it one parent run per
+lifecycle run (an attempt), with one nested run per materialization.
 
 Uses ``MlflowClient`` with explicit run ids, never the fluent global state, so concurrent steps and
-tests with their own stores do not interfere.
+tests with their own stores do not interfere. (MLflow's GenAI evaluation and prompt registry only
+have fluent entry points: ``resources/mlflow_genai.py`` sets the store right before each call.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
 from lifecycle_dagster import settings
+
+ATTEMPT_STAGE = "lifecycle_run"  # the ``lifecycle.stage`` tag of an attempt's parent run
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A data file an MLflow run read: shown in the run's Dataset column with its digest."""
+
+    name: str  # e.g. "dialogue_intent-train"
+    path: Path
+    digest: str  # the file's sha256 (first 16 hex digits shown)
+    rows: int
+    columns: Sequence[str] = ()
+
+    def entity(self):
+        from mlflow.entities import Dataset
+        from mlflow.types import ColSpec, Schema
+
+        schema = Schema([ColSpec("string", c) for c in self.columns]) if self.columns else None
+        return Dataset(
+            name=self.name,
+            digest=self.digest[:16],
+            source_type="local",
+            source=json.dumps({"uri": self.path.resolve().as_uri()}),
+            schema=json.dumps({"mlflow_colspec": schema.to_dict()}) if schema else None,
+            profile=json.dumps({"num_rows": self.rows, "sha256": self.digest}),
+        )
 
 
 class StageRun:
@@ -35,21 +66,76 @@ class StageRun:
         ]
         self._batch(params=items)
 
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        self._batch(metrics=[(k, v, step or 0) for k, v in metrics.items() if v is not None])
+    def log_metrics(
+        self,
+        metrics: dict,
+        step: int | None = None,
+        *,
+        model_id: str | None = None,
+        dataset: DatasetRef | None = None,
+    ) -> None:
+        """Metrics of this run; with ``model_id`` (and ``dataset``) they are also the logged
+        model's metrics, on that dataset, in MLflow's model view."""
+        link = {"model_id": model_id}
+        if dataset is not None:
+            link |= {"dataset_name": dataset.name, "dataset_digest": dataset.digest[:16]}
+        self._batch(
+            metrics=[(k, v, step or 0) for k, v in metrics.items() if v is not None],
+            link=link if model_id else None,
+        )
+
+    def log_datasets(self, datasets: dict[str, DatasetRef]) -> None:
+        """The data files this stage read, as MLflow dataset inputs: ``{context: dataset}`` with
+        a context such as ``train``, ``eval`` or ``preferences_train``."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        self.client.log_inputs(
+            self.run_id,
+            datasets=[
+                DatasetInput(ref.entity(), [InputTag("mlflow.data.context", context)])
+                for context, ref in datasets.items()
+            ],
+        )
+
+    def log_model(
+        self,
+        name: str,
+        *,
+        params: dict | None = None,
+        tags: dict | None = None,
+        files: Sequence[Path] = (),
+        model_type: str = "",
+    ) -> str:
+        """An MLflow logged model this run produced: its parameters, its tags (where its weights
+        are: the artifact store, not copied into MLflow) and small descriptive ``files`` (configs,
+        the manifest). Returns its model id; metrics logged with it show on the model."""
+        from mlflow.entities import LoggedModelOutput
+
+        model = self.client.create_logged_model(
+            self.experiment_id,
+            name=name,
+            source_run_id=self.run_id,
+            params={k: str(v)[:6000] for k, v in (params or {}).items()},
+            tags={k: str(v) for k, v in (tags or {}).items()},
+            model_type=model_type or None,
+        )
+        for path in files:
+            if path.is_file():
+                self.client.log_model_artifact(model.model_id, str(path))
+        self.client.finalize_logged_model(model.model_id, "READY")
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, 0)])
+        return model.model_id
 
     def log_curve(self, name: str, points: list[tuple[int, float]]) -> None:
         self._batch(metrics=[(name, v, int(s)) for s, v in points])
 
-    def _batch(self, metrics=(), params=(), tags=()) -> None:
+    def _batch(self, metrics=(), params=(), tags=(), link: dict | None = None) -> None:
         """One ``log_batch`` request per MLflow limit's worth (1000 metrics, 100 params or tags),
         instead of one request per value: what matters against a remote tracking server."""
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(s)) for k, v, s in metrics]
+        metrics = [Metric(k, float(v), now, int(s), **(link or {})) for k, v, s in metrics]
         params, tags = list(params), list(tags)
         while metrics or params or tags:
             self.client.log_batch(
@@ -115,11 +201,16 @@ class MlflowTracking(dg.ConfigurableResource):
     def _uri(self) -> str:
         return self.tracking_uri or settings.mlflow_uri()
 
+    @property
+    def uri(self) -> str:
+        """The tracking (and registry) store this resource records to."""
+        return self._uri()
+
     def client(self):
         from mlflow.tracking import MlflowClient
 
         ensure_store(self._uri())
-        return MlflowClient(tracking_uri=self._uri())
+        return MlflowClient(tracking_uri=self._uri(), registry_uri=self._uri())
 
     def registry(self):
         from lifecycle_dagster.resources.registry import ModelRegistry
@@ -137,23 +228,63 @@ class MlflowTracking(dg.ConfigurableResource):
             location = (settings.mlflow_artifacts() / name).as_uri()
         return client.create_experiment(name, artifact_location=location)
 
+    def attempt_run(
+        self,
+        experiment: str,
+        dagster_run_id: str,
+        *,
+        create: bool,
+        name: str,
+        tags: dict,
+        wait_s: float = 120.0,
+    ) -> str:
+        """The parent run of one lifecycle run (one Dagster run: an attempt), which every stage
+        run nests under. Exactly one step of a Dagster run creates it (``create``: the first
+        asset of the run's selection); the others find it, waiting for it when they start at the
+        same time. Its tags say the attempt, the use case and the attempt it escalates from."""
+        deadline = time.monotonic() + (0 if create else wait_s)
+        while (found := self.stage_run_id(experiment, dagster_run_id, ATTEMPT_STAGE)) is None:
+            if create or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if found is not None:
+            return found
+        run = self.client().create_run(
+            self.experiment_id(experiment),
+            run_name=name,
+            tags={"lifecycle.stage": ATTEMPT_STAGE, "dagster.run_id": dagster_run_id, **tags},
+        )
+        return run.info.run_id
+
     @contextlib.contextmanager
     def stage_run(
-        self, experiment: str, stage: str, tags: dict | None = None
+        self,
+        experiment: str,
+        stage: str,
+        tags: dict | None = None,
+        parent_id: str | None = None,
     ) -> Iterator[StageRun]:
-        """A run that ends FINISHED, or FAILED if the body raises."""
+        """A run that ends FINISHED, or FAILED if the body raises; nested under ``parent_id``
+        (the attempt), which is RUNNING while a stage runs and ends as its latest stage did."""
         client = self.client()
         exp_id = self.experiment_id(experiment)
-        run = client.create_run(
-            exp_id, run_name=stage, tags={"lifecycle.stage": stage, **(tags or {})}
-        )
+        tags = {"lifecycle.stage": stage, **(tags or {})}
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+            client.update_run(parent_id, status="RUNNING")
+        run = client.create_run(exp_id, run_name=stage, tags=tags)
         stage_run = StageRun(client, run.info.run_id, exp_id, self.ui_url)
         try:
             yield stage_run
         except BaseException:
             client.set_terminated(run.info.run_id, "FAILED")
+            if parent_id:
+                client.set_tag(parent_id, "failed_stage", stage)
+                client.set_terminated(parent_id, "FAILED")
             raise
         client.set_terminated(run.info.run_id, "FINISHED")
+        if parent_id and client.get_run(parent_id).info.status != "FAILED":
+            client.set_terminated(parent_id, "FINISHED")
 
     def stage_run_id(self, experiment: str, dagster_run_id: str, stage: str) -> str | None:
         """The MLflow run one stage of one Dagster run recorded, if any."""

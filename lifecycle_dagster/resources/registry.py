@@ -36,8 +36,10 @@ class ModelRegistry:
         run_id: str | None,
         tags: dict[str, str | float],
         description: str = "",
+        model_id: str | None = None,
     ) -> str:
-        """A new version of ``name`` pointing at ``source``; it becomes the ``candidate``."""
+        """A new version of ``name`` pointing at ``source`` (and at the MLflow logged model
+        ``model_id``, whose metrics it then shows); it becomes the ``candidate``."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -47,7 +49,11 @@ class ModelRegistry:
                 raise
         uri = Path(source).resolve().as_uri() if isinstance(source, Path) else source
         version = self.client.create_model_version(
-            name, source=uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+            name,
+            source=uri,
+            run_id=run_id,
+            tags={k: str(v) for k, v in tags.items()},
+            model_id=model_id,
         ).version
         self.client.set_registered_model_alias(name, CANDIDATE, version)
         return str(version)

@@ -299,21 +299,125 @@ def test_serve_answers_with_the_champion(lifecycle_run, instance, tmp_path):
         proc.wait(timeout=30)
 
 
-def test_mlflow_holds_one_run_per_stage_with_metrics(lifecycle_run):
+def test_mlflow_reads_as_attempts_with_stage_runs_nested(lifecycle_run):
     client = MlflowClient(settings.mlflow_uri())
     exp = client.get_experiment_by_name(UC)
     runs = client.search_runs(
-        [exp.experiment_id], f"tags.`dagster.run_id` = '{lifecycle_run.run_id}'"
+        [exp.experiment_id],
+        f"tags.`dagster.run_id` = '{lifecycle_run.run_id}' and tags.`lifecycle.stage` != ''",
     )
-    by_stage = {r.data.tags["lifecycle.stage"]: r for r in runs}
-    assert sorted(by_stage) == sorted(ASSETS) and len(runs) == len(ASSETS)
+    (attempt,) = [r for r in runs if r.data.tags["lifecycle.stage"] == "lifecycle_run"]
+    by_stage = {r.data.tags["lifecycle.stage"]: r for r in runs if r is not attempt}
+    assert sorted(by_stage) == sorted(ASSETS) and len(runs) == len(ASSETS) + 1
     for stage, run in by_stage.items():
         assert run.info.status == "FINISHED"
         assert "duration_s" in run.data.metrics, stage
         assert run.data.tags["dagster.asset_key"] == stage
+        assert run.data.tags["mlflow.parentRunId"] == attempt.info.run_id, stage
     history = client.get_metric_history(by_stage["sft_adapter"].info.run_id, "train_loss")
     assert len(history) > 10 and history[-1].value < history[0].value
     assert by_stage["evaluation"].data.metrics["aligned.rouge_l"] > 0
+    # The attempt's run holds every stage's figures and the verdict: attempts compare in one table.
+    assert attempt.info.status == "FINISHED" and attempt.data.tags["lifecycle.attempt"] == "1"
+    assert attempt.data.tags["verdict"] in ("pass", "fail", "escalate", "give_up")
+    assert attempt.data.metrics["evaluation.rouge_l"] == pytest.approx(
+        by_stage["evaluation"].data.metrics["rouge_l"]
+    )
+    assert "onnx_model.duration_s" in attempt.data.metrics
+
+
+def test_mlflow_datasets_are_inputs_with_their_digests(lifecycle_run, instance):
+    client = MlflowClient(settings.mlflow_uri())
+    exp = client.get_experiment_by_name(UC)
+    train = Path(meta(instance, "task_dataset")["artifact_path"]) / "train.jsonl"
+    digest = verify(train.parent)["files"]["train.jsonl"]["sha256"][:16]
+    for stage, context in [("task_dataset", "train"), ("sft_adapter", "train")]:
+        (run,) = client.search_runs(
+            [exp.experiment_id],
+            f"tags.`dagster.run_id` = '{lifecycle_run.run_id}' "
+            f"and tags.`lifecycle.stage` = '{stage}'",
+        )
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs if i.tags}
+        assert inputs[context].name == f"{UC}-train" and inputs[context].digest == digest
+        assert json.loads(inputs[context].profile)["num_rows"] == len(
+            train.read_text().splitlines()
+        )
+    (evaluation,) = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`dagster.run_id` = '{lifecycle_run.run_id}' and tags.`lifecycle.stage` = 'evaluation'",
+    )
+    assert [i.dataset.name for i in evaluation.inputs.dataset_inputs] == [f"{UC}-eval"]
+
+
+def test_mlflow_logged_models_carry_metrics_and_back_the_registry(lifecycle_run, instance):
+    client = MlflowClient(settings.mlflow_uri())
+    exp = client.get_experiment_by_name(UC)
+    models = {
+        m.name: m
+        for m in client.search_logged_models(
+            [exp.experiment_id],
+            filter_string=f"tags.`dagster.run_id` = '{lifecycle_run.run_id}'",
+        )
+    }
+    assert sorted(models) == sorted(
+        f"{UC}-{k}" for k in ("base", "sft", "reward", "aligned", "onnx")
+    )
+    aligned = models[f"{UC}-aligned"]
+    assert aligned.tags["artifact.path"] == str(
+        Path(meta(instance, "aligned_model")["artifact_path"]) / "model"
+    )
+    assert {m.key for m in aligned.metrics} >= {"reward_after", "rouge_l_after"}
+    sft = models[f"{UC}-sft"]
+    assert {m.key for m in sft.metrics} >= {"loss_end", "rouge_l_after"}
+    # The registry's versions point at the logged models.
+    from lifecycle_dagster.resources.registry import ModelRegistry
+
+    registry = ModelRegistry(settings.mlflow_uri())
+    for kind, asset in [("aligned", "aligned_model"), ("onnx", "onnx_model")]:
+        m = meta(instance, asset)
+        version = registry.client.get_model_version(m["registered_model"], m["registered_version"])
+        assert version.model_id == models[f"{UC}-{kind}"].model_id == m["mlflow_model_id"]
+
+
+def test_every_evaluation_is_an_mlflow_genai_evaluation(lifecycle_run, instance):
+    """The kind's scorers ran as MLflow code scorers over each model's generations: one
+    evaluation run per model, per-example assessments, means equal to the stage's own."""
+    client = MlflowClient(settings.mlflow_uri())
+    exp = client.get_experiment_by_name(UC)
+    m = meta(instance, "evaluation")
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{m['mlflow_run_id']}'"
+    )
+    by_model = {r.data.tags["lifecycle.model"]: r for r in children}
+    assert sorted(by_model) == ["aligned", "base", "prompt_baseline", "sft"]
+    summary = json.loads((Path(m["artifact_path"]) / "summary.json").read_text())
+    per_example = (Path(m["artifact_path"]) / "per_example.jsonl").read_text().splitlines()
+    rows = len({json.loads(line)["id"] for line in per_example})
+    for model, run in by_model.items():
+        for metric in ("rouge_l", "rouge1", "format_ok"):
+            assert run.data.metrics[f"{metric}/mean"] == pytest.approx(
+                summary["results"][model][metric], abs=1e-3
+            ), (model, metric)
+        traces = client.search_traces(locations=[exp.experiment_id], run_id=run.info.run_id)
+        assert len(traces) == rows
+        names = {a.name for a in traces[0].info.assessments}
+        assert {"rouge_l", "format_ok"} <= names
+    # Linked to the logged model each scored.
+    model = client.get_logged_model(meta(instance, "aligned_model")["mlflow_model_id"])
+    assert "rouge_l/mean" in {x.key for x in model.metrics}
+
+
+def test_best_prompt_template_is_in_the_prompt_registry(lifecycle_run, instance):
+    import mlflow.genai
+
+    mlflow.set_tracking_uri(settings.mlflow_uri())
+    m = meta(instance, "prompt_baseline")
+    prompt = mlflow.genai.load_prompt(f"prompts:/{UC}-prompt@best")
+    assert m["prompt_registry"] == f"prompts:/{UC}-prompt/{prompt.version}"
+    assert "{{input}}" in prompt.template
+    assert float(prompt.tags["score"]) == pytest.approx(m["best_rouge_l"], abs=1e-6)
+    assert prompt.tags["metric"] == "rouge_l"
+    assert prompt.format(input="Customer: hi").count("Customer: hi") == 1
 
 
 def test_bad_data_stops_the_run_before_training_and_keeps_last_good(
@@ -566,10 +670,13 @@ def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
         [exp],
         f"tags.`dagster.run_id` = '{second.run_id}' and tags.`lifecycle.stage` = 'sft_adapter'",
     )[0]
-    parent = client.get_run(sft_run.data.tags["lifecycle.escalated_from"])
-    assert parent.data.tags["dagster.run_id"] == first.run_id
-    assert parent.data.tags["lifecycle.stage"] == "evaluation"
-    assert sft_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    previous = client.get_run(sft_run.data.tags["lifecycle.escalated_from"])
+    assert previous.data.tags["dagster.run_id"] == first.run_id
+    assert previous.data.tags["lifecycle.stage"] == "lifecycle_run"
+    attempt = client.get_run(sft_run.data.tags["mlflow.parentRunId"])
+    assert attempt.data.tags["lifecycle.stage"] == "lifecycle_run"
+    assert attempt.data.tags["lifecycle.attempt"] == "2"
+    assert attempt.data.tags["lifecycle.escalated_from"] == previous.info.run_id
     # Against the champion of the first lifecycle run, scored by the same suite: no regression.
     assert m["regressed"] is False and m["vs_champion"].startswith("v1: rouge_l +")
     # The passing escalation beats the first run's champion: champion moves to its versions.

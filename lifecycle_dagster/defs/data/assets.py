@@ -85,6 +85,9 @@ def task_dataset(
         leaked = overlap(splits["train"].rows, splits["eval"].rows, field)
         near = near_duplicates(splits["train"].rows, splits["eval"].rows, field)
         st.run.log_params({f"{n}.sha256": s.sha256 for n, s in splits.items()})
+        st.reads(
+            attempt=True, train=("task_dataset", "train.jsonl"), eval=("task_dataset", "eval.jsonl")
+        )
         return st.result(
             metrics={
                 "train_rows": len(splits["train"].rows),
@@ -163,6 +166,8 @@ def preference_dataset(
         task_eval = task["eval"].rows
         in_pairs = overlap([{"prompt": r[field]} for r in task_eval], rows["train"], "prompt")
         origin = "files" if splits else "built from the task data (reference vs another row's)"
+        files = {f"preferences_{n}": (st.name, f"preferences_{n}.jsonl") for n in ("train", "eval")}
+        st.reads(attempt=True, **files)
         return st.result(
             metrics={
                 "train_pairs": len(rows["train"]),

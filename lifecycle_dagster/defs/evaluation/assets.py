@@ -6,7 +6,7 @@ import time
 import dagster as dg
 
 from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
-from lifecycle_dagster.lib.results import evaluation_result
+from lifecycle_dagster.lib.results import evaluation_result, genai_evaluation
 from lifecycle_dagster.lib.stage import attempt_of, attempt_started_at, stage
 from lifecycle_dagster.ml.data import EvalSplit, read_rows
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
@@ -128,5 +128,10 @@ def evaluation(
             champion, result.suite, uc.primary_metric, result.per_example
         )
         return evaluation_result(
-            st, result, decision, regression, upstream_metadata(context, "aligned_model")
+            st,
+            result,
+            decision,
+            regression,
+            upstream_metadata(context, "aligned_model"),
+            genai=genai_evaluation(st, result, split),
         )

@@ -1,0 +1,148 @@
+"""MLflow's GenAI side: every evaluation as an MLflow evaluation run with per-example assessments,
+and the prompt baseline's best template in the prompt registry.
+
+The evaluation suite's per-example metrics (the task kind's, harmlessness, length) run as MLflow
+GenAI code scorers over the generations the evaluation already made (no second generation pass):
+one evaluation run per scored model, nested under the stage's run and linked to that model's MLflow
+logged model and to the eval dataset, so the MLflow UI compares models and attempts example by
+example. These MLflow entry points use its fluent state: the store is set right before each call
+and the active run and model are cleared after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+
+from lifecycle_dagster.resources.mlflow import DatasetRef, StageRun
+
+EXPECTED = "expected_response"  # MLflow's name for the reference answer in ``expectations``
+BEST_ALIAS = "best"  # the prompt version with the best score so far
+
+
+def suite_scorers(task, suite, sample: tuple[str, str]) -> list:
+    """The suite's per-example metrics as MLflow code scorers: the task kind's (``format_ok``
+    among them), harmlessness and, for free text, length. Each scores one generation against its
+    reference with the suite's own ``score``, so its mean is the evaluation's figure. Metrics only
+    defined on a whole batch (macro-F1, corpus BLEU) stay in the stage's run metrics."""
+    from mlflow.genai.scorers import scorer
+
+    from lifecycle_dagster.ml.suite import score as suite_score
+
+    def one(output: str, reference: str):
+        return suite_score([output], [reference], suite, task=task)
+
+    probe = one(*sample)
+    names = [m for m in probe.means if m not in probe.task.corpus]
+
+    def make(metric: str):
+        @scorer(name=metric)
+        def score(outputs, expectations) -> float:
+            return float(one(str(outputs), expectations[EXPECTED]).per_example[0][metric])
+
+        return score
+
+    return [make(m) for m in names]
+
+
+@contextlib.contextmanager
+def _fluent(uri: str, experiment_id: str) -> Iterator[None]:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    try:
+        yield
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.clear_active_model()
+
+
+def evaluate_models(
+    uri: str,
+    stage: StageRun,
+    rows: Sequence[dict],
+    inputs: Mapping[str, str],
+    task,
+    suite,
+    *,
+    model_ids: Mapping[str, str | None],
+    dataset: DatasetRef,
+    tags: Mapping[str, str],
+) -> dict[str, dict[str, float]]:
+    """One MLflow GenAI evaluation run per model in ``rows`` (the per-example table: ``model``,
+    ``id``, ``prediction``, ``reference``), scored by the suite's code scorers. Returns each
+    model's scorer means (``<metric>/mean``) as MLflow computed them."""
+    import mlflow
+
+    by_model: dict[str, list[dict]] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], []).append(row)
+    first = rows[0]
+    scorers = suite_scorers(task, suite, (first["prediction"], first["reference"]))
+    means = {}
+    with _fluent(uri, stage.experiment_id):
+        for model, items in by_model.items():
+            run = stage.client.create_run(
+                stage.experiment_id,
+                run_name=f"evaluate {model}",
+                tags={**tags, "mlflow.parentRunId": stage.run_id, "lifecycle.model": model},
+            )
+            StageRun(stage.client, run.info.run_id, stage.experiment_id, "").log_datasets(
+                {"eval": dataset}
+            )
+            data = [
+                {
+                    "inputs": {"id": r["id"], "input": inputs.get(r["id"], "")},
+                    "outputs": r["prediction"],
+                    "expectations": {EXPECTED: r["reference"]},
+                }
+                for r in items
+            ]
+            with mlflow.start_run(run_id=run.info.run_id):
+                result = mlflow.genai.evaluate(
+                    data=data, scorers=scorers, model_id=model_ids.get(model)
+                )
+            means[model] = {k: float(v) for k, v in result.metrics.items()}
+            mlflow.clear_active_model()
+    return means
+
+
+def register_best_prompt(
+    uri: str,
+    stage: StageRun,
+    name: str,
+    template: str,
+    *,
+    metric: str,
+    score: float,
+    message: str,
+    tags: Mapping[str, str],
+) -> tuple[int, bool]:
+    """A new version of prompt ``name`` (``{{input}}`` where the task input goes) with its score
+    as tags, linked to the stage's run; alias ``best`` moves to it when it scores at least as well
+    as the version behind ``best`` on the same metric. Returns (version, whether it is best)."""
+    import mlflow.genai
+    from mlflow.exceptions import MlflowException
+
+    with _fluent(uri, stage.experiment_id):
+        version = mlflow.genai.register_prompt(
+            name,
+            template.replace("{input}", "{{input}}"),
+            commit_message=message,
+            tags={**tags, "metric": metric, "score": f"{score:.6f}"},
+        )
+        try:
+            current = mlflow.genai.load_prompt(f"prompts:/{name}@{BEST_ALIAS}")
+        except MlflowException:  # no version has the alias yet
+            current = None
+        best = current is None or (
+            current.tags.get("metric") != metric
+            or float(current.tags.get("score", "-inf")) <= score
+        )
+        if best:
+            mlflow.genai.set_prompt_alias(name, BEST_ALIAS, version.version)
+        stage.client.link_prompt_version_to_run(stage.run_id, version)
+    return int(version.version), best

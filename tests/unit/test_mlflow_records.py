@@ -1,0 +1,168 @@
+"""What MLflow records, on a temporary sqlite store: the evaluation suite as GenAI code scorers
+with per-example assessments, the prompt registry's best version, and one attempt run per
+lifecycle run even when its first steps start at once."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from lifecycle_dagster.ml.suite import score as suite_score
+from lifecycle_dagster.ml.usecase_loader import load_use_case
+from lifecycle_dagster.resources.mlflow import ATTEMPT_STAGE, DatasetRef, MlflowTracking, StageRun
+from lifecycle_dagster.resources.mlflow_genai import (
+    evaluate_models,
+    register_best_prompt,
+    suite_scorers,
+)
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    return MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def stage_run(tracking, experiment="uc") -> StageRun:
+    client = tracking.client()
+    exp = tracking.experiment_id(experiment)
+    run = client.create_run(exp, run_name="evaluation", tags={"lifecycle.stage": "evaluation"})
+    return StageRun(client, run.info.run_id, exp, tracking.ui_url)
+
+
+@pytest.mark.parametrize(
+    ("use_case", "output", "reference", "expected"),
+    [
+        ("dialogue_intent", "late delivery", "late delivery", {"accuracy": 1.0, "format_ok": 1}),
+        ("dialogue_intent", "I cannot tell", "late delivery", {"accuracy": 0.0, "format_ok": 0}),
+        (
+            "dialogue_slots",
+            '{"name": "Yara", "day": "Thursday", "time": null}',
+            json.dumps({"name": "Yara", "day": "Thursday", "time": "4 pm"}),
+            {"json_valid": 1.0, "field_f1": 0.8},
+        ),
+        ("dialogue_slots", "Yara on Thursday", '{"name": "Yara"}', {"json_valid": 0.0}),
+        ("dialogue_qa", "The Thursday.", "thursday", {"exact_match": 1.0, "token_f1": 1.0}),
+    ],
+)
+def test_suite_scorers_score_one_generation_as_the_suite_does(
+    use_case, output, reference, expected
+):
+    uc = load_use_case(use_case=use_case, profile="tiny")
+    scorers = {s.name: s for s in suite_scorers(uc.task, uc.evaluation.suite, ("x", reference))}
+    assert "harmless" in scorers and "format_ok" in scorers
+    for name, value in expected.items():
+        got = scorers[name](outputs=output, expectations={"expected_response": reference})
+        assert got == pytest.approx(value, abs=1e-3), name
+    suite = suite_score([output], [reference], uc.evaluation.suite, task=uc.task)
+    for name, scorer in scorers.items():
+        assert scorer(outputs=output, expectations={"expected_response": reference}) == (
+            pytest.approx(suite.per_example[0][name], abs=1e-4)
+        )
+
+
+def test_every_model_is_an_mlflow_evaluation_run_with_per_example_assessments(tracking, tmp_path):
+    uc = load_use_case(use_case="dialogue_intent", profile="tiny")
+    parent = stage_run(tracking)
+    model = parent.log_model("uc-sft", params={"method": "lora"})
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n')
+    dataset = DatasetRef("uc-eval", data, "ab" * 32, 3, ["id"])
+    gold = ["late delivery", "tech support", "late delivery"]
+    outputs = {"base": ["no idea", "tech support", "hello"], "sft": gold}
+    rows = [
+        {"model": m, "id": i, "prediction": p, "reference": g}
+        for m, preds in outputs.items()
+        for i, p, g in zip("abc", preds, gold, strict=True)
+    ]
+    means = evaluate_models(
+        tracking.uri,
+        parent,
+        rows,
+        {"a": "dialogue a", "b": "dialogue b", "c": "dialogue c"},
+        uc.task,
+        uc.evaluation.suite,
+        model_ids={"base": None, "sft": model},
+        dataset=dataset,
+        tags={"dagster.run_id": "r1"},
+    )
+    assert means["base"]["accuracy/mean"] == pytest.approx(1 / 3)
+    assert means["sft"]["accuracy/mean"] == pytest.approx(1.0)
+    client = tracking.client()
+    children = client.search_runs(
+        [parent.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'"
+    )
+    by_model = {r.data.tags["lifecycle.model"]: r for r in children}
+    assert sorted(by_model) == ["base", "sft"]
+    # The eval split by name and file digest (MLflow also logs the scored table it built).
+    inputs = {i.dataset.name: i.dataset for i in by_model["base"].inputs.dataset_inputs}
+    assert inputs["uc-eval"].digest == "ab" * 8
+    traces = client.search_traces(
+        locations=[parent.experiment_id], run_id=by_model["base"].info.run_id
+    )
+    assert len(traces) == 3
+    per_example = sorted(
+        a.value for t in traces for a in t.info.assessments if a.name == "accuracy"
+    )
+    assert per_example == [0.0, 0.0, 1.0]
+    logged = client.get_logged_model(model)
+    assert logged.metrics and {m.key for m in logged.metrics} >= {"accuracy/mean"}
+
+
+def test_prompt_registry_keeps_best_on_the_best_scoring_version(tracking):
+    import mlflow.genai
+
+    run = stage_run(tracking)
+
+    def register(score: float):
+        return register_best_prompt(
+            tracking.uri,
+            run,
+            "uc-prompt",
+            "Classify.\n\nDialogue:\n{input}\n\nIntent:",
+            metric="accuracy",
+            score=score,
+            message=f"accuracy {score}",
+            tags={"shots": "3"},
+        )
+
+    assert register(0.5) == (1, True)
+    assert register(0.4) == (2, False)
+    assert register(0.7) == (3, True)
+    best = mlflow.genai.load_prompt("prompts:/uc-prompt@best")
+    assert best.version == 3 and best.tags["score"] == "0.700000"
+    assert best.format(input="#Person1#: hi") == (
+        "Classify.\n\nDialogue:\n#Person1#: hi\n\nIntent:"
+    )
+
+
+def test_one_attempt_run_when_steps_start_at_once(tracking):
+    """The step that opens the attempt and one that starts beside it (and looks first) end up
+    under the same parent run."""
+    found: list[str] = []
+
+    def waiter():
+        found.append(
+            tracking.attempt_run("uc", "dagster-1", create=False, name="attempt 1", tags={})
+        )
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(1.0)
+    opened = tracking.attempt_run("uc", "dagster-1", create=True, name="attempt 1", tags={})
+    thread.join(timeout=30)
+    assert found == [opened]
+    again = tracking.attempt_run("uc", "dagster-1", create=True, name="attempt 1", tags={})
+    assert again == opened
+    runs = tracking.client().search_runs(
+        [tracking.experiment_id("uc")], f"tags.`lifecycle.stage` = '{ATTEMPT_STAGE}'"
+    )
+    assert [r.info.run_id for r in runs] == [opened]
+    with tracking.stage_run("uc", "sft_adapter", parent_id=opened) as stage:
+        assert tracking.client().get_run(opened).info.status == "RUNNING"
+    assert tracking.client().get_run(stage.run_id).data.tags["mlflow.parentRunId"] == opened
+    assert tracking.client().get_run(opened).info.status == "FINISHED"
+    with pytest.raises(RuntimeError), tracking.stage_run("uc", "evaluation", parent_id=opened):
+        raise RuntimeError("boom")
+    failed = tracking.client().get_run(opened)
+    assert failed.info.status == "FAILED" and failed.data.tags["failed_stage"] == "evaluation"
