@@ -88,6 +88,7 @@ def summary_rows(instance, result) -> list[dict]:
                 "metrics": ", ".join(f"{k}={_fmt(meta[k])}" for k in keys if k in meta) or "-",
                 "artifact": str(meta.get("artifact_path", "-")),
                 "mlflow": str(meta.get("mlflow_run", "-")),
+                "attempt_run": meta.get("mlflow_attempt_run_id", ""),
             }
         )
     return rows
@@ -99,6 +100,10 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
     urls = [(r["stage"], r["mlflow"]) for r in rows if r["mlflow"] != "-"]
     if urls:
         print("\nMLflow runs:", file=file)
+        attempt = next((r for r in rows if r.get("attempt_run") and r["mlflow"] != "-"), None)
+        if attempt:  # the parent run all stage runs nest under, beside them in the same experiment
+            url = attempt["mlflow"].rsplit("/", 1)[0] + "/" + attempt["attempt_run"]
+            print(f"  {'(the attempt)':<20} {url}", file=file)
         for stage, url in urls:
             print(f"  {stage:<20} {url}", file=file)
 

@@ -26,9 +26,10 @@ def check(name: str, passed: bool, metadata: dict, blocking: bool = False) -> dg
 
 
 def genai_evaluation(st: Stage, result: Assessment, split) -> dict[str, dict[str, float]]:
-    """Every scored model's generations as an MLflow GenAI evaluation run (the kind's code
-    scorers, per-example assessments), linked to the model's MLflow logged model: the base model
-    (also behind the prompt baseline), the SFT model and the aligned candidate."""
+    """Every scored model's generations as an MLflow GenAI evaluation run (the suite's code
+    scorers, per-example assessments), linked to the model's MLflow logged model: the base model,
+    the SFT model and the aligned candidate (the prompt baseline's run has no model: its figures
+    are the base model's prompted, not the base model's own)."""
     from lifecycle_dagster.resources.mlflow_genai import evaluate_models
 
     ids = {
@@ -36,21 +37,26 @@ def genai_evaluation(st: Stage, result: Assessment, split) -> dict[str, dict[str
         for a in ("base_model", "sft_adapter", "aligned_model")
     }
     field = st.use_case.task.input_field
-    return evaluate_models(
-        st.tracking.uri,
-        st.run,
-        result.per_example,
-        {r["id"]: str(r.get(field, "")) for r in split.rows},
-        st.use_case.task,
-        st.use_case.evaluation.suite,
-        model_ids={
-            "base": ids["base_model"],
-            "prompt_baseline": ids["base_model"],
-            "sft": ids["sft_adapter"],
-            CANDIDATE: ids["aligned_model"],
-        },
-        dataset=st.dataset("task_dataset", "eval.jsonl"),
-        tags={"dagster.run_id": st.context.run.run_id, "lifecycle.attempt": str(st.attempt_no)},
+    return st.best_effort(
+        "the GenAI evaluation",
+        lambda: evaluate_models(
+            st.tracking.uri,
+            st.run,
+            result.per_example,
+            {r["id"]: str(r.get(field, "")) for r in split.rows},
+            st.use_case.task,
+            st.use_case.evaluation.suite,
+            model_ids={
+                "base": ids["base_model"],
+                "prompt_baseline": None,  # the base model's own figures stay its own
+                "sft": ids["sft_adapter"],
+                CANDIDATE: ids["aligned_model"],
+            },
+            dataset=st.dataset("task_dataset", "eval.jsonl"),
+            tags={"dagster.run_id": st.context.run.run_id, "lifecycle.attempt": str(st.attempt_no)},
+            log=st.log,
+        ),
+        {},
     )
 
 
@@ -292,21 +298,27 @@ def register_prompt(st: Stage, result) -> dict:
 
     best, metric = result.best, result.metric
     name = f"{st.use_case.name}-prompt"
-    version, is_best = register_best_prompt(
-        st.tracking.uri,
-        st.run,
-        name,
-        result.template,
-        metric=metric,
-        score=best[metric],
-        message=f"prompt_baseline: {best['strategy']}, {metric} {best[metric]:.4f}",
-        tags={
-            "strategy": best["strategy"],
-            "shots": str(best["shots"]),
-            "dagster.run_id": st.context.run.run_id,
-            "base_model": st.use_case.base_model.source,
-        },
+    registered = st.best_effort(
+        "the prompt version",
+        lambda: register_best_prompt(
+            st.tracking.uri,
+            st.run,
+            name,
+            result.template,
+            metric=metric,
+            score=best[metric],
+            message=f"prompt_baseline: {best['strategy']}, {metric} {best[metric]:.4f}",
+            tags={
+                "strategy": best["strategy"],
+                "shots": str(best["shots"]),
+                "dagster.run_id": st.context.run.run_id,
+                "base_model": st.use_case.base_model.source,
+            },
+        ),
     )
+    if registered is None:
+        return {}
+    version, is_best = registered
     st.log(
         f"prompt_baseline: prompt {name} version {version}" + (" (alias best)" if is_best else "")
     )

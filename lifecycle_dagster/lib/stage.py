@@ -117,27 +117,46 @@ class Stage:
         """Record the data files this stage read as MLflow dataset inputs, by context:
         ``reads(train=("task_dataset", "train.jsonl"))``; with ``attempt`` on the attempt's
         parent run too (the datasets themselves, once per lifecycle run)."""
-        datasets = {context: self.dataset(*where) for context, where in files.items()}
-        self.run.log_datasets(datasets)
-        if attempt:
-            self.attempt.log_datasets(datasets)
 
-    def log_model(self, name: str, path: Path, *, params: dict | None = None, **tags) -> str:
+        def record():
+            datasets = {context: self.dataset(*where) for context, where in files.items()}
+            self.run.log_datasets(datasets)
+            if attempt:
+                self.attempt.log_datasets(datasets)
+
+        self.best_effort("dataset inputs", record)
+
+    def best_effort(self, what: str, record, default=None):
+        """MLflow records beyond the stage's run and metrics (dataset inputs, logged models, GenAI
+        evaluations, prompt versions): one that cannot be written is a warning in the step's
+        log, never a failed stage (the verdict and the artifact matter more)."""
+        try:
+            return record()
+        except Exception as exc:
+            self.context.log.warning(
+                f"{self.name}: {what} not recorded in MLflow: {type(exc).__name__}: {exc}"
+            )
+            return default
+
+    def log_model(self, name: str, path: Path, *, params: dict | None = None, **tags) -> str | None:
         """This stage's model as an MLflow logged model (``<use case>-<name>``): its parameters,
         where its weights are (``path``, in the artifact store) and its small descriptive files.
         The stage's metrics become the model's metrics."""
         files = [path / f for f in DESCRIPTIVE_FILES] + [self.target / "MANIFEST.json"]
-        self.model_id = self.run.log_model(
-            f"{self.use_case.name}-{name}",
-            params=params,
-            tags={
-                "artifact.path": str(path),
-                "artifact.version": read_manifest(self.target)["version"],
-                "lifecycle.attempt": attempt_of(self.context),
-                "dagster.run_id": self.context.run.run_id,
-                **tags,
-            },
-            files=files,
+        self.model_id = self.best_effort(
+            "the logged model",
+            lambda: self.run.log_model(
+                f"{self.use_case.name}-{name}",
+                params=params,
+                tags={
+                    "artifact.path": str(path),
+                    "artifact.version": read_manifest(self.target)["version"],
+                    "lifecycle.attempt": attempt_of(self.context),
+                    "dagster.run_id": self.context.run.run_id,
+                    **tags,
+                },
+                files=files,
+            ),
         )
         return self.model_id
 
@@ -274,10 +293,12 @@ def stage(
 
 def opens_attempt(context) -> bool:
     """Whether this step creates the run's MLflow parent run: the first (by name) of the assets
-    in the run's selection that have no upstream in it. Every other step runs after one of them,
-    or waits for the parent to appear."""
+    the run executes that have no upstream among them. Every other step runs after one of them,
+    or waits for the parent to appear (and should two ever create one, all use the oldest)."""
     layer = context.job_def.asset_layer
     selected = set(context.run.asset_selection or layer.selected_asset_keys)
+    if steps := context.run.step_keys_to_execute:  # a re-execution runs only some of them
+        selected = {k for k in selected if k.path[-1] in steps}
     graph = layer.asset_graph
     roots = [k for k in selected if not (set(graph.get(k).parent_keys) & selected)]
     return context.asset_key == min(roots, key=lambda k: k.to_user_string(), default=None)

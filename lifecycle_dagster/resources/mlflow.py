@@ -190,6 +190,26 @@ def ensure_store(uri: str) -> None:
     _READY.add(uri)
 
 
+def settle(client, experiment_id: str, parent_id: str) -> None:
+    """The attempt's status from its stage runs: FAILED once any failed (``failed_stage`` says
+    which), RUNNING while any runs, else FINISHED. Each stage settles it after its own status is
+    written, so the last one to end leaves the right status, whatever the order."""
+    children = client.search_runs(
+        [experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000
+    )
+    status = {r.info.status for r in children}
+    failed = [
+        r.data.tags.get("lifecycle.stage", "?") for r in children if r.info.status == "FAILED"
+    ]
+    if failed:
+        client.set_tag(parent_id, "failed_stage", ", ".join(sorted(failed)))
+        client.set_terminated(parent_id, "FAILED")
+    elif "RUNNING" in status:
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        client.set_terminated(parent_id, "FINISHED")
+
+
 class MlflowTracking(dg.ConfigurableResource):
     """Where stage runs are recorded. Defaults to a sqlite store under the state directory."""
 
@@ -249,12 +269,17 @@ class MlflowTracking(dg.ConfigurableResource):
             time.sleep(0.5)
         if found is not None:
             return found
-        run = self.client().create_run(
+        client = self.client()
+        run = client.create_run(
             self.experiment_id(experiment),
             run_name=name,
             tags={"lifecycle.stage": ATTEMPT_STAGE, "dagster.run_id": dagster_run_id, **tags},
         )
-        return run.info.run_id
+        # Two steps that both created one (the opener never came): all settle on the oldest.
+        oldest = self.stage_run_id(experiment, dagster_run_id, ATTEMPT_STAGE)
+        if oldest != run.info.run_id:
+            client.delete_run(run.info.run_id)
+        return oldest or run.info.run_id
 
     @contextlib.contextmanager
     def stage_run(
@@ -271,20 +296,20 @@ class MlflowTracking(dg.ConfigurableResource):
         tags = {"lifecycle.stage": stage, **(tags or {})}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
-            client.update_run(parent_id, status="RUNNING")
         run = client.create_run(exp_id, run_name=stage, tags=tags)
         stage_run = StageRun(client, run.info.run_id, exp_id, self.ui_url)
+        if parent_id:
+            settle(client, exp_id, parent_id)
         try:
             yield stage_run
         except BaseException:
             client.set_terminated(run.info.run_id, "FAILED")
             if parent_id:
-                client.set_tag(parent_id, "failed_stage", stage)
-                client.set_terminated(parent_id, "FAILED")
+                settle(client, exp_id, parent_id)
             raise
         client.set_terminated(run.info.run_id, "FINISHED")
-        if parent_id and client.get_run(parent_id).info.status != "FAILED":
-            client.set_terminated(parent_id, "FINISHED")
+        if parent_id:
+            settle(client, exp_id, parent_id)
 
     def stage_run_id(self, experiment: str, dagster_run_id: str, stage: str) -> str | None:
         """The MLflow run one stage of one Dagster run recorded, if any."""
@@ -296,6 +321,7 @@ class MlflowTracking(dg.ConfigurableResource):
             [exp.experiment_id],
             f"tags.`dagster.run_id` = '{dagster_run_id}' and tags.`lifecycle.stage` = '{stage}'",
             max_results=1,
+            order_by=["attributes.start_time ASC", "attributes.run_id ASC"],
         )
         return runs[0].info.run_id if runs else None
 

@@ -12,7 +12,7 @@ and the active run and model are cleared after it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from lifecycle_dagster.resources.mlflow import DatasetRef, StageRun
 
@@ -46,18 +46,63 @@ def suite_scorers(task, suite, sample: tuple[str, str]) -> list:
 
 
 @contextlib.contextmanager
-def _fluent(uri: str, experiment_id: str) -> Iterator[None]:
-    import mlflow
+def _quiet() -> Iterator[None]:
+    import io
+    import os
 
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+
+
+FLUENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+
+
+@contextlib.contextmanager
+def _fluent(uri: str, experiment_id: str) -> Iterator[None]:
+    """MLflow's fluent state pointed at ``uri`` and the experiment for the body, and put back as
+    it was after it: the store, the experiment and the environment variables MLflow sets with
+    them (``settings.mlflow_uri()`` and child processes read ``MLFLOW_TRACKING_URI``)."""
+    import os
+
+    import mlflow
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {k: os.environ.get(k) for k in FLUENT_ENV}
+    saved = (
+        tracking_utils._tracking_uri,
+        registry_utils._registry_uri,
+        fluent._active_experiment_id,
+    )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     mlflow.set_experiment(experiment_id=experiment_id)
     try:
         yield
     finally:
+        mlflow.flush_trace_async_logging()  # traces land in this store, not the next
         while mlflow.active_run() is not None:
             mlflow.end_run()
         mlflow.clear_active_model()
+        (
+            tracking_utils._tracking_uri,
+            registry_utils._registry_uri,
+            fluent._active_experiment_id,
+        ) = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def evaluate_models(
@@ -71,12 +116,15 @@ def evaluate_models(
     model_ids: Mapping[str, str | None],
     dataset: DatasetRef,
     tags: Mapping[str, str],
+    log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, dict[str, float]]:
     """One MLflow GenAI evaluation run per model in ``rows`` (the per-example table: ``model``,
     ``id``, ``prediction``, ``reference``), scored by the suite's code scorers. Returns each
     model's scorer means (``<metric>/mean``) as MLflow computed them."""
     import mlflow
 
+    if not rows:
+        return {}
     by_model: dict[str, list[dict]] = {}
     for row in rows:
         by_model.setdefault(row["model"], []).append(row)
@@ -101,11 +149,16 @@ def evaluate_models(
                 }
                 for r in items
             ]
-            with mlflow.start_run(run_id=run.info.run_id):
+            # MLflow's own progress bar and banner would interleave with the step's log lines.
+            with mlflow.start_run(run_id=run.info.run_id), _quiet():
                 result = mlflow.genai.evaluate(
                     data=data, scorers=scorers, model_id=model_ids.get(model)
                 )
             means[model] = {k: float(v) for k, v in result.metrics.items()}
+            log(
+                f"evaluation: MLflow GenAI evaluation of {model}: {len(items)} examples, "
+                f"{len(scorers)} code scorers ({', '.join(s.name for s in scorers)})"
+            )
             mlflow.clear_active_model()
     return means
 

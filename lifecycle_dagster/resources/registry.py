@@ -8,6 +8,7 @@ Versions point at the artifact store (``source``); serving resolves ``champion``
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -15,6 +16,8 @@ from lifecycle_dagster.ml.promotion import Champion, Promotion, decide_promotion
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
+LOGGED_MODEL_TAG = "logged_model_id"  # on a version: the MLflow logged model it registers
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # on a logged model: its registered versions
 
 
 def registered_name(use_case: str, kind: str) -> str:
@@ -39,7 +42,8 @@ class ModelRegistry:
         model_id: str | None = None,
     ) -> str:
         """A new version of ``name`` pointing at ``source`` (and at the MLflow logged model
-        ``model_id``, whose metrics it then shows); it becomes the ``candidate``."""
+        ``model_id``: a version tag, and the logged model's list of versions); it becomes the
+        ``candidate``."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -48,13 +52,16 @@ class ModelRegistry:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
         uri = Path(source).resolve().as_uri() if isinstance(source, Path) else source
+        if model_id:
+            tags = {**tags, LOGGED_MODEL_TAG: model_id}
         version = self.client.create_model_version(
-            name,
-            source=uri,
-            run_id=run_id,
-            tags={k: str(v) for k, v in tags.items()},
-            model_id=model_id,
+            name, source=uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
         ).version
+        if model_id:  # the link MLflow's UI follows from the logged model to its versions
+            model = self.client.get_logged_model(model_id)
+            linked = json.loads(model.tags.get(MODEL_VERSIONS_TAG, "[]"))
+            linked.append({"name": name, "version": str(version)})
+            self.client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(linked)})
         self.client.set_registered_model_alias(name, CANDIDATE, version)
         return str(version)
 

@@ -376,7 +376,11 @@ def test_mlflow_logged_models_carry_metrics_and_back_the_registry(lifecycle_run,
     for kind, asset in [("aligned", "aligned_model"), ("onnx", "onnx_model")]:
         m = meta(instance, asset)
         version = registry.client.get_model_version(m["registered_model"], m["registered_version"])
-        assert version.model_id == models[f"{UC}-{kind}"].model_id == m["mlflow_model_id"]
+        logged = models[f"{UC}-{kind}"]
+        assert version.tags["logged_model_id"] == logged.model_id == m["mlflow_model_id"]
+        assert {"name": m["registered_model"], "version": m["registered_version"]} in json.loads(
+            client.get_logged_model(logged.model_id).tags["mlflow.modelVersions"]
+        )
 
 
 def test_every_evaluation_is_an_mlflow_genai_evaluation(lifecycle_run, instance):
@@ -408,11 +412,9 @@ def test_every_evaluation_is_an_mlflow_genai_evaluation(lifecycle_run, instance)
 
 
 def test_best_prompt_template_is_in_the_prompt_registry(lifecycle_run, instance):
-    import mlflow.genai
-
-    mlflow.set_tracking_uri(settings.mlflow_uri())
+    uri = settings.mlflow_uri()
     m = meta(instance, "prompt_baseline")
-    prompt = mlflow.genai.load_prompt(f"prompts:/{UC}-prompt@best")
+    prompt = MlflowClient(uri, registry_uri=uri).load_prompt(f"prompts:/{UC}-prompt@best")
     assert m["prompt_registry"] == f"prompts:/{UC}-prompt/{prompt.version}"
     assert "{{input}}" in prompt.template
     assert float(prompt.tags["score"]) == pytest.approx(m["best_rouge_l"], abs=1e-6)

@@ -3,12 +3,12 @@ with per-example assessments, the prompt registry's best version, and one attemp
 lifecycle run even when its first steps start at once."""
 
 import json
+import os
 import threading
 import time
 
 import pytest
 
-from lifecycle_dagster.ml.suite import score as suite_score
 from lifecycle_dagster.ml.usecase_loader import load_use_case
 from lifecycle_dagster.resources.mlflow import ATTEMPT_STAGE, DatasetRef, MlflowTracking, StageRun
 from lifecycle_dagster.resources.mlflow_genai import (
@@ -54,11 +54,6 @@ def test_suite_scorers_score_one_generation_as_the_suite_does(
     for name, value in expected.items():
         got = scorers[name](outputs=output, expectations={"expected_response": reference})
         assert got == pytest.approx(value, abs=1e-3), name
-    suite = suite_score([output], [reference], uc.evaluation.suite, task=uc.task)
-    for name, scorer in scorers.items():
-        assert scorer(outputs=output, expectations={"expected_response": reference}) == (
-            pytest.approx(suite.per_example[0][name], abs=1e-4)
-        )
 
 
 def test_every_model_is_an_mlflow_evaluation_run_with_per_example_assessments(tracking, tmp_path):
@@ -110,8 +105,6 @@ def test_every_model_is_an_mlflow_evaluation_run_with_per_example_assessments(tr
 
 
 def test_prompt_registry_keeps_best_on_the_best_scoring_version(tracking):
-    import mlflow.genai
-
     run = stage_run(tracking)
 
     def register(score: float):
@@ -129,11 +122,26 @@ def test_prompt_registry_keeps_best_on_the_best_scoring_version(tracking):
     assert register(0.5) == (1, True)
     assert register(0.4) == (2, False)
     assert register(0.7) == (3, True)
-    best = mlflow.genai.load_prompt("prompts:/uc-prompt@best")
+    best = tracking.client().load_prompt("prompts:/uc-prompt@best")
     assert best.version == 3 and best.tags["score"] == "0.700000"
     assert best.format(input="#Person1#: hi") == (
         "Classify.\n\nDialogue:\n#Person1#: hi\n\nIntent:"
     )
+    # The run that made it lists it; single braces (a JSON example in a few-shot prompt) stay.
+    assert "uc-prompt" in tracking.client().get_run(run.run_id).data.tags["mlflow.linkedPrompts"]
+    register_best_prompt(
+        tracking.uri,
+        run,
+        "uc-json",
+        'Example: {"name": "Yara", "day": null}\n{input}\nJSON:',
+        metric="field_f1",
+        score=0.5,
+        message="m",
+        tags={},
+    )
+    json_prompt = tracking.client().load_prompt("prompts:/uc-json@best")
+    assert json_prompt.format(input="hi") == 'Example: {"name": "Yara", "day": null}\nhi\nJSON:'
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the fluent state is put back
 
 
 def test_one_attempt_run_when_steps_start_at_once(tracking):
@@ -166,3 +174,28 @@ def test_one_attempt_run_when_steps_start_at_once(tracking):
         raise RuntimeError("boom")
     failed = tracking.client().get_run(opened)
     assert failed.info.status == "FAILED" and failed.data.tags["failed_stage"] == "evaluation"
+    with tracking.stage_run("uc", "onnx_model", parent_id=opened):  # a branch that goes on
+        pass
+    assert tracking.client().get_run(opened).info.status == "FAILED"
+
+
+def test_steps_that_each_created_an_attempt_settle_on_the_oldest(tracking):
+    """Should the opener never come (a step re-executed alone), two steps waiting in vain both
+    create one: each then uses the oldest and the other is deleted."""
+    got: list[str] = []
+
+    def step():
+        got.append(
+            tracking.attempt_run("uc", "d-2", create=False, name="attempt", tags={}, wait_s=0.5)
+        )
+
+    threads = [threading.Thread(target=step) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(got) == 2 and got[0] == got[1]
+    live = tracking.client().search_runs(
+        [tracking.experiment_id("uc")], f"tags.`lifecycle.stage` = '{ATTEMPT_STAGE}'"
+    )
+    assert [r.info.run_id for r in live] == [got[0]]
