@@ -477,6 +477,15 @@ class PromptFormat:
             return full[len(start) :]
         return answer + (self.eos_token or "")
 
+    def answer_of(self, text: str) -> str:
+        """The answer in a completion written as ``completion`` writes it (or as a model
+        generated it): the text before the end of the assistant's turn."""
+        if self.chat:
+            end = self.completion("q", "").strip()
+            if end:
+                text = text.split(end, 1)[0]
+        return text.strip()
+
 
 def _turn(query: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]

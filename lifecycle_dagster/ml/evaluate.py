@@ -102,12 +102,23 @@ def perplexity(
     return math.exp(total_nll / max(1, total_tokens))
 
 
+def reward_text(fmt, eos: str, prompt: str, completion: str) -> str:
+    """What a reward model trained by trl's RewardTrainer on ``preference_records`` read: the
+    prompt, the completion's first line as ``fmt`` writes an answer, and EOS unless it ends with
+    it (trl appends it so). ``completion`` may be raw or already formatted."""
+    text = prompt + fmt.completion("q", clean_completion(fmt.answer_of(completion)))
+    return text if text.endswith(eos) else text + eos
+
+
 class RewardScorer:
     """Scores ``prompt + completion`` with a sequence-classification reward model.
 
-    The text is built exactly as trl's RewardTrainer builds it in training (prompt, completion, EOS),
-    so scores at evaluation and during alignment mean what they meant to the reward model. A policy's
-    soft prompt is not part of that text: the reward model judges the task prompt.
+    The text is built exactly as trl's RewardTrainer builds it in training (prompt, the completion
+    in the prompt format the reward model was trained in, EOS unless the completion ends with it),
+    so scores at evaluation and during alignment mean what they meant to the reward model. A
+    completion may come raw (generated) or already formatted (a preference record); its first line
+    is judged. A policy's soft prompt is not part of that text: the reward model judges the task
+    prompt.
     """
 
     def __init__(self, path, runtime, batch_size: int = 32):
@@ -125,6 +136,9 @@ class RewardScorer:
             .eval()
         )
         self.batch_size = batch_size
+        from lifecycle_dagster.ml.data import PromptFormat
+
+        self.fmt = PromptFormat.read(path)  # plain for a reward model that records none
 
     def __call__(
         self, prompts: Sequence[str], completions: Sequence[str], references=None
@@ -133,9 +147,9 @@ class RewardScorer:
 
         from lifecycle_dagster.ml.soft_prompt import strip_soft_prompt
 
-        eos = self.tokenizer.eos_token
+        eos = self.tokenizer.eos_token or ""
         texts = [
-            f"{strip_soft_prompt(p)} {clean_completion(c)}{eos}"
+            reward_text(self.fmt, eos, strip_soft_prompt(p), c)
             for p, c in zip(prompts, completions, strict=True)
         ]
         scores: list[float] = []

@@ -245,6 +245,7 @@ def reward_model_for(
     import json
     import shutil
 
+    from lifecycle_dagster.ml.data import PromptFormat
     from lifecycle_dagster.ml.evaluate import RewardScorer
 
     spec, source, out_dir = uc.reward, uc.reward_source, Path(out_dir)
@@ -253,6 +254,8 @@ def reward_model_for(
         curve = train_reward_model(
             base_model, train, out_dir / "model", spec, runtime, log
         ).loss_curve
+        # Trained on the base model's prompt format: it scores completions written in it.
+        PromptFormat.read(base_model).write(out_dir / "model")
     elif spec.path:
         if log:
             log(f"reward_model: reusing {spec.path}")

@@ -265,3 +265,28 @@ def test_lengths_are_checked_in_the_base_models_tokens(tmp_path, tiny_base):
     measured = check_token_lengths(uc, load_task_data(uc), None)
     assert measured["token_check"] == "tokens of the base model"
     assert 0 < measured["longest_tokens"] < 256 and measured["prompt_format"] == "plain"
+
+
+def test_the_reward_model_reads_what_it_was_trained_on_in_either_format(tmp_path):
+    """trl's RewardTrainer trains on prompt + formatted answer + EOS; the scorer rebuilds that
+    text from a preference record or from a raw generation, in the chat format and the plain one
+    (a scorer that added a space and dropped the turn's end ranked 36% of held-out pairs right on
+    SmolLM2-135M-Instruct; reading the trained text, 100%)."""
+    from lifecycle_dagster.ml.data import preference_records
+    from lifecycle_dagster.ml.evaluate import reward_text
+
+    uc = _use_case(_write_csv(tmp_path / "t.csv", _rows()))
+    pair = [{"prompt": "my bill", "chosen": "billing", "rejected": "outage"}]
+    for fmt, eos in [
+        (PromptFormat(SMOL_TEMPLATE, None, "<|im_end|>"), "<|im_end|>"),
+        (PromptFormat(), "</s>"),
+    ]:
+        record = preference_records(uc, pair, fmt)[0]
+        trained = record["prompt"] + record["chosen"]
+        trained = trained if trained.endswith(eos) else trained + eos  # as trl adds it
+        assert reward_text(fmt, eos, record["prompt"], record["chosen"]) == trained
+        assert reward_text(fmt, eos, record["prompt"], "billing\nand more text") == trained
+        if fmt.chat:  # a generation that ran on past the end of its turn
+            assert reward_text(fmt, eos, record["prompt"], "billing<|im_end|>\n<|im_start|>") == (
+                trained
+            )
