@@ -45,21 +45,32 @@ def suite_scorers(task, suite, sample: tuple[str, str]) -> list:
     return [make(m) for m in names]
 
 
+# While MLflow evaluates: no progress bar of its own, and one worker. The code scorers are cheap;
+# MLflow's default of 10 concurrent workers, each writing traces and assessments, exhausts the
+# tracking store's connection pool (sqlite: 5 + 10 overflow, 30 s waits) and loses the traces.
+EVAL_ENV = {
+    "TQDM_DISABLE": "1",
+    "MLFLOW_GENAI_EVAL_MAX_WORKERS": "1",
+    "MLFLOW_GENAI_EVAL_MAX_SCORER_WORKERS": "1",
+}
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     import io
     import os
 
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    saved = {k: os.environ.get(k) for k in EVAL_ENV}
+    os.environ.update(EVAL_ENV)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = previous
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 FLUENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
