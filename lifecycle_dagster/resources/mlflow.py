@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -174,6 +175,9 @@ def ensure_store(uri: str) -> None:
     half way. Other backends (PostgreSQL) are migrated by their own deployment."""
     if not uri.startswith("sqlite:///") or uri in _READY:
         return
+    # A sqlite file needs no connection pool: MLflow's default (5 + 10 overflow, 30 s waits) runs
+    # dry in a long-lived process that records many runs and traces, and loses traces.
+    os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
     import fcntl
 
     from mlflow.tracking import MlflowClient

@@ -79,11 +79,13 @@ FLUENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_I
 @contextlib.contextmanager
 def _fluent(uri: str, experiment_id: str) -> Iterator[None]:
     """MLflow's fluent state pointed at ``uri`` and the experiment for the body, and put back as
-    it was after it: the store, the experiment and the environment variables MLflow sets with
-    them (``settings.mlflow_uri()`` and child processes read ``MLFLOW_TRACKING_URI``)."""
+    it was after it: the store, the experiment, the environment variables MLflow sets with them
+    (``settings.mlflow_uri()`` and child processes read ``MLFLOW_TRACKING_URI``) and the tracer,
+    which exports to the store it was started with."""
     import os
 
     import mlflow
+    from mlflow.tracing.provider import reset as reset_tracing
     from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -97,6 +99,7 @@ def _fluent(uri: str, experiment_id: str) -> Iterator[None]:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     mlflow.set_experiment(experiment_id=experiment_id)
+    reset_tracing()  # the tracer keeps the store it started with: traces go to this one
     try:
         yield
     finally:
@@ -114,6 +117,7 @@ def _fluent(uri: str, experiment_id: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        reset_tracing()
 
 
 def evaluate_models(
@@ -166,9 +170,16 @@ def evaluate_models(
                     data=data, scorers=scorers, model_id=model_ids.get(model)
                 )
             means[model] = {k: float(v) for k, v in result.metrics.items()}
+            traces = len(
+                stage.client.search_traces(
+                    locations=[stage.experiment_id], run_id=run.info.run_id, max_results=1000
+                )
+            )
             log(
                 f"evaluation: MLflow GenAI evaluation of {model}: {len(items)} examples, "
-                f"{len(scorers)} code scorers ({', '.join(s.name for s in scorers)})"
+                f"{traces} traces with assessments, {len(scorers)} code scorers "
+                f"({', '.join(s.name for s in scorers)})"
+                + ("" if traces == len(items) else " (WARNING: traces missing, see MLflow's log)")
             )
             mlflow.clear_active_model()
     return means

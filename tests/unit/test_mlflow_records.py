@@ -199,3 +199,32 @@ def test_steps_that_each_created_an_attempt_settle_on_the_oldest(tracking):
         [tracking.experiment_id("uc")], f"tags.`lifecycle.stage` = '{ATTEMPT_STAGE}'"
     )
     assert [r.info.run_id for r in live] == [got[0]]
+
+
+def test_traces_go_to_the_experiment_and_store_evaluated_in(tmp_path):
+    """One process, several use cases (experiments) and stores (a code server, this test
+    session): each evaluation's traces land in its own experiment of its own store, whatever
+    the process traced before."""
+    uc = load_use_case(use_case="dialogue_qa", profile="tiny")
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"id": "a"}\n')
+    rows = [{"model": "sft", "id": "a", "prediction": "Thursday", "reference": "thursday"}]
+    stores = [MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / f'{n}.db'}") for n in "ab"]
+    where = [(stores[0], "uc1"), (stores[0], "uc2"), (stores[1], "uc1"), (stores[0], "uc1")]
+    for tracking, experiment in where:
+        evaluate_models(
+            tracking.uri,
+            stage_run(tracking, experiment),
+            rows,
+            {"a": "q"},
+            uc.task,
+            uc.evaluation.suite,
+            model_ids={},
+            dataset=DatasetRef("uc-eval", data, "cd" * 32, 1),
+            tags={},
+        )
+    counts = [
+        len(t.client().search_traces(locations=[t.experiment_id(e)]))
+        for t, e in [(stores[0], "uc1"), (stores[0], "uc2"), (stores[1], "uc1")]
+    ]
+    assert counts == [2, 1, 1]
