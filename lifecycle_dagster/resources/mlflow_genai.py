@@ -55,6 +55,16 @@ EVAL_ENV = {
 }
 
 
+def _restore_env(saved: Mapping[str, str | None]) -> None:
+    import os
+
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     import io
@@ -66,11 +76,7 @@ def _quiet() -> Iterator[None]:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _restore_env(saved)
 
 
 FLUENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
@@ -112,11 +118,7 @@ def _fluent(uri: str, experiment_id: str) -> Iterator[None]:
             registry_utils._registry_uri,
             fluent._active_experiment_id,
         ) = saved
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _restore_env(saved_env)
         reset_tracing()
 
 
