@@ -48,10 +48,15 @@ def suite_scorers(task, suite, sample: tuple[str, str]) -> list:
 # While MLflow evaluates: no progress bar of its own, and one worker. The code scorers are cheap;
 # MLflow's default of 10 concurrent workers, each writing traces and assessments, exhausts the
 # tracking store's connection pool (sqlite: 5 + 10 overflow, 30 s waits) and loses the traces.
+# Trace ids come from a generator of their own: OpenTelemetry's default draws them from Python's
+# global ``random``, which training seeds (``set_seed``), so a rerun of the same use case reached
+# evaluation in the same random state, drew the first run's trace ids and left its own run with
+# none (the tracer is started inside ``_fluent``, so the setting takes effect there).
 EVAL_ENV = {
     "TQDM_DISABLE": "1",
     "MLFLOW_GENAI_EVAL_MAX_WORKERS": "1",
     "MLFLOW_GENAI_EVAL_MAX_SCORER_WORKERS": "1",
+    "MLFLOW_TRACE_USE_ISOLATED_RANDOM_ID_GENERATOR": "true",
 }
 
 

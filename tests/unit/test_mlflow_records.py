@@ -228,3 +228,46 @@ def test_traces_go_to_the_experiment_and_store_evaluated_in(tmp_path):
         for t, e in [(stores[0], "uc1"), (stores[0], "uc2"), (stores[1], "uc1")]
     ]
     assert counts == [2, 1, 1]
+
+
+def test_traces_of_a_rerun_after_the_same_seed_are_their_own(tracking, tmp_path):
+    """Training seeds Python's ``random`` (``transformers.set_seed``), so a rerun reaches the
+    evaluation with the random state the first run had: its traces must still be new ones,
+    linked to the new run, not collide with the first run's trace ids."""
+    import random
+
+    uc = load_use_case(use_case="dialogue_qa", profile="tiny")
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"id": "a"}\n{"id": "b"}\n')
+    rows = [
+        {"model": "sft", "id": i, "prediction": "Thursday", "reference": "thursday"} for i in "ab"
+    ]
+    runs = []
+    for _ in range(2):
+        random.seed(42)
+        parent = stage_run(tracking)
+        evaluate_models(
+            tracking.uri,
+            parent,
+            rows,
+            {"a": "q", "b": "q"},
+            uc.task,
+            uc.evaluation.suite,
+            model_ids={},
+            dataset=DatasetRef("uc-eval", data, "cd" * 32, 2),
+            tags={},
+        )
+        runs.append(parent)
+    client = tracking.client()
+    ids = []
+    for parent in runs:
+        (child,) = client.search_runs(
+            [parent.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'"
+        )
+        traces = client.search_traces(locations=[parent.experiment_id], run_id=child.info.run_id)
+        assert len(traces) == 2, parent.run_id
+        assert {t.info.request_metadata.get("mlflow.sourceRun") for t in traces} == {
+            child.info.run_id
+        }
+        ids += [t.info.trace_id for t in traces]
+    assert len(set(ids)) == 4
