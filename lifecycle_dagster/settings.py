@@ -22,6 +22,11 @@ def artifacts_root() -> Path:
     return state_home() / "artifacts"
 
 
+def object_cache() -> Path:
+    """Local copies of artifacts kept on object storage."""
+    return state_home() / "cache" / "objects"
+
+
 def mlflow_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_home() / 'mlflow.db'}"
 

@@ -1,4 +1,5 @@
-"""Resource bindings: local (state dir, sqlite MLflow) unless LIFECYCLE_ENV=production."""
+"""Resource bindings: local (state dir, sqlite MLflow) unless LIFECYCLE_ENV=production; with
+LIFECYCLE_EXECUTOR=k8s, every step runs in its own Kubernetes pod."""
 
 import os
 
@@ -25,4 +26,10 @@ def resources() -> dg.Definitions:
             "mlflow_tracking": MlflowTracking(),
             "compute": Compute(),
         }
+    if os.environ.get("LIFECYCLE_EXECUTOR") == "k8s":
+        # Each step in its own Kubernetes pod; heavy steps carry their GPU request
+        # (lib/k8s.py). Needs the `deploy` extra.
+        from dagster_k8s import k8s_job_executor
+
+        return dg.Definitions(resources=bound, executor=k8s_job_executor)
     return dg.Definitions(resources=bound)

@@ -1,12 +1,11 @@
 """Which dataset snapshots a use case's source files no longer match (the data sensor's question)."""
 
-from pathlib import Path
-
 import dagster as dg
 
 from lifecycle_dagster.ml.artifacts import file_sha256, read_manifest
+from lifecycle_dagster.ml.objectstore import IncompleteArtifactError
 from lifecycle_dagster.ml.usecase import UseCase
-from lifecycle_dagster.resources.artifacts import select_record
+from lifecycle_dagster.resources.artifacts import resolve, select_record
 
 # The files each dataset asset snapshots: use-case data field -> its copy inside the artifact.
 DATA_FILES = {
@@ -27,17 +26,17 @@ def changed_datasets(
     ``hashes`` caches file digests by (size, mtime) so a tick re-reads only files that moved."""
     uc_record = select_record(instance, "use_case", use_case=use_case)
     try:
-        path = Path(str(uc_record.asset_materialization.metadata["artifact_path"].value))
+        path = resolve(str(uc_record.asset_materialization.metadata["artifact_path"].value))
         uc = UseCase.model_validate_json((path / "use_case.json").read_text())
-    except (AttributeError, KeyError, OSError, ValueError):
+    except (AttributeError, KeyError, OSError, ValueError, IncompleteArtifactError):
         return [], []
     changed, why = [], []
     for asset, files in DATA_FILES.items():
         record = select_record(instance, asset, use_case=use_case)
         try:
-            snapshot = Path(str(record.asset_materialization.metadata["artifact_path"].value))
+            snapshot = resolve(str(record.asset_materialization.metadata["artifact_path"].value))
             manifest = read_manifest(snapshot)["files"]
-        except (AttributeError, KeyError, OSError, ValueError):
+        except (AttributeError, KeyError, OSError, ValueError, IncompleteArtifactError):
             continue  # never materialized, or its snapshot is gone: nothing to compare with
         for field, name in files.items():
             source = uc.data.files().get(field)

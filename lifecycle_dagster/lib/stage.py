@@ -15,6 +15,7 @@ import dagster as dg
 from lifecycle_dagster.lib.partitions import ATTEMPT_TAG, REASON_TAG, STARTED_TAG, VERDICT_RUN_TAG
 from lifecycle_dagster.lib.render import png_markdown, render_png
 from lifecycle_dagster.ml.artifacts import dir_size, read_manifest
+from lifecycle_dagster.ml.objectstore import is_remote
 from lifecycle_dagster.ml.usecase import UseCase
 from lifecycle_dagster.resources.artifacts import (
     PATH_KEY,
@@ -164,9 +165,10 @@ class Stage:
         """Register ``source`` (inside this stage's artifact) as a new version of the use case's
         ``kind`` model; the version becomes the ``candidate``. Returns (name, version)."""
         name = registered_name(self.use_case.name, kind)
+        where = self.store.location(source)  # an object store's URI, else the local folder
         version = self.tracking.registry().register(
             name,
-            source,
+            where if is_remote(where) else source,
             run_id=self.run.run_id,
             model_id=self.model_id,
             tags={
@@ -210,11 +212,10 @@ class Stage:
         # The attempt's run carries every stage's figures, so attempts compare in one table.
         self.attempt.log_metrics({f"{self.name}.{k}": v for k, v in metrics.items()})
         self.attempt.log_metrics({f"{self.name}.duration_s": seconds})
-        self.run.set_tags(
-            {"artifact.path": str(self.target), "artifact.version": manifest["version"]}
-        )
+        location = self.store.location(self.target)
+        self.run.set_tags({"artifact.path": location, "artifact.version": manifest["version"]})
         meta: dict = {
-            PATH_KEY: dg.MetadataValue.path(str(self.target)),
+            PATH_KEY: dg.MetadataValue.path(location),
             "mlflow_run": dg.MetadataValue.url(self.run.url),
             "mlflow_run_id": self.run.run_id,
             "artifact_version": manifest["version"],

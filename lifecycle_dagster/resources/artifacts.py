@@ -3,11 +3,16 @@
 Each materialization writes a new directory atomically (see ``ml.artifacts.atomic_dir``). Downstream
 assets find their inputs through the upstream asset's latest materialization metadata
 (``artifact_path``), so a failed run leaves the last good artifact as the one in use.
+
+The store is a local folder by default, or S3-compatible object storage when its root is an
+``s3://`` URI (``ml.objectstore``): artifacts are still written locally first, then published with
+their manifest last, and ``artifact_path`` is the object's URI, which any pod can resolve.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +21,7 @@ import dagster as dg
 from pydantic import Field
 
 from lifecycle_dagster import settings
+from lifecycle_dagster.ml import objectstore
 from lifecycle_dagster.ml.artifacts import atomic_dir, check_sizes
 
 PATH_KEY = "artifact_path"
@@ -27,25 +33,51 @@ class MissingUpstreamError(RuntimeError):
 
 
 class ArtifactStore(dg.ConfigurableResource):
-    """Local filesystem store (production swaps the root for a mounted bucket or volume)."""
+    """A local folder (the default) or an ``s3://bucket/prefix`` on S3-compatible storage."""
 
-    root: str = Field(default="", description="Store root; '' = artifacts/ under the state dir.")
+    root: str = Field(
+        default="",
+        description="Store root: a folder, or s3://bucket/prefix; '' = artifacts/ under the state "
+        "dir.",
+    )
+
+    def _remote(self) -> objectstore.S3Root | None:
+        if objectstore.is_remote(self.root):
+            return objectstore.S3Root.parse(self.root, settings.object_cache())
+        return None
 
     def _root(self) -> Path:
+        remote = self._remote()
+        if remote is not None:
+            return remote.local(remote.key())
         return Path(self.root) if self.root else settings.artifacts_root()
 
     def target(self, asset: str, run_id: str, use_case: str | None = None) -> Path:
-        """Where one materialization of ``asset`` goes: a new directory per run, under its use
-        case (the asset's partition) when it has one."""
+        """Where one materialization of ``asset`` is written: a new directory per run, under its
+        use case (the asset's partition) when it has one. With an object store, the local folder
+        that mirrors its key."""
         stamp = time.strftime("%Y%m%dT%H%M%S")
         root = self._root() / use_case if use_case else self._root()
         return root / asset / f"{stamp}-{run_id[:8]}"
 
     @contextlib.contextmanager
     def write(self, target: Path, extra: dict | None = None) -> Iterator[Path]:
-        """A temp directory that becomes ``target`` only when the body succeeds."""
+        """A temp directory that becomes ``target`` only when the body succeeds (and, with an
+        object store, only once it is published there, manifest last)."""
         with atomic_dir(target, extra) as tmp:
             yield tmp
+        remote = self._remote()
+        if remote is not None:
+            try:
+                objectstore.publish(remote, target)
+            except BaseException:
+                shutil.rmtree(target, ignore_errors=True)
+                raise
+
+    def location(self, target: Path) -> str:
+        """Where readers find the artifact written at ``target``: its path, or its object URI."""
+        remote = self._remote()
+        return remote.uri(remote.key_of(target)) if remote is not None else str(target)
 
     def upstream(self, context, asset: str) -> Path:
         """The artifact of ``asset`` this materialization reads: this run's, else the newest
@@ -81,9 +113,17 @@ class ArtifactStore(dg.ConfigurableResource):
         meta = chosen.asset_materialization.metadata
         if PATH_KEY not in meta:
             raise MissingUpstreamError(f"'{asset}' materialization carries no {PATH_KEY}")
-        path = Path(meta[PATH_KEY].value)
-        check_sizes(path)  # raises if the directory is incomplete, gone or truncated
-        return path
+        return resolve(str(meta[PATH_KEY].value))
+
+
+def resolve(location: str) -> Path:
+    """The local folder of the artifact at ``location`` (a path, or an object URI fetched into
+    the cache), checked against its manifest: raises if it is incomplete, gone or truncated."""
+    if objectstore.is_remote(location):
+        return objectstore.fetch(location, settings.object_cache())
+    path = Path(location)
+    check_sizes(path)
+    return path
 
 
 def records_of(instance: dg.DagsterInstance, asset: str, use_case: str | None, limit: int = 50):

@@ -123,6 +123,10 @@ def local_path(source: str) -> Path:
     parsed = urlparse(source)
     if parsed.scheme in ("", "file"):
         return Path(unquote(parsed.path))
+    if parsed.scheme == "s3":  # the artifact store's own objects: fetched through their manifest
+        from lifecycle_dagster.resources.artifacts import resolve
+
+        return resolve(source)
     import mlflow.artifacts
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=source))

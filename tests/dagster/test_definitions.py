@@ -83,7 +83,21 @@ def test_checks_jobs_sensor_schedule():
     } <= blocking
     jobs = {j.name for j in d.resolve_all_job_defs()}
     assert {"lifecycle_job", "adaptation_job", "evaluation_job"} <= jobs
-    assert sorted(s.name for s in d.sensors) == ["data_change_sensor", "readaptation_sensor"]
+    sensors = {s.name: s for s in d.sensors}
+    assert sorted(sensors) == ["data_change_sensor", "lifecycle_automation", "readaptation_sensor"]
+    # Every sensor runs from the first deployment on; nothing waits for a toggle in the UI.
+    assert {s.default_status for s in sensors.values()} == {dg.DefaultSensorStatus.RUNNING}
+    # Dagster's own automation sensor (STOPPED by default) has nothing left to target.
+    repo = d.get_repository_def()
+    assert "default_automation_condition_sensor" not in {s.name for s in repo.sensor_defs}
+    automated = {
+        k
+        for k in d.resolve_asset_graph().materializable_asset_keys
+        if d.resolve_asset_graph().get(k).automation_condition is not None
+    }
+    assert automated and automated <= set(
+        sensors["lifecycle_automation"].asset_selection.resolve(d.resolve_asset_graph())
+    )
     assert [s.name for s in d.schedules] == ["evaluation_schedule"]
     adaptation = d.resolve_job_def("adaptation_job")
     assert {k.to_user_string() for k in adaptation.asset_layer.executable_asset_keys} == {

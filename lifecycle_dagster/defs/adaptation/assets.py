@@ -3,6 +3,7 @@
 import dagster as dg
 
 from lifecycle_dagster.lib.configs import SFTAdapterConfig
+from lifecycle_dagster.lib.k8s import training_op_tags
 from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import prompt_baseline_result, sft_result
 from lifecycle_dagster.lib.stage import stage
@@ -25,6 +26,7 @@ from lifecycle_dagster.resources.mlflow import MlflowTracking
     code_version="1",
     deps=["base_model", "task_dataset"],
     pool="train",
+    op_tags=training_op_tags(),  # its pod on Kubernetes: GPU limit, placement, secrets
 )
 def prompt_baseline(
     context: dg.AssetExecutionContext,
@@ -60,6 +62,7 @@ def prompt_baseline(
     code_version="1",
     deps=["base_model", "task_dataset", "prompt_baseline"],
     pool="train",
+    op_tags=training_op_tags(),  # its pod on Kubernetes: GPU limit, placement, secrets
 )
 def sft_adapter(
     context: dg.AssetExecutionContext,

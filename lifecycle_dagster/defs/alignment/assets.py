@@ -4,6 +4,7 @@ learning against it (trl)."""
 import dagster as dg
 
 from lifecycle_dagster.lib.configs import AlignedModelConfig
+from lifecycle_dagster.lib.k8s import training_op_tags
 from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import aligned_result, reward_result
 from lifecycle_dagster.lib.stage import stage
@@ -38,6 +39,7 @@ from lifecycle_dagster.resources.mlflow import MlflowTracking
     code_version="1",
     deps=["base_model", "preference_dataset", "sft_adapter"],
     pool="train",
+    op_tags=training_op_tags(),  # its pod on Kubernetes: GPU limit, placement, secrets
 )
 def reward_model(
     context: dg.AssetExecutionContext,
@@ -81,6 +83,7 @@ def reward_model(
     code_version="1",
     deps=["sft_adapter", "reward_model", "task_dataset", "preference_dataset"],
     pool="train",
+    op_tags=training_op_tags(),  # its pod on Kubernetes: GPU limit, placement, secrets
 )
 def aligned_model(
     context: dg.AssetExecutionContext,

@@ -37,6 +37,20 @@ evaluation_job = dg.define_asset_job(
 )
 
 
+# Declarative automation, running from the first deployment on: Dagster's implicit
+# `default_automation_condition_sensor` starts STOPPED, so new data would stop at the dataset
+# until someone found the toggle. This one evaluates every asset's condition (new data carries
+# down the graph; a failed gate stops it) every 30 s.
+lifecycle_automation = dg.AutomationConditionSensorDefinition(
+    "lifecycle_automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Runs what the assets' automation conditions ask for: a new dataset carries "
+    "through prompting, SFT, alignment, evaluation, export and promotion; a failed gate stops it.",
+)
+
+
 @dg.schedule(
     job=evaluation_job,
     cron_schedule="0 6 * * *",

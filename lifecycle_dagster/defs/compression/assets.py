@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from lifecycle_dagster.lib.k8s import training_op_tags
 from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES, follows_upstream
 from lifecycle_dagster.lib.results import onnx_result
 from lifecycle_dagster.lib.stage import stage
@@ -35,6 +36,7 @@ CHECKS = {
     code_version="2",
     deps=["aligned_model", "evaluation", "task_dataset", "reward_model"],
     pool="train",
+    op_tags=training_op_tags(),  # its pod on Kubernetes: GPU limit, placement, secrets
     check_specs=[
         dg.AssetCheckSpec(name, asset="onnx_model", blocking=True, description=text)
         for name, text in CHECKS.items()

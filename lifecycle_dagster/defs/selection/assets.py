@@ -3,6 +3,7 @@
 import dagster as dg
 
 from lifecycle_dagster import settings
+from lifecycle_dagster.lib.k8s import training_op_tags
 from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import base_model_result
 from lifecycle_dagster.lib.stage import stage
@@ -21,6 +22,7 @@ from lifecycle_dagster.resources.mlflow import MlflowTracking
     code_version="1",
     deps=["use_case", "task_dataset"],
     pool="train",
+    op_tags=training_op_tags(),  # its pod on Kubernetes: GPU limit, placement, secrets
 )
 def base_model(
     context: dg.AssetExecutionContext,

@@ -1,0 +1,2 @@
+-- MLflow's tables in their own database, beside Dagster's.
+CREATE DATABASE mlflow;

@@ -1,0 +1,122 @@
+"""Where a training step runs on Kubernetes: the pod a heavy step gets (GPU limit, node selector,
+tolerations, secrets as environment), built in code from environment variables so one image
+serves every cluster.
+
+Dagster's Kubernetes executor (`k8s_job_executor`, set up by the Helm values) starts one pod per
+step and reads each step's ``dagster-k8s/config`` tag: the heavy assets (the ``train`` pool) carry
+the tag ``training_k8s_config()`` returns. Outside Kubernetes the tag is inert.
+
+Settings, all optional (defaults suit an NVIDIA GPU node pool):
+  LIFECYCLE_TRAIN_GPUS           GPUs per training pod (default 1; 0 = CPU pod)
+  LIFECYCLE_TRAIN_CPU            CPU request (default "4")
+  LIFECYCLE_TRAIN_MEMORY         memory request and limit (default "32Gi")
+  LIFECYCLE_TRAIN_NODE_SELECTOR  JSON object (default {"nvidia.com/gpu.present": "true"})
+  LIFECYCLE_TRAIN_TOLERATIONS    JSON list (default: tolerate the nvidia.com/gpu taint)
+  LIFECYCLE_SECRET               Secret whose keys become environment variables (credentials)
+  LIFECYCLE_CONFIG_MAP           ConfigMap with the rest of the environment
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+K8S_CONFIG_TAG = "dagster-k8s/config"
+GPU_RESOURCE = "nvidia.com/gpu"
+DEFAULT_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+DEFAULT_TOLERATIONS = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+DEFAULT_SECRET = "lifecycle-secrets"
+DEFAULT_CONFIG_MAP = "lifecycle-config"
+
+
+def _json(env: Mapping[str, str], key: str, default):
+    raw = env.get(key)
+    if not raw:
+        return default
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{key}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+
+
+def training_resources(env: Mapping[str, str] | None = None) -> dict:
+    """The training container's requests and limits (Kubernetes field names)."""
+    env = os.environ if env is None else env
+    gpus = int(env.get("LIFECYCLE_TRAIN_GPUS", "1"))
+    if gpus < 0:
+        raise ValueError(f"LIFECYCLE_TRAIN_GPUS: {gpus} is negative")
+    memory = env.get("LIFECYCLE_TRAIN_MEMORY", "32Gi")
+    requests = {"cpu": env.get("LIFECYCLE_TRAIN_CPU", "4"), "memory": memory}
+    limits: dict = {"memory": memory}
+    if gpus:
+        # Extended resources are requested through limits (requests default to them).
+        limits[GPU_RESOURCE] = str(gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def training_pod_spec(image: str, env: Mapping[str, str] | None = None) -> dict:
+    """The PodSpec of one training step (as a manifest would spell it)."""
+    env = os.environ if env is None else env
+    gpus = int(env.get("LIFECYCLE_TRAIN_GPUS", "1"))
+    spec = {
+        "restartPolicy": "Never",
+        "containers": [
+            {
+                "name": "train",
+                "image": image,
+                "resources": training_resources(env),
+                "envFrom": [
+                    {"secretRef": {"name": env.get("LIFECYCLE_SECRET", DEFAULT_SECRET)}},
+                    {"configMapRef": {"name": env.get("LIFECYCLE_CONFIG_MAP", DEFAULT_CONFIG_MAP)}},
+                ],
+                # Checkpoints and the staging area of the step's artifact: node-local scratch.
+                "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+            }
+        ],
+        "volumes": [{"name": "scratch", "emptyDir": {}}],
+    }
+    if gpus:
+        spec["nodeSelector"] = _json(env, "LIFECYCLE_TRAIN_NODE_SELECTOR", DEFAULT_NODE_SELECTOR)
+        spec["tolerations"] = _json(env, "LIFECYCLE_TRAIN_TOLERATIONS", DEFAULT_TOLERATIONS)
+    return spec
+
+
+def training_pod(name: str, image: str, env: Mapping[str, str] | None = None) -> dict:
+    """A whole Pod manifest for one training step (what `kubectl apply` and the schema checks
+    take)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "lifecycle-dagster"}},
+        "spec": training_pod_spec(image, env),
+    }
+
+
+def training_k8s_config(env: Mapping[str, str] | None = None) -> dict:
+    """The ``dagster-k8s/config`` tag of a heavy step: the same requests, limits, placement and
+    environment as ``training_pod_spec``, in the form Dagster's Kubernetes executor reads (its
+    container image comes from the code location)."""
+    env = os.environ if env is None else env
+    spec = training_pod_spec("<code location image>", env)
+    container = spec["containers"][0]
+    config: dict = {
+        "container_config": {
+            "resources": container["resources"],
+            "env_from": [
+                {"secret_ref": {"name": env.get("LIFECYCLE_SECRET", DEFAULT_SECRET)}},
+                {"config_map_ref": {"name": env.get("LIFECYCLE_CONFIG_MAP", DEFAULT_CONFIG_MAP)}},
+            ],
+            "volume_mounts": [{"name": "scratch", "mount_path": "/scratch"}],
+        },
+        "pod_spec_config": {"volumes": [{"name": "scratch", "empty_dir": {}}]},
+    }
+    if "nodeSelector" in spec:
+        config["pod_spec_config"]["node_selector"] = spec["nodeSelector"]
+        config["pod_spec_config"]["tolerations"] = spec["tolerations"]
+    return config
+
+
+def training_op_tags() -> dict:
+    """Op tags of a heavy asset: its pod's config, serialised as Dagster's tags require."""
+    return {K8S_CONFIG_TAG: json.dumps(training_k8s_config())}

@@ -1,0 +1,257 @@
+"""The production deployment, on one machine and on loopback only, for the deployment tests:
+a real PostgreSQL (initdb/pg_ctl in a temporary directory, password auth), an `mlflow server` on
+it, and Dagster as separate processes (`dagster code-server`, `dagster-daemon`,
+`dagster-webserver`) with `deploy/dagster.yaml`. Every secret reaches them through environment
+variables, as it would from a Kubernetes Secret. `stop()` ends everything it started."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run its tools as the `postgres` user."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@dataclass
+class Postgres:
+    """A PostgreSQL 15 server on 127.0.0.1, its data in ``root``, password (scram) auth."""
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    user: str = "lifecycle"
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def url(self, db: str) -> str:
+        return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{db}"
+
+    def start(self, databases: tuple[str, ...] = ("dagster", "mlflow")) -> Postgres:
+        self.root.mkdir(parents=True, exist_ok=True)
+        pwfile = self.root / "pw"
+        pwfile.write_text(self.password)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+            shutil.chown(pwfile, "postgres")
+        if not self.data.exists():
+            subprocess.run(
+                _as_postgres(
+                    [
+                        "initdb",
+                        "-D",
+                        str(self.data),
+                        "-U",
+                        self.user,
+                        f"--pwfile={pwfile}",
+                        "--auth=scram-sha-256",
+                        "-E",
+                        "UTF8",
+                        "--no-sync",
+                    ]
+                ),
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+        pwfile.unlink()
+        self.pg_ctl("start")
+        for db in databases:
+            self.psql(f"CREATE DATABASE {db}", db="postgres")
+        return self
+
+    def pg_ctl(self, action: str, *, mode: str = "fast") -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
+        cmd = ["pg_ctl", "-D", str(self.data), "-w", "-t", "60"]
+        if action in ("start", "restart"):
+            cmd += ["-o", options, "-l", str(self.root / "server.log")]
+        if action in ("stop", "restart"):
+            cmd += ["-m", mode]
+        subprocess.run(_as_postgres([*cmd, action]), check=True, capture_output=True, timeout=90)
+
+    def psql(self, sql: str, db: str = "dagster") -> str:
+        out = subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", db]
+            + ["-At", "-v", "ON_ERROR_STOP=1", "-c", sql],
+            env={**os.environ, "PGPASSWORD": self.password},
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return out.stdout.strip()
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self.pg_ctl("stop", mode="immediate")
+
+
+@dataclass
+class Process:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def tail(self, chars: int = 4000) -> str:
+        return f"--- {self.name} ({self.log}) ---\n" + self.log.read_text()[-chars:]
+
+
+@dataclass
+class Deployment:
+    """PostgreSQL, the MLflow server, the Dagster code server, daemon and webserver."""
+
+    root: Path
+    processes: list[Process] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pg = Postgres(self.root / "pg")
+        self.home = self.root / "dagster"
+        self.state = self.root / "state"
+        self.mlflow_port, self.code_port, self.web_port = free_port(), free_port(), free_port()
+        self.mlflow_url = f"http://127.0.0.1:{self.mlflow_port}"
+        self.web_url = f"http://127.0.0.1:{self.web_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a Kubernetes Secret and ConfigMap would give each process."""
+        return {
+            **os.environ,
+            "DAGSTER_HOME": str(self.home),
+            "DAGSTER_PG_HOST": "127.0.0.1",
+            "DAGSTER_PG_PORT": str(self.pg.port),
+            "DAGSTER_PG_DB": "dagster",
+            "DAGSTER_PG_USERNAME": self.pg.user,
+            "DAGSTER_PG_PASSWORD": self.pg.password,
+            "LIFECYCLE_ENV": "production",
+            "LIFECYCLE_HOME": str(self.state),
+            "LIFECYCLE_ARTIFACT_ROOT": str(self.root / "artifacts"),
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "MLFLOW_UI_URL": self.mlflow_url,
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def start(self) -> Deployment:
+        self.home.mkdir(parents=True)
+        shutil.copy(ROOT / "deploy" / "dagster.yaml", self.home / "dagster.yaml")
+        (self.root / "workspace.yaml").write_text(
+            "load_from:\n  - grpc_server:\n      host: 127.0.0.1\n"
+            f"      port: {self.code_port}\n      location_name: lifecycle_dagster\n"
+        )
+        self.pg.start()
+        self.spawn(
+            "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                self.pg.url("mlflow"),
+                "--artifacts-destination",
+                (self.root / "mlflow-artifacts").as_uri(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.mlflow_port),
+                "--workers",
+                "1",
+            ],
+        )
+        self.spawn(
+            "code-server",
+            [str(BIN / "dagster"), "code-server", "start", "-m", "lifecycle_dagster.definitions"]
+            + ["-h", "127.0.0.1", "-p", str(self.code_port)],
+        )
+        workspace = ["-w", str(self.root / "workspace.yaml")]
+        self.spawn("daemon", [str(BIN / "dagster-daemon"), "run", *workspace])
+        self.spawn(
+            "webserver",
+            [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.web_port)]
+            + workspace,
+        )
+        self.wait_http("MLflow server", f"{self.mlflow_url}/health", 180)
+        self.wait_http("Dagster webserver", f"{self.web_url}/server_info", 180)
+        return self
+
+    def spawn(self, name: str, cmd: list[str]) -> Process:
+        log = self.root / f"{name}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.root,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: its run workers stop with it
+            )
+        self.processes.append(p := Process(name, proc, log))
+        return p
+
+    def check_alive(self) -> None:
+        for p in self.processes:
+            if p.proc.poll() is not None:
+                raise AssertionError(f"{p.name} exited with {p.proc.returncode}\n{p.tail()}")
+
+    def logs(self) -> str:
+        return "\n".join(p.tail(3000) for p in self.processes)
+
+    def wait_http(self, what: str, url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if requests.get(url, timeout=2).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} not up after {timeout_s:.0f} s\n{self.logs()}")
+            time.sleep(1)
+
+    def wait_for(self, what: str, predicate, deadline: float, every: float = 2.0):
+        while True:
+            value = predicate()
+            if value:
+                return value
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
+            time.sleep(every)
+
+    def stop(self) -> list[str]:
+        """SIGTERM to every process group, SIGKILL after 60 s; PostgreSQL stopped. Returns what
+        was still running 30 s after SIGTERM (nothing, when shutdown is clean)."""
+        for p in reversed(self.processes):
+            if p.proc.poll() is None:
+                os.killpg(p.proc.pid, signal.SIGTERM)
+        leftover = []
+        for p in self.processes:
+            try:
+                p.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                leftover.append(p.name)
+                os.killpg(p.proc.pid, signal.SIGKILL)
+                p.proc.wait(timeout=30)
+        self.pg.stop()
+        return leftover

@@ -1,0 +1,106 @@
+"""What `deploy/` ships, checked offline against the real schemas: the Kubernetes manifests against
+Kubernetes' (kubernetes-validate), the compose file against the Compose Specification's
+(as check-jsonschema vendors it), both Dagster instance files against Dagster's own instance
+config schema, and the image and chart pins against what the package installs."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import dagster
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from dagster._core.instance.config import dagster_instance_config
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.33.0"
+
+
+def documents(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@pytest.mark.parametrize("path", sorted((DEPLOY / "k8s").glob("*.yaml")), ids=lambda p: p.name)
+def test_kubernetes_manifests_validate_against_kubernetes_schemas(path):
+    docs = documents(path)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        labels = doc["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/part-of") == "lifecycle-dagster", doc["kind"]
+
+
+def test_no_secret_value_in_any_manifest():
+    """Credentials come from Secrets created at install time, never from the repository."""
+    for path in [*(DEPLOY / "k8s").glob("*.yaml"), DEPLOY / "helm" / "values.yaml"]:
+        for doc in documents(path):
+            assert doc.get("kind") != "Secret", path
+        text = path.read_text()
+        assert not re.search(r"(?i)(password|secret_access_key)\s*:\s*\S+", text), path
+
+
+def test_compose_file_validates_against_the_compose_spec():
+    import check_jsonschema
+
+    schema_path = (
+        Path(check_jsonschema.__file__).parent / "builtin_schemas/vendor/compose-spec.json"
+    )
+    schema = yaml.safe_load(schema_path.read_text())
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    jsonschema.validate(compose, schema)
+    services = compose["services"]
+    assert {
+        "postgres",
+        "minio",
+        "mlflow",
+        "code-server",
+        "webserver",
+        "daemon",
+        "model-server",
+    } <= set(services)
+    for name, service in services.items():  # published on the host's loopback only
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+    with pytest.raises(jsonschema.ValidationError):  # the check can fail
+        jsonschema.validate({**compose, "services": {"x": {"ports": [{}], "bogus": 1}}}, schema)
+
+
+@pytest.mark.parametrize("path", [ROOT / "dagster.yaml", DEPLOY / "dagster.yaml"], ids=str)
+def test_instance_configs_validate_against_dagster_and_keep_the_ui_quiet(
+    path, tmp_path, monkeypatch
+):
+    for var in ("HOST", "PORT", "DB", "USERNAME", "PASSWORD"):
+        monkeypatch.setenv(f"DAGSTER_PG_{var}", "5432" if var == "PORT" else "x")
+    (tmp_path / "dagster.yaml").write_text(path.read_text())
+    config, _ = dagster_instance_config(str(tmp_path))
+    assert config["telemetry"] == {"enabled": False}
+    assert config["nux"] == {"enabled": False}  # no first-visit dialog over a fresh install
+    assert config["run_monitoring"]["enabled"] is True
+    assert config["concurrency"]["pools"]["default_limit"] == 1
+
+
+def test_production_instance_keeps_everything_in_postgresql_with_credentials_from_env():
+    config = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
+    db = config["storage"]["postgres"]["postgres_db"]
+    assert all(set(value) == {"env"} for value in db.values()), db  # every field from the env
+    assert config["run_retries"]["enabled"] is True
+
+
+def test_image_and_chart_follow_the_package():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    for source in re.findall(r"^COPY (\S+)", dockerfile, flags=re.M):
+        assert (ROOT / source).exists(), f"deploy/Dockerfile copies {source}, which is missing"
+    extras = re.findall(r'pip install "\.\[(\w+)\]"', dockerfile)
+    assert extras and set(extras) <= set(project["optional-dependencies"])
+    assert re.search(r"^USER 10001$", dockerfile, flags=re.M)  # not root
+    # The Helm chart's version is the dagster package's: they are upgraded together.
+    values = (DEPLOY / "helm" / "values.yaml").read_text()
+    (pinned,) = re.findall(r"dagster/dagster --version (\S+)", values)
+    assert pinned.split(".")[:2] == dagster.__version__.split(".")[:2], (
+        pinned,
+        dagster.__version__,
+    )
