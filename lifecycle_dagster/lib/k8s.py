@@ -18,6 +18,7 @@ Settings, all optional (defaults suit an NVIDIA GPU node pool):
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Mapping
@@ -33,7 +34,7 @@ DEFAULT_CONFIG_MAP = "lifecycle-config"
 def _json(env: Mapping[str, str], key: str, default):
     raw = env.get(key)
     if not raw:
-        return default
+        return copy.deepcopy(default)  # a caller editing its pod never edits the defaults
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:

@@ -244,6 +244,19 @@ class Stage:
         )
 
 
+def check_registry_reach(store: ArtifactStore, mlflow: MlflowTracking) -> None:
+    """An MLflow tracking server registers model versions by URI and refuses local paths: with
+    one, artifacts must live where every pod and the server can name them (object storage).
+    Checked as each stage opens, so a misconfigured deployment stops before any training."""
+    remote_tracking = mlflow.uri.startswith(("http://", "https://", "databricks"))
+    if remote_tracking and not store.on_object_storage:
+        raise dg.Failure(
+            f"MLflow tracking server {mlflow.uri} cannot register model versions in a local "
+            "artifact store; set LIFECYCLE_ARTIFACT_ROOT to object storage (s3://bucket/prefix), "
+            "see deploy/README.md"
+        )
+
+
 @contextlib.contextmanager
 def stage(
     context: dg.AssetExecutionContext,
@@ -254,6 +267,7 @@ def stage(
     params: dict | None = None,
 ) -> Iterator[Stage]:
     """Open the MLflow run and the artifact target for one asset materialization."""
+    check_registry_reach(store, mlflow)
     uc = use_case or load_use_case(context, store)
     tags = {
         "dagster.run_id": context.run.run_id,

@@ -167,3 +167,13 @@ def _drop_stale_staging(root: S3Root, s3) -> None:
         s3.delete_objects(
             Bucket=root.bucket, Delete={"Objects": stale[i : i + 1000], "Quiet": True}
         )
+
+
+def local_copy(location: str | Path) -> Path:
+    """The local folder of an artifact at ``location``: the path itself, or the object URI
+    fetched (through its manifest) into the state dir's object cache."""
+    if is_remote(location):
+        from lifecycle_dagster import settings
+
+        return fetch(str(location), settings.object_cache())
+    return Path(location)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lifecycle_dagster.ml.data import read_rows
+from lifecycle_dagster.ml.objectstore import local_copy
 from lifecycle_dagster.ml.suite import paired_bootstrap, per_example_metric
 from lifecycle_dagster.ml.verdict import CANDIDATE
 
@@ -33,7 +34,11 @@ def compare_with_champion(
         out["summary"] = "no champion yet"
         return out
     out["champion_version"] = champion.version
-    table = Path(champion.tags.get("evaluation.path", "")) / "per_example.jsonl"
+    where = champion.tags.get("evaluation.path", "")
+    try:  # the champion's evaluation: a folder, or an object URI fetched into the cache
+        table = local_copy(where) / "per_example.jsonl" if where else Path("-")
+    except (OSError, RuntimeError):
+        table = Path("-")  # gone or incomplete: not comparable, said below
     if champion.tags.get("evaluation.suite") != suite or not table.is_file():
         out["summary"] = (
             f"champion v{champion.version} was scored by suite "
@@ -121,6 +126,6 @@ def blocking_reason(verdict: dict, onnx: dict) -> str:
     it regressed against the champion, or the ONNX artifact was exported from another candidate."""
     if verdict.get("regressed"):
         return f"regressed against the champion: {verdict.get('vs_champion')}"
-    if onnx.get("source_model") != str(Path(verdict["candidate_path"]) / "model"):
+    if onnx.get("source_model") != f"{verdict['candidate_path']}/model":
         return "the ONNX artifact was exported from another candidate"
     return ""

@@ -46,6 +46,10 @@ class ArtifactStore(dg.ConfigurableResource):
             return objectstore.S3Root.parse(self.root, settings.object_cache())
         return None
 
+    @property
+    def on_object_storage(self) -> bool:
+        return self._remote() is not None
+
     def _root(self) -> Path:
         remote = self._remote()
         if remote is not None:
@@ -119,9 +123,7 @@ class ArtifactStore(dg.ConfigurableResource):
 def resolve(location: str) -> Path:
     """The local folder of the artifact at ``location`` (a path, or an object URI fetched into
     the cache), checked against its manifest: raises if it is incomplete, gone or truncated."""
-    if objectstore.is_remote(location):
-        return objectstore.fetch(location, settings.object_cache())
-    path = Path(location)
+    path = objectstore.local_copy(location)
     check_sizes(path)
     return path
 

@@ -4,15 +4,14 @@ and Dagster assets read each other's artifacts through their object URIs."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from servers import S3Server
 
 from lifecycle_dagster.ml import objectstore
 from lifecycle_dagster.ml.artifacts import MANIFEST, atomic_dir
@@ -21,50 +20,17 @@ from lifecycle_dagster.resources.artifacts import ArtifactStore, resolve
 BUCKET = "lifecycle-artifacts"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
     """A moto S3 server on 127.0.0.1, with the environment boto3 reads pointed at it."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "test-key",
-        "AWS_SECRET_ACCESS_KEY": "test-secret",  # moto accepts any; never a real credential
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "moto server did not start in 30 s"
-                time.sleep(0.2)
-        objectstore.client().create_bucket(Bucket=BUCKET)
-        yield env
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    server = S3Server(tmp_path_factory.mktemp("moto"), bucket=BUCKET).start()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in server.env.items():
+            mp.setenv(key, value)
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 def keys(prefix: str) -> list[str]:
@@ -186,3 +152,18 @@ def test_assets_read_each_other_through_object_uris(s3_server, tmp_path, monkeyp
     read = again.asset_materializations_for_node("reader")[0].metadata["read"].value
     assert read == "version 36"
     assert resolve(uri).is_dir()
+
+
+def test_a_tracking_server_with_a_local_store_stops_before_any_training(tmp_path):
+    """An MLflow server refuses local paths as model version sources: that deployment is
+    refused as each stage opens, naming the setting to change."""
+    from lifecycle_dagster.lib.stage import check_registry_reach
+    from lifecycle_dagster.resources.mlflow import MlflowTracking
+
+    server = MlflowTracking(tracking_uri="http://127.0.0.1:5000")
+    with pytest.raises(dg.Failure, match="set LIFECYCLE_ARTIFACT_ROOT to object storage"):
+        check_registry_reach(ArtifactStore(root=str(tmp_path)), server)
+    check_registry_reach(ArtifactStore(root=f"s3://{BUCKET}/x"), server)
+    check_registry_reach(
+        ArtifactStore(root=str(tmp_path)), MlflowTracking(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    )

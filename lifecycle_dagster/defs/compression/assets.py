@@ -1,8 +1,6 @@
 """Compress: the aligned model exported to ONNX with KV cache in fp32, int8 and int4, each proven
 against PyTorch and scored on the eval split; the use case's policy picks the one to deploy."""
 
-from pathlib import Path
-
 import dagster as dg
 
 from lifecycle_dagster.lib.k8s import training_op_tags
@@ -13,7 +11,7 @@ from lifecycle_dagster.ml.compress import compress, serving_manifest
 from lifecycle_dagster.ml.data import EvalSplit
 from lifecycle_dagster.ml.reward import load_reward
 from lifecycle_dagster.ml.runtime import select_runtime
-from lifecycle_dagster.resources.artifacts import ArtifactStore, newest_metadata
+from lifecycle_dagster.resources.artifacts import ArtifactStore, newest_metadata, resolve
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 CHECKS = {
@@ -61,7 +59,10 @@ def onnx_model(
                 "onnx_model: no passing evaluation to export (latest verdict: "
                 f"{verdict.get('verdict', 'none')}); the candidate below thresholds is not exported"
             )
-        source = Path(verdict["candidate_path"]) / "model"
+        # Where the candidate is recorded (its identity, checked at promotion) and where it is
+        # read (this pod's copy, fetched from object storage when the store is there).
+        source_id = f"{verdict['candidate_path']}/model"
+        source = resolve(verdict["candidate_path"]) / "model"
         split = EvalSplit.read(uc, artifact_store.upstream(context, "task_dataset"), source)
         st.run.log_params({f"compression.{k}": v for k, v in uc.compression.model_dump().items()})
         with st.write() as tmp:
@@ -78,7 +79,7 @@ def onnx_model(
                     uc.primary_metric: verdict.get(f"aligned_{uc.primary_metric}"),
                     "mean_reward": verdict.get("aligned_mean_reward"),
                 },
-                serving=serving_manifest(uc, source, split.fmt),
+                serving=serving_manifest(uc, source_id, split.fmt),
                 log=st.log,
             )
-        return onnx_result(st, result, source, split)
+        return onnx_result(st, result, source_id, split)

@@ -1,8 +1,9 @@
-"""The production deployment, on one machine and on loopback only, for the deployment tests:
-a real PostgreSQL (initdb/pg_ctl in a temporary directory, password auth), an `mlflow server` on
-it, and Dagster as separate processes (`dagster code-server`, `dagster-daemon`,
-`dagster-webserver`) with `deploy/dagster.yaml`. Every secret reaches them through environment
-variables, as it would from a Kubernetes Secret. `stop()` ends everything it started."""
+"""Real servers for the tests, on loopback only: PostgreSQL (initdb/pg_ctl in a temporary
+directory, password auth), an S3-compatible server (moto in server mode), and the production
+deployment built on them: an `mlflow server` on PostgreSQL, and Dagster as separate processes
+(`dagster code-server`, `dagster-daemon`, `dagster-webserver`) with `deploy/dagster.yaml` and the
+artifact store on S3. Every secret reaches them through environment variables, as it would from
+a Kubernetes Secret. Each `stop()` ends everything its `start()` started."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -34,11 +36,18 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
+def _run(cmd: list[str], timeout: float) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr}{done.stdout}")
+
+
 @dataclass
 class Postgres:
-    """A PostgreSQL 15 server on 127.0.0.1, its data in ``root``, password (scram) auth."""
+    """A PostgreSQL 15 server on 127.0.0.1, password (scram) auth, its data in a temporary
+    directory of its own (the `postgres` user cannot enter pytest's, which are root's only)."""
 
-    root: Path
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lifecycle-pg-")))
     port: int = field(default_factory=free_port)
     user: str = "lifecycle"
     password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
@@ -58,7 +67,7 @@ class Postgres:
             shutil.chown(self.root, "postgres")
             shutil.chown(pwfile, "postgres")
         if not self.data.exists():
-            subprocess.run(
+            _run(
                 _as_postgres(
                     [
                         "initdb",
@@ -73,8 +82,6 @@ class Postgres:
                         "--no-sync",
                     ]
                 ),
-                check=True,
-                capture_output=True,
                 timeout=120,
             )
         pwfile.unlink()
@@ -90,7 +97,7 @@ class Postgres:
             cmd += ["-o", options, "-l", str(self.root / "server.log")]
         if action in ("stop", "restart"):
             cmd += ["-m", mode]
-        subprocess.run(_as_postgres([*cmd, action]), check=True, capture_output=True, timeout=90)
+        _run(_as_postgres([*cmd, action]), timeout=90)
 
     def psql(self, sql: str, db: str = "dagster") -> str:
         out = subprocess.run(
@@ -107,6 +114,66 @@ class Postgres:
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             self.pg_ctl("stop", mode="immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class S3Server:
+    """moto's S3 server on 127.0.0.1, with a bucket; ``env`` is what boto3 and MLflow read."""
+
+    root: Path
+    bucket: str = "lifecycle-artifacts"
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        url = f"http://127.0.0.1:{self.port}"
+        return {
+            "AWS_ENDPOINT_URL": url,
+            "MLFLOW_S3_ENDPOINT_URL": url,
+            "AWS_ACCESS_KEY_ID": "test-key",  # moto accepts any; never a real credential
+            "AWS_SECRET_ACCESS_KEY": "test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def start(self) -> S3Server:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = self.root / "moto.log"
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"moto server exited:\n{log.read_text()}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError("moto server did not start in 30 s") from None
+                time.sleep(0.2)
+        import boto3
+
+        env = self.env
+        boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=env["AWS_DEFAULT_REGION"],
+        ).create_bucket(Bucket=self.bucket)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
 
 
 @dataclass
@@ -127,7 +194,8 @@ class Deployment:
     processes: list[Process] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.pg = Postgres(self.root / "pg")
+        self.pg = Postgres()
+        self.s3 = S3Server(self.root / "s3")
         self.home = self.root / "dagster"
         self.state = self.root / "state"
         self.mlflow_port, self.code_port, self.web_port = free_port(), free_port(), free_port()
@@ -147,7 +215,8 @@ class Deployment:
             "DAGSTER_PG_PASSWORD": self.pg.password,
             "LIFECYCLE_ENV": "production",
             "LIFECYCLE_HOME": str(self.state),
-            "LIFECYCLE_ARTIFACT_ROOT": str(self.root / "artifacts"),
+            "LIFECYCLE_ARTIFACT_ROOT": f"s3://{self.s3.bucket}/store",
+            **self.s3.env,
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "MLFLOW_UI_URL": self.mlflow_url,
             "PYTHONUNBUFFERED": "1",
@@ -161,6 +230,17 @@ class Deployment:
             f"      port: {self.code_port}\n      location_name: lifecycle_dagster\n"
         )
         self.pg.start()
+        self.s3.start()
+        # The install step of deploy/README.md: the `train` pool's limit set once, explicitly.
+        done = subprocess.run(
+            [str(BIN / "dagster"), "instance", "concurrency", "set", "train", "1"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode:
+            raise RuntimeError(f"dagster instance concurrency set failed:\n{done.stderr}")
         self.spawn(
             "mlflow",
             [
@@ -254,4 +334,5 @@ class Deployment:
                 os.killpg(p.proc.pid, signal.SIGKILL)
                 p.proc.wait(timeout=30)
         self.pg.stop()
+        self.s3.stop()
         return leftover
