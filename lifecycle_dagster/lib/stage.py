@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import dagster as dg
 
@@ -250,8 +251,10 @@ def check_registry_reach(store: ArtifactStore, mlflow: MlflowTracking) -> None:
     Checked as each stage opens, so a misconfigured deployment stops before any training."""
     remote_tracking = mlflow.uri.startswith(("http://", "https://", "databricks"))
     if remote_tracking and not store.on_object_storage:
+        url = urlparse(mlflow.uri)  # named without any credentials its URI may carry
+        server = f"{url.scheme}://{url.hostname or ''}" + (f":{url.port}" if url.port else "")
         raise dg.Failure(
-            f"MLflow tracking server {mlflow.uri} cannot register model versions in a local "
+            f"MLflow tracking server {server} cannot register model versions in a local "
             "artifact store; set LIFECYCLE_ARTIFACT_ROOT to object storage (s3://bucket/prefix), "
             "see deploy/README.md"
         )

@@ -160,9 +160,10 @@ def test_a_tracking_server_with_a_local_store_stops_before_any_training(tmp_path
     from lifecycle_dagster.lib.stage import check_registry_reach
     from lifecycle_dagster.resources.mlflow import MlflowTracking
 
-    server = MlflowTracking(tracking_uri="http://127.0.0.1:5000")
-    with pytest.raises(dg.Failure, match="set LIFECYCLE_ARTIFACT_ROOT to object storage"):
+    server = MlflowTracking(tracking_uri="http://user:s3cret@mlflow.internal:5000")
+    with pytest.raises(dg.Failure, match="set LIFECYCLE_ARTIFACT_ROOT to object storage") as err:
         check_registry_reach(ArtifactStore(root=str(tmp_path)), server)
+    assert "s3cret" not in str(err.value) and "http://mlflow.internal:5000" in str(err.value)
     check_registry_reach(ArtifactStore(root=f"s3://{BUCKET}/x"), server)
     check_registry_reach(
         ArtifactStore(root=str(tmp_path)), MlflowTracking(tracking_uri=f"sqlite:///{tmp_path}/m.db")
