@@ -59,14 +59,14 @@ def training_resources(env: Mapping[str, str] | None = None) -> dict:
 def training_pod_spec(image: str, env: Mapping[str, str] | None = None) -> dict:
     """The PodSpec of one training step (as a manifest would spell it)."""
     env = os.environ if env is None else env
-    gpus = int(env.get("LIFECYCLE_TRAIN_GPUS", "1"))
+    resources = training_resources(env)
     spec = {
         "restartPolicy": "Never",
         "containers": [
             {
                 "name": "train",
                 "image": image,
-                "resources": training_resources(env),
+                "resources": resources,
                 "envFrom": [
                     {"secretRef": {"name": env.get("LIFECYCLE_SECRET", DEFAULT_SECRET)}},
                     {"configMapRef": {"name": env.get("LIFECYCLE_CONFIG_MAP", DEFAULT_CONFIG_MAP)}},
@@ -77,7 +77,7 @@ def training_pod_spec(image: str, env: Mapping[str, str] | None = None) -> dict:
         ],
         "volumes": [{"name": "scratch", "emptyDir": {}}],
     }
-    if gpus:
+    if GPU_RESOURCE in resources["limits"]:  # a GPU pod goes to the GPU nodes
         spec["nodeSelector"] = _json(env, "LIFECYCLE_TRAIN_NODE_SELECTOR", DEFAULT_NODE_SELECTOR)
         spec["tolerations"] = _json(env, "LIFECYCLE_TRAIN_TOLERATIONS", DEFAULT_TOLERATIONS)
     return spec
@@ -98,15 +98,15 @@ def training_k8s_config(env: Mapping[str, str] | None = None) -> dict:
     """The ``dagster-k8s/config`` tag of a heavy step: the same requests, limits, placement and
     environment as ``training_pod_spec``, in the form Dagster's Kubernetes executor reads (its
     container image comes from the code location)."""
-    env = os.environ if env is None else env
     spec = training_pod_spec("<code location image>", env)
     container = spec["containers"][0]
+    secret, config_map = container["envFrom"]
     config: dict = {
         "container_config": {
             "resources": container["resources"],
             "env_from": [
-                {"secret_ref": {"name": env.get("LIFECYCLE_SECRET", DEFAULT_SECRET)}},
-                {"config_map_ref": {"name": env.get("LIFECYCLE_CONFIG_MAP", DEFAULT_CONFIG_MAP)}},
+                {"secret_ref": secret["secretRef"]},
+                {"config_map_ref": config_map["configMapRef"]},
             ],
             "volume_mounts": [{"name": "scratch", "mount_path": "/scratch"}],
         },
