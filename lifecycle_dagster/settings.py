@@ -27,6 +27,12 @@ def object_cache() -> Path:
     return state_home() / "cache" / "objects"
 
 
+def checkpoints_root() -> Path:
+    """Trainer checkpoints of unfinished training steps (``$LIFECYCLE_CHECKPOINTS``: on a cluster,
+    a volume that outlives the pod)."""
+    return Path(os.environ.get("LIFECYCLE_CHECKPOINTS") or state_home() / "checkpoints").resolve()
+
+
 def mlflow_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_home() / 'mlflow.db'}"
 

@@ -215,6 +215,9 @@ class Deployment:
             "DAGSTER_PG_PASSWORD": self.pg.password,
             "LIFECYCLE_ENV": "production",
             "LIFECYCLE_HOME": str(self.state),
+            # A run's steps one after another in its process: on 2 cores a process per step
+            # would mostly re-import torch. Queue, pools and stores are the deployment's.
+            "LIFECYCLE_EXECUTOR": "in_process",
             "LIFECYCLE_ARTIFACT_ROOT": f"s3://{self.s3.bucket}/store",
             **self.s3.env,
             "MLFLOW_TRACKING_URI": self.mlflow_url,

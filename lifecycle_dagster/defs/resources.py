@@ -1,5 +1,8 @@
-"""Resource bindings: local (state dir, sqlite MLflow) unless LIFECYCLE_ENV=production; with
-LIFECYCLE_EXECUTOR=k8s, every step runs in its own Kubernetes pod."""
+"""Resource bindings: local (state dir, sqlite MLflow) unless LIFECYCLE_ENV=production.
+
+The executor every job runs with, LIFECYCLE_EXECUTOR: `multiprocess` (the default: a process per
+step), `in_process` (the run's steps one after another in its own process: a small host, where a
+process per step mostly re-imports torch) or `k8s` (a Kubernetes pod per step)."""
 
 import os
 
@@ -26,10 +29,20 @@ def resources() -> dg.Definitions:
             "mlflow_tracking": MlflowTracking(),
             "compute": Compute(),
         }
-    if os.environ.get("LIFECYCLE_EXECUTOR") == "k8s":
+    return dg.Definitions(resources=bound, executor=executor(os.environ.get("LIFECYCLE_EXECUTOR")))
+
+
+def executor(name: str | None) -> dg.ExecutorDefinition:
+    if name == "k8s":
         # Each step in its own Kubernetes pod; heavy steps carry their GPU request
         # (lib/k8s.py). Needs the `deploy` extra.
         from dagster_k8s import k8s_job_executor
 
-        return dg.Definitions(resources=bound, executor=k8s_job_executor)
-    return dg.Definitions(resources=bound)
+        return k8s_job_executor
+    if name == "in_process":
+        return dg.in_process_executor
+    if name in (None, "", "multiprocess"):
+        return dg.multi_or_in_process_executor  # run config may still pick in_process
+    raise ValueError(
+        f"LIFECYCLE_EXECUTOR={name!r}: expected multiprocess (the default), in_process or k8s"
+    )

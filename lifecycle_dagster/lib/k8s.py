@@ -14,6 +14,9 @@ Settings, all optional (defaults suit an NVIDIA GPU node pool):
   LIFECYCLE_TRAIN_TOLERATIONS    JSON list (default: tolerate the nvidia.com/gpu taint)
   LIFECYCLE_SECRET               Secret whose keys become environment variables (credentials)
   LIFECYCLE_CONFIG_MAP           ConfigMap with the rest of the environment
+  LIFECYCLE_CHECKPOINTS_CLAIM    PersistentVolumeClaim (ReadWriteMany) for trainer checkpoints,
+                                 so the retry of a run whose pod died resumes training; unset:
+                                 node-local scratch, which dies with the pod
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ DEFAULT_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 DEFAULT_TOLERATIONS = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
 DEFAULT_SECRET = "lifecycle-secrets"
 DEFAULT_CONFIG_MAP = "lifecycle-config"
+CHECKPOINTS_MOUNT = "/checkpoints"
 
 
 def _json(env: Mapping[str, str], key: str, default):
@@ -71,12 +75,20 @@ def training_pod_spec(image: str, env: Mapping[str, str] | None = None) -> dict:
                     {"secretRef": {"name": env.get("LIFECYCLE_SECRET", DEFAULT_SECRET)}},
                     {"configMapRef": {"name": env.get("LIFECYCLE_CONFIG_MAP", DEFAULT_CONFIG_MAP)}},
                 ],
-                # Checkpoints and the staging area of the step's artifact: node-local scratch.
+                # The staging area of the step's artifact: node-local scratch.
                 "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
             }
         ],
         "volumes": [{"name": "scratch", "emptyDir": {}}],
     }
+    if claim := env.get("LIFECYCLE_CHECKPOINTS_CLAIM"):
+        # Checkpoints outlive the pod: a retry's pod, wherever it lands, resumes from them.
+        container = spec["containers"][0]
+        container["env"] = [{"name": "LIFECYCLE_CHECKPOINTS", "value": CHECKPOINTS_MOUNT}]
+        container["volumeMounts"].append({"name": "checkpoints", "mountPath": CHECKPOINTS_MOUNT})
+        spec["volumes"].append(
+            {"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}}
+        )
     if GPU_RESOURCE in resources["limits"]:  # a GPU pod goes to the GPU nodes
         spec["nodeSelector"] = _json(env, "LIFECYCLE_TRAIN_NODE_SELECTOR", DEFAULT_NODE_SELECTOR)
         spec["tolerations"] = _json(env, "LIFECYCLE_TRAIN_TOLERATIONS", DEFAULT_TOLERATIONS)
@@ -108,10 +120,14 @@ def training_k8s_config(env: Mapping[str, str] | None = None) -> dict:
                 {"secret_ref": secret["secretRef"]},
                 {"config_map_ref": config_map["configMapRef"]},
             ],
-            "volume_mounts": [{"name": "scratch", "mount_path": "/scratch"}],
+            "volume_mounts": [
+                {"name": m["name"], "mount_path": m["mountPath"]} for m in container["volumeMounts"]
+            ],
         },
-        "pod_spec_config": {"volumes": [{"name": "scratch", "empty_dir": {}}]},
+        "pod_spec_config": {"volumes": [_snake_volume(v) for v in spec["volumes"]]},
     }
+    if "env" in container:
+        config["container_config"]["env"] = container["env"]
     if "nodeSelector" in spec:
         config["pod_spec_config"]["node_selector"] = spec["nodeSelector"]
         config["pod_spec_config"]["tolerations"] = spec["tolerations"]
@@ -121,3 +137,11 @@ def training_k8s_config(env: Mapping[str, str] | None = None) -> dict:
 def training_op_tags() -> dict:
     """Op tags of a heavy asset: its pod's config, serialised as Dagster's tags require."""
     return {K8S_CONFIG_TAG: json.dumps(training_k8s_config())}
+
+
+def _snake_volume(volume: dict) -> dict:
+    """A volume as dagster-k8s's config spells it (the Kubernetes client's field names)."""
+    if "persistentVolumeClaim" in volume:
+        claim = volume["persistentVolumeClaim"]["claimName"]
+        return {"name": volume["name"], "persistent_volume_claim": {"claim_name": claim}}
+    return {"name": volume["name"], "empty_dir": {}}

@@ -253,6 +253,8 @@ def sft_result(st: Stage, result, method, after, before, device: str) -> dg.Mate
             "config": dg.MetadataValue.json(method.model_dump(mode="json")),
             "is_adapter": result.is_adapter,
             "device": device,
+            # > 0: an interrupted attempt's checkpoint at that step was resumed.
+            "resumed_from_step": result.resumed_from,
             "loss_curve": st.plot(
                 {"loss": result.loss_curve}, f"SFT loss ({method.method})", "sft_loss"
             ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import tempfile
 import time
@@ -13,10 +14,12 @@ from urllib.parse import urlparse
 
 import dagster as dg
 
+from lifecycle_dagster import settings
 from lifecycle_dagster.lib.partitions import ATTEMPT_TAG, REASON_TAG, STARTED_TAG, VERDICT_RUN_TAG
 from lifecycle_dagster.lib.render import png_markdown, render_png
 from lifecycle_dagster.ml.artifacts import dir_size, read_manifest
 from lifecycle_dagster.ml.objectstore import is_remote
+from lifecycle_dagster.ml.progress import Checkpoints
 from lifecycle_dagster.ml.usecase import UseCase
 from lifecycle_dagster.resources.artifacts import (
     PATH_KEY,
@@ -101,6 +104,17 @@ class Stage:
 
     def log(self, message: str) -> None:
         self.context.log.info(message)
+
+    def checkpoints(self, settings_json: str) -> Checkpoints:
+        """Where this step's trainer checkpoints go: one folder per run (a re-execution shares
+        its root run's) and per training settings, so only the same training resumes there."""
+        run = self.context.run
+        digest = hashlib.sha256(settings_json.encode()).hexdigest()[:12]
+        where = settings.checkpoints_root() / self.use_case.name / self.name
+        return Checkpoints(
+            where / f"{run.root_run_id or run.run_id}-{digest}",
+            self.use_case.compute.checkpoint_steps,
+        )
 
     def dataset(self, asset: str, filename: str) -> DatasetRef:
         """A file of an upstream asset's artifact (or this stage's own, once written) as an MLflow

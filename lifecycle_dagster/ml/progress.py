@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import socket
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 Log = Callable[[str], None]
 # What a progress line shows when a trainer logs them (trl's GRPO logs about 25 values a step; the
@@ -86,6 +93,53 @@ def loss_ends(history: Progress | History, key: str = "loss") -> tuple[float, fl
     return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
+@dataclass(frozen=True)
+class Checkpoints:
+    """Resumable trainer checkpoints of one training step, every ``every`` steps (0: none).
+
+    They live in ``dir``, outside the artifact being written (which stays all-or-nothing), keyed
+    by the run and the step's settings: a re-execution of the same run finds them and resumes
+    where the killed process stopped. Removed once training finished."""
+
+    dir: Path
+    every: int
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"checkpoint interval must be >= 0 steps, got {self.every}")
+
+
+@contextlib.contextmanager
+def training_dir(
+    checkpoints: Checkpoints | None, prefix: str, stage: str, log: Log | None = None
+) -> Iterator[tuple[str, str | None, dict]]:
+    """The trainer's output directory, the checkpoint to resume from (or None) and the
+    TrainingArguments that save checkpoints there. Without checkpoints: a scratch directory.
+
+    The directory holds ``owner.json`` (process, host, start) while a trainer writes to it."""
+    if checkpoints is None or not checkpoints.every:
+        with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+            yield scratch, None, {}
+        return
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt = checkpoints.dir
+    ckpt.mkdir(parents=True, exist_ok=True)
+    resume = get_last_checkpoint(str(ckpt))
+    if resume and log:
+        log(f"{stage}: resuming from {Path(resume).name} (kept by the interrupted attempt)")
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    (ckpt / "owner.json").write_text(json.dumps(owner))
+    save = {"save_strategy": "steps", "save_steps": checkpoints.every, "save_total_limit": 1}
+    yield str(ckpt), resume, save
+    shutil.rmtree(ckpt, ignore_errors=True)  # trained: the artifact is what stays
+
+
+def resumed_step(resume: str | None) -> int:
+    """The step a trainer resumed from (0: it started afresh)."""
+    return int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0
+
+
 def trainer_kwargs(
     *,
     output_dir: str,
@@ -95,8 +149,10 @@ def trainer_kwargs(
     seed: int,
     runtime,
     scheduler: str = "cosine",
+    save: dict | None = None,
 ) -> dict:
-    """The TrainingArguments every stage shares: no checkpoints, no reporters, our own progress."""
+    """The TrainingArguments every stage shares: no reporters, our own progress, checkpoints only
+    as ``save`` (from ``training_dir``) asks."""
     return {
         "output_dir": output_dir,
         "max_steps": max_steps,
@@ -112,4 +168,5 @@ def trainer_kwargs(
         "use_cpu": runtime.device == "cpu",
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
+        **(save or {}),
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -10,12 +9,15 @@ from typing import Literal, get_args
 from pydantic import Field, field_validator
 
 from lifecycle_dagster.ml.progress import (
+    Checkpoints,
     History,
     Log,
     Progress,
     hf_callback,
     loss_ends,
+    resumed_step,
     trainer_kwargs,
+    training_dir,
 )
 from lifecycle_dagster.ml.runtime import Runtime
 from lifecycle_dagster.ml.tunables import Tunables
@@ -85,6 +87,7 @@ class SFTResult:
     loss_end: float
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_from: int = 0  # the checkpoint step training resumed from (0: from the start)
 
     @property
     def trainable_fraction(self) -> float:
@@ -127,9 +130,11 @@ def train_sft(
     log: Log | None = None,
     *,
     init_text: str = "",
+    checkpoints: Checkpoints | None = None,
 ) -> SFTResult:
     """Fine-tune on prompt/completion records; writes an adapter (LoRA, prompt tuning) or a model.
     Prompt tuning starts from the embeddings of ``init_text`` (the task's instruction), else random.
+    With ``checkpoints``, resumes from the last one an interrupted attempt left.
 
     Loss is on completion tokens only (trl's default for prompt-completion data).
     """
@@ -145,16 +150,17 @@ def train_sft(
     model.train()
     total = sum(p.numel() for p in model.parameters())
     progress = Progress(f"sft[{config.method}]", config.max_steps, log)
-    with tempfile.TemporaryDirectory(prefix="sft-") as scratch:
+    with training_dir(checkpoints, "sft-", progress.stage, log) as (output_dir, resume, save):
         args = SFTConfig(
             max_length=config.max_length,
             **trainer_kwargs(
-                output_dir=scratch,
+                output_dir=output_dir,
                 max_steps=config.max_steps,
                 learning_rate=config.learning_rate,
                 batch_size=config.batch_size,
                 seed=config.seed,
                 runtime=runtime,
+                save=save,
             ),
         )
         trainer = SFTTrainer(
@@ -167,7 +173,7 @@ def train_sft(
         )
         _quiet(trainer)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         history = History(trainer.state.log_history)
         trained = trainer.model
     trained.eval()
@@ -184,6 +190,7 @@ def train_sft(
         loss_end=loss_end,
         loss_curve=history.series("loss"),
         seconds=progress.elapsed,
+        resumed_from=resumed_step(resume),
     )
 
 

@@ -287,6 +287,12 @@ class ComputeSpec(_Strict):
     torch_threads: int | None = Field(None, gt=0)
     ort_threads: int | None = Field(None, gt=0)
     budget_minutes: float = Field(30, gt=0, description="Wall-time budget for one lifecycle run.")
+    checkpoint_steps: int = Field(
+        50,
+        ge=0,
+        description="Fine-tuning saves a resumable checkpoint every N steps (0: none); a "
+        "re-execution of a run whose training was killed resumes from the last one.",
+    )
 
 
 class UseCase(_Strict):

@@ -8,13 +8,21 @@ GraphQL, as a platform team's clients would.
    registered models and champion; runs and events are in PostgreSQL, the MLflow records on the
    server, the artifacts on object storage with the registry pointing at them; no two training
    steps (the `train` pool, limit 1) ever overlap although the runs do.
-2. The re-adaptation loop under the daemon: attempt 1 (ROUGE-L >= 0.6) falls short, the sensor
-   launches attempt 2 (LoRA r16, twice the steps) from the queue, it passes, and no further run
-   follows.
+2. The re-adaptation loop under the daemon: attempt 1 (ROUGE-L >= 0.6) falls short, its failed
+   gate keeps the candidate from export and promotion, the sensor launches attempt 2 (LoRA r16,
+   twice the steps) from the queue, it passes, and no further run follows.
+3. New data, nobody launching a run: a changed train file is noticed by the data sensor, automation
+   carries the new dataset down the graph, the process training the new adapter is killed
+   (SIGKILL) halfway; the run is marked failed, retried from the failed step, training resumes from
+   its last checkpoint, and the chain ends in a new evaluated candidate and a promotion decision.
+4. The Dagster UI of the deployment in Chromium: asset graph, an asset's metadata and loss curve,
+   its checks and a run's log render without errors (screenshots in ``.test-output/ui/``).
 Every process the deployment started is stopped at the end."""
 
 import json
+import shutil
 import time
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -22,6 +30,8 @@ from mlflow.tracking import MlflowClient
 from servers import Deployment
 
 from lifecycle_dagster.definitions import defs
+from lifecycle_dagster.lib.partitions import REASON_TAG
+from lifecycle_dagster.ml.usecase_loader import load_use_case
 from lifecycle_dagster.resources.artifacts import records_of
 from lifecycle_dagster.resources.registry import registered_name
 
@@ -37,6 +47,7 @@ FAST = {
     },
     "prompting": {"shots": [0]},
     "compression": {"check_prompts": 2, "variants": ["fp32", "int8"]},
+    "compute": {"checkpoint_steps": 10},
 }
 USE_CASES = {"dialogue_summarisation": "rouge_l", "dialogue_intent": "accuracy"}
 # The re-adaptation loop gets a partition of its own (the use case under another name), so the
@@ -68,28 +79,42 @@ def instance(deployment):
         inst.dispose()
 
 
-def submit(deployment, instance, partition: str, config: dict, job="lifecycle_job") -> str:
+def submit(deployment, instance, partition: str, config: dict | None, job="lifecycle_job") -> str:
+    """Launch ``job`` for ``partition`` over GraphQL (``config``: the use_case op's, if the job
+    has that op)."""
     from dagster_graphql import DagsterGraphQLClient
 
     instance.add_dynamic_partitions("use_cases", [partition])  # what `lifecycle run` does first
     client = DagsterGraphQLClient("127.0.0.1", port_number=deployment.web_port)
+    run_config = {"ops": {"use_case": {"config": {"profile": "tiny", **config}}}} if config else {}
     return client.submit_job_execution(
         job,
-        run_config={
-            "ops": {"use_case": {"config": {"profile": "tiny", **config}}},
-            # Steps in the run's own process: on 2 cores a process per step would mostly measure
-            # imports. The queue, the daemon, the pools and the stores are the deployment's.
-            "execution": {"config": {"in_process": {}}},
-        },
+        run_config=run_config,
         tags={"lifecycle/profile": "tiny", "dagster/partition": partition},
     )
+
+
+def own_data(deployment, use_case: str) -> dict:
+    """Overrides pointing the use case at copies of its data files, which a test may change."""
+    uc = load_use_case(profile="tiny", use_case=use_case)
+    folder = deployment.root / "data" / use_case
+    folder.mkdir(parents=True)
+    data = {}
+    for field, source in uc.data.files().items():
+        data[field] = str(shutil.copy(source, folder / Path(source).name))
+    return {"data": data}
 
 
 @pytest.fixture(scope="module")
 def two_runs(deployment, instance):
     started = time.monotonic()
     run_ids = {
-        uc: submit(deployment, instance, uc, {"use_case": uc, "overrides": FAST})
+        uc: submit(
+            deployment,
+            instance,
+            uc,
+            {"use_case": uc, "overrides": {**FAST, **own_data(deployment, uc)}},
+        )
         for uc in USE_CASES
     }
 
@@ -219,6 +244,28 @@ def evaluations(instance) -> list[dict]:
     return out
 
 
+def why_requested(instance, asset: str, partition: str) -> list[dict]:
+    """Each automation evaluation that requested ``asset`` for ``partition``: when, and which
+    parts of its condition held."""
+
+    def held(ev, depth=0) -> list[str]:
+        value = ev.true_subset.value
+        keys = value.get_partition_keys() if hasattr(value, "get_partition_keys") else []
+        if partition not in keys:
+            return []
+        snap = ev.condition_snapshot
+        line = "  " * depth + (snap.label or snap.description or snap.class_name)
+        return [line] + [x for c in ev.child_evaluations for x in held(c, depth + 1)]
+
+    out = []
+    storage = instance.schedule_storage
+    for record in storage.get_auto_materialize_asset_evaluations(dg.AssetKey(asset), limit=25):
+        evaluation = record.get_evaluation_with_run_ids().evaluation
+        if lines := held(evaluation):
+            out.append({"at": record.timestamp, "id": record.evaluation_id, "held": lines})
+    return out
+
+
 def sensor_ticks(instance, name: str) -> list:
     states = [s for s in instance.all_instigator_state() if s.instigator_name == name]
     if not states:
@@ -292,6 +339,8 @@ def test_daemon_escalates_a_shortfall_once_and_stops(deployment, instance, two_r
     # materialized it (seen in each deployment run so far), then `champion_model` and the
     # report. Those are automation runs, never a further escalation.
     others = [r for r in runs if r not in attempts]
+    if others:  # what automation saw when it asked for them, for whoever chases this
+        print(json.dumps({"automation": why_requested(instance, "evaluation", ESCALATED)}))
     assert all(
         r.job_name == "__ASSET_JOB" and r.tags.get("dagster/sensor_name") == "lifecycle_automation"
         for r in others
@@ -308,3 +357,259 @@ def test_daemon_escalates_a_shortfall_once_and_stops(deployment, instance, two_r
     timeline["skip tick"] = tick.timestamp - t0
     ordered = dict(sorted(timeline.items(), key=lambda x: x[1]))
     print(json.dumps({"timeline_s": {k: round(v, 1) for k, v in ordered.items()}}))
+
+
+def runs_of(instance, partition: str, **tags) -> list:
+    return instance.get_runs(dg.RunsFilter(tags={"dagster/partition": partition, **tags}))
+
+
+def kill_tree(pid: int) -> list[str]:
+    """SIGKILL a process and everything it started, as a lost node or an OOM kill would."""
+    import psutil
+
+    root = psutil.Process(pid)
+    victims = [root, *root.children(recursive=True)]
+    names = [" ".join(v.cmdline()[:3]) for v in victims]
+    for v in victims:
+        v.kill()
+    psutil.wait_procs(victims, timeout=30)
+    return names
+
+
+def test_new_data_reaches_a_promotion_decision_through_a_killed_training(
+    deployment, instance, two_runs
+):
+    """Nobody launches a run: the changed train file is noticed, the new dataset carried down the
+    graph. The training of the new adapter is killed halfway and resumed by the retry."""
+    import boto3
+
+    uc = "dialogue_summarisation"
+    deadline = time.monotonic() + DEADLINE_S
+    t0 = time.time()
+    train = deployment.root / "data" / uc / "train.jsonl"
+    rows = train.read_text().splitlines()
+    train.write_text("\n".join(rows[:-1]) + "\n")  # one example fewer: new data
+
+    # 1. The data sensor re-materializes the dataset, saying why.
+    def data_run():
+        runs = runs_of(instance, uc, **{"dagster/sensor_name": "data_change_sensor"})
+        return runs[0] if runs else None
+
+    data = deployment.wait_for("the data sensor's run", data_run, deadline)
+    assert "train.jsonl changed" in data.tags[REASON_TAG]
+    assert data.asset_selection == {dg.AssetKey("task_dataset")}
+
+    # 2. Automation requests the chain below it; its adapter training leaves checkpoints.
+    def chain_run():
+        runs = runs_of(instance, uc, **{"dagster/sensor_name": "lifecycle_automation"})
+        return next((r for r in runs if dg.AssetKey("sft_adapter") in r.asset_selection), None)
+
+    chain = deployment.wait_for("automation's run of the chain", chain_run, deadline)
+    assert {"prompt_baseline", "evaluation", "champion_model"} <= {
+        k.to_user_string() for k in chain.asset_selection
+    }
+    checkpoints = deployment.state / "checkpoints" / uc / "sft_adapter"
+
+    def a_checkpoint():
+        found = sorted(checkpoints.glob(f"{chain.run_id}-*/checkpoint-*"))
+        return found[-1] if found and (found[-1].parent / "owner.json").is_file() else None
+
+    first = deployment.wait_for("a training checkpoint", a_checkpoint, deadline, every=0.2)
+    owner = json.loads((first.parent / "owner.json").read_text())
+
+    # 3. The process training it is killed; the run is marked failed and retried from the step.
+    killed = kill_tree(owner["pid"])
+    killed_at = time.time() - t0
+    seen = int(first.name.split("-")[1])
+    failed = deployment.wait_for(
+        "the killed run to be marked failed",
+        lambda: (r := instance.get_run_by_id(chain.run_id)) and r.is_finished and r,
+        deadline,
+    )
+    assert failed.status == dg.DagsterRunStatus.FAILURE
+    why = [e.message for e in instance.all_logs(chain.run_id) if e.message]
+    assert any("terminated by signal 9 (SIGKILL)" in m for m in why), why[-5:]
+
+    def retry_run():
+        runs = instance.get_runs(dg.RunsFilter(tags={"dagster/parent_run_id": chain.run_id}))
+        return runs[0] if runs else None
+
+    retry = deployment.wait_for("the retry", retry_run, deadline)
+    assert retry.tags.get("dagster/retry_number") == "1"
+    done = deployment.wait_for(
+        "the retry to finish",
+        lambda: (r := instance.get_run_by_id(retry.run_id)) and r.is_finished and r,
+        deadline,
+    )
+    assert done.status == dg.DagsterRunStatus.SUCCESS, deployment.logs()
+
+    # 4. Training resumed from the killed attempt's checkpoint; nothing of it was published.
+    def meta(asset: str) -> dict:
+        records = records_of(instance, asset, uc, limit=10)
+        record = next((r for r in records if r.run_id == retry.run_id), None)
+        assert record is not None, (asset, "not materialized by the retry")
+        return {k: v.value for k, v in record.asset_materialization.metadata.items()}
+
+    sft = meta("sft_adapter")
+    assert sft["resumed_from_step"] >= seen, sft["resumed_from_step"]
+    assert not list(checkpoints.glob(f"{chain.run_id}-*"))  # trained: checkpoints removed
+    s3, bucket = boto3.client("s3"), deployment.s3.bucket
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"store/{uc}/sft_adapter/")
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    assert not [k for k in keys if f"-{chain.run_id[:8]}/" in k], "the killed run published"
+    assert any(f"-{retry.run_id[:8]}/MANIFEST.json" in k for k in keys)
+
+    # 5. A new evaluated candidate, and a promotion decision on it.
+    evaluation = meta("evaluation")
+    assert evaluation["verdict"] in ("pass", "fail") and "rouge_l" in evaluation
+    decisions = meta("champion_model")["decisions"].records
+    assert decisions and all("promoted" in d.data for d in decisions)
+    records = {r.dagster_run.run_id: r for r in instance.get_run_records()}
+    timeline = {"train file changed": 0.0, "training killed": killed_at}
+    for label, run_id in (("data run", data.run_id), ("chain", chain.run_id)):
+        timeline[f"{label} started"] = records[run_id].start_time - t0
+    timeline["retry started"] = records[retry.run_id].start_time - t0
+    timeline["retry ended"] = records[retry.run_id].end_time - t0
+    ordered = dict(sorted(timeline.items(), key=lambda x: x[1]))
+    print(
+        json.dumps(
+            {
+                "killed": killed,
+                "checkpoint_seen": seen,
+                "resumed_from_step": sft["resumed_from_step"],
+                "timeline_s": {k: round(v, 1) for k, v in ordered.items()},
+            }
+        )
+    )
+
+
+# Debian's Chromium (`.ci/run` installs it); Playwright's own browser download is never used.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+UI_OUT = Path(__file__).resolve().parents[2] / ".test-output" / "ui"
+BROKEN = ("Something went wrong", "An unexpected error", "Unexpected GraphQL error")
+
+
+def test_the_dagster_ui_shows_the_lifecycle(deployment, two_runs):
+    """Each page a person checks first, in a real browser: nothing but the deployment is
+    reached, no script error, no error panel; the screenshots stay for whoever reviews."""
+    from urllib.parse import urlparse
+
+    from playwright.sync_api import expect, sync_playwright
+
+    run_ids, _ = two_runs
+    uc = "dialogue_summarisation"
+    graph = defs().resolve_asset_graph()
+    groups = sorted({graph.get(k).group_name for k in graph.materializable_asset_keys})
+    UI_OUT.mkdir(parents=True, exist_ok=True)
+    errors, elsewhere = [], []
+
+    def only_loopback(route):
+        if urlparse(route.request.url).hostname in ("127.0.0.1", "localhost"):
+            return route.continue_()
+        elsewhere.append(route.request.url)
+        return route.abort()
+
+    def console(msg):
+        if msg.type == "error" and "Failed to load resource" not in msg.text:
+            errors.append(f"console: {msg.text}")
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.route("**/*", only_loopback)
+            page.on("pageerror", lambda exc: errors.append(f"{page.url}: {exc}"))
+            page.on("console", console)
+
+            def visit(path: str, shot: str, *expected: str) -> None:
+                page.goto(f"{deployment.web_url}{path}", wait_until="domcontentloaded")
+                for text in expected:
+                    expect(page.get_by_text(text, exact=True).first).to_be_visible()
+                page.wait_for_load_state("networkidle")
+                page.screenshot(path=str(UI_OUT / f"{shot}.png"), full_page=True)
+                body = page.inner_text("body")
+                assert not [b for b in BROKEN if b in body], (path, body[:2000])
+
+            # The asset graph with every stage group.
+            visit("/asset-groups", "1-asset-graph", *groups)
+            # An asset's latest materialization: its metadata and its loss curve.
+            visit(
+                f"/assets/sft_adapter?view=events&partition={uc}",
+                "2-sft-adapter-metadata",
+                "loss_curve",
+                "trainable_fraction",
+            )
+            # Its checks (evaluation's threshold gate).
+            visit("/assets/evaluation?view=checks", "3-evaluation-checks", "meets_thresholds")
+            # A run's log.
+            run_id = run_ids[uc]
+            visit(f"/runs/{run_id}", "4-run-log", "RUN_SUCCESS")
+        finally:
+            browser.close()
+    assert not errors, errors
+    print(f"\nUI screenshots in {UI_OUT}; requests kept from leaving the host: {len(elsewhere)}")
+
+
+def test_a_postgresql_restart_during_a_run_leaves_the_instance_consistent(
+    deployment, instance, two_runs
+):
+    """PostgreSQL restarts while a run evaluates: the run ends, cleanly, as a success or a failure
+    that is retried; nothing is left in progress, every step that started ended, and the daemon
+    and webserver carry on with the same database."""
+    import requests
+
+    uc = "dialogue_intent"
+    deadline = time.monotonic() + DEADLINE_S
+    run_id = submit(deployment, instance, uc, None, job="evaluation_job")
+
+    def evaluating():
+        return instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START)
+
+    deployment.wait_for("evaluation to start", evaluating, deadline, every=0.5)
+    time.sleep(2)
+    started = time.monotonic()
+    deployment.pg.pg_ctl("restart")
+    restart_s = time.monotonic() - started
+
+    def settled():
+        runs = runs_of(instance, uc)
+        ours = [r for r in runs if run_id in (r.run_id, r.tags.get("dagster/root_run_id"))]
+        if any(not r.is_finished for r in runs):
+            return None
+        return ours
+
+    ours = deployment.wait_for("every run of the use case to end", settled, deadline)
+    outcome = {r.run_id[:8]: r.status.value for r in ours}
+    last = max(ours, key=lambda r: int(r.tags.get("dagster/retry_number", "0")))
+    assert last.status == dg.DagsterRunStatus.SUCCESS, (outcome, deployment.logs())
+    for r in ours:
+        events = [e for e in instance.all_logs(r.run_id) if e.is_dagster_event]
+        kinds = [e.dagster_event_type for e in events]
+        assert kinds.count(dg.DagsterEventType.RUN_START) == 1, (r.run_id, kinds)
+        ends = {dg.DagsterEventType.RUN_SUCCESS, dg.DagsterEventType.RUN_FAILURE}
+        assert sum(k in ends for k in kinds) == 1, (r.run_id, kinds)
+        started_steps = {e.step_key for e in events if e.dagster_event.is_step_start}
+        ended = {
+            e.step_key
+            for e in events
+            if e.dagster_event.is_step_success or e.dagster_event.is_step_failure
+        }
+        if r.status == dg.DagsterRunStatus.SUCCESS:
+            assert started_steps == ended, (r.run_id, started_steps - ended)
+    # The instance carries on: daemons heartbeat again, the webserver answers from the database.
+    deployment.wait_for(
+        "healthy daemons",
+        lambda: all(s.healthy for s in instance.get_daemon_statuses().values()),
+        deadline,
+    )
+    info = requests.get(f"{deployment.web_url}/server_info", timeout=30)
+    assert info.ok
+    print(json.dumps({"postgres_restart_s": round(restart_s, 1), "runs": outcome}))

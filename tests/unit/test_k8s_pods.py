@@ -108,3 +108,39 @@ def test_every_training_asset_carries_the_pod_tag():
         config = json.loads(tags[k8s.K8S_CONFIG_TAG])
         limits = config["container_config"]["resources"]["limits"]
         assert limits.get("nvidia.com/gpu") == "1", key
+
+
+def test_checkpoints_on_a_claim_outlive_the_pod():
+    """With a claim, trainer checkpoints go to a volume a retry's pod mounts again; the step's
+    Job built by dagster-k8s carries the same mount and variable."""
+    from dagster_k8s.job import (
+        DagsterK8sJobConfig,
+        construct_dagster_k8s_job,
+        get_user_defined_k8s_config,
+    )
+    from kubernetes.client import ApiClient
+
+    env = {"LIFECYCLE_CHECKPOINTS_CLAIM": "lifecycle-checkpoints"}
+    variable = {"name": "LIFECYCLE_CHECKPOINTS", "value": "/checkpoints"}
+    mount = {"name": "checkpoints", "mountPath": "/checkpoints"}
+    claim = {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "lifecycle-checkpoints"}}
+    pod = k8s.training_pod("sft-adapter", IMAGE, env=env)
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    (container,) = pod["spec"]["containers"]
+    assert variable in container["env"] and mount in container["volumeMounts"]
+    assert claim in pod["spec"]["volumes"]
+    assert "checkpoints" not in json.dumps(k8s.training_pod("x", IMAGE, env={}))
+
+    tags = {k8s.K8S_CONFIG_TAG: json.dumps(k8s.training_k8s_config(env=env))}
+    job = construct_dagster_k8s_job(
+        DagsterK8sJobConfig(job_image=IMAGE, dagster_home="/opt/dagster/dagster_home"),
+        args=["dagster", "api", "execute_step"],
+        job_name="dagster-step-sft-adapter",
+        user_defined_k8s_config=get_user_defined_k8s_config(tags),
+    )
+    manifest = ApiClient().sanitize_for_serialization(job)
+    kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+    spec = manifest["spec"]["template"]["spec"]
+    assert variable in spec["containers"][0]["env"]
+    assert mount in spec["containers"][0]["volumeMounts"]
+    assert claim in spec["volumes"]

@@ -92,6 +92,7 @@ def sft_adapter(
                 runtime,
                 log=st.log,
                 init_text=uc.task.instruction,
+                checkpoints=st.checkpoints(method.model_dump_json()),
             )
             (tmp / "sft.json").write_text(method.model_dump_json())
         model, tok = load_sft(model_dir, st.target / "adapter", runtime)
