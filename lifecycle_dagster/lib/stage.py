@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -111,6 +112,7 @@ class Stage:
         run = self.context.run
         digest = hashlib.sha256(settings_json.encode()).hexdigest()[:12]
         where = settings.checkpoints_root() / self.use_case.name / self.name
+        prune_checkpoints(where, max_age_s=CHECKPOINT_MAX_AGE_S)
         return Checkpoints(
             where / f"{run.root_run_id or run.run_id}-{digest}",
             self.use_case.compute.checkpoint_steps,
@@ -257,6 +259,22 @@ class Stage:
             check_results=check_results,
             data_version=dg.DataVersion(manifest["version"]),
         )
+
+
+# Checkpoints of a run nobody re-executed within a week are of no use to anyone.
+CHECKPOINT_MAX_AGE_S = 7 * 24 * 3600
+
+
+def prune_checkpoints(where: Path, max_age_s: float) -> None:
+    """Remove the checkpoint folders under ``where`` untouched for ``max_age_s``."""
+    if not where.is_dir():
+        return
+    for folder in where.iterdir():
+        try:
+            if folder.is_dir() and time.time() - folder.stat().st_mtime > max_age_s:
+                shutil.rmtree(folder, ignore_errors=True)
+        except FileNotFoundError:
+            continue
 
 
 def check_registry_reach(store: ArtifactStore, mlflow: MlflowTracking) -> None:

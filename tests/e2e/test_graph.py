@@ -1,6 +1,6 @@
 """The whole tiny lifecycle, materialized in a temporary Dagster instance with a temporary MLflow
-store; then bad input, a second use case, prompt tuning and the re-adaptation loop closed
-in-process.
+store; then bad input, a second use case and prompt tuning. (The re-adaptation loop runs under the
+real daemon in ``test_deployment.py``; the sensor's decisions are in ``tests/dagster``.)
 
 Every scenario owns its use case, hence its partition (and its MLflow experiment and registered
 models, both named after the use case): the read-only tests share the module's `lifecycle_run` of
@@ -22,7 +22,6 @@ from lifecycle_dagster.resources.artifacts import records_of
 
 UC = "dialogue_summarisation"  # the use case, hence the partition, of `lifecycle_run`
 BAD_DATA = "summaries_bad_data"  # the bad-data scenario's own use case
-SHORTFALL = "summaries_shortfall"  # the re-adaptation scenario's own use case
 ASSETS = [
     "use_case",
     "task_dataset",
@@ -588,106 +587,3 @@ def test_a_prompt_tuned_use_case_runs_through_alignment_export_and_serving(
     # The first use case is untouched: still LoRA, without a soft prompt.
     assert meta(instance, "sft_adapter")["method"] == "lora"
     assert meta(instance, "aligned_model")["soft_prompt_tokens"] == 0
-
-
-@pytest.fixture(scope="module")
-def shortfall_instance(definitions, tmp_path_factory):
-    """The re-adaptation scenario's own instance (the sensor reads every partition's verdicts) and
-    use case, where a passing tiny lifecycle run has made version 1 the champion."""
-    with dg.DagsterInstance.local_temp(
-        str(tmp_path_factory.mktemp("dagster-shortfall")),
-        overrides={"telemetry": {"enabled": False}},
-    ) as inst:
-        inst.add_dynamic_partitions("use_cases", [SHORTFALL])
-        first = definitions.resolve_job_def("lifecycle_job").execute_in_process(
-            instance=inst,
-            partition_key=SHORTFALL,
-            raise_on_error=False,
-            run_config=tiny_config(f"{{name: {SHORTFALL}}}"),
-        )
-        assert first.success
-        yield inst
-
-
-def test_shortfall_is_escalated_by_the_sensor_and_the_escalation_passes(
-    definitions, shortfall_instance
-):
-    """A threshold the first attempt misses: the sensor asks for the next rung, which meets it."""
-    from lifecycle_dagster.defs.automation.automation import readaptation_sensor
-
-    instance, name = shortfall_instance, SHORTFALL
-    job = definitions.resolve_job_def("lifecycle_job")
-    job.execute_in_process(
-        instance=instance,
-        partition_key=name,
-        asset_selection=[dg.AssetKey("use_case")],
-        run_config=tiny_config(
-            f"{{name: {name}, evaluation: {{thresholds: {{rouge_l: {{min: 0.6}}}}}}}}"
-        ),
-    )
-    adaptation = definitions.resolve_job_def("adaptation_job")
-    first = adaptation.execute_in_process(
-        instance=instance, partition_key=name, raise_on_error=False
-    )
-    assert meta(instance, "evaluation", name)["verdict"] == "fail"
-    assert not any(
-        e.materialization.asset_key.to_user_string() == "onnx_model"
-        for e in first.get_asset_materialization_events()
-    )
-
-    ctx = dg.build_sensor_context(instance=instance, cursor=None, definitions=definitions)
-    out = readaptation_sensor(ctx)
-    assert len(out.run_requests) == 1
-    request = out.run_requests[0]
-    assert request.tags["lifecycle/attempt"] == "2"
-    assert request.run_config["ops"]["sft_adapter"]["config"]["lora_r"] == 16
-    assert request.partition_key == name
-
-    second = adaptation.execute_in_process(
-        instance=instance,
-        partition_key=request.partition_key,
-        run_config=request.run_config,
-        tags=request.tags,
-        raise_on_error=False,
-    )
-    assert second.success
-    m = meta(instance, "evaluation", name)
-    assert m["verdict"] == "pass" and m["attempt"] == 2
-    assert meta(instance, "sft_adapter", name)["lora_r"] == 16
-    # The failed verdict already acted on is not acted on again; the passing one needs nothing.
-    again = readaptation_sensor(
-        dg.build_sensor_context(instance=instance, cursor=out.cursor, definitions=definitions)
-    )
-    assert not again.run_requests
-    assert "verdict pass at attempt 2" in again.skip_reason.skip_message
-    # The export is the candidate that passed evaluation, and it is the usable one.
-    assert Path(meta(instance, "evaluation", name)["candidate_path"]) == Path(
-        meta(instance, "aligned_model", name)["artifact_path"]
-    )
-    assert meta(instance, "onnx_model", name)["usable"] is True
-    # The attempt is linked, in MLflow, to the evaluation whose verdict it answers.
-    client = MlflowClient(settings.mlflow_uri())
-    exp = client.get_experiment_by_name(name).experiment_id
-    sft_run = client.search_runs(
-        [exp],
-        f"tags.`dagster.run_id` = '{second.run_id}' and tags.`lifecycle.stage` = 'sft_adapter'",
-    )[0]
-    previous = client.get_run(sft_run.data.tags["lifecycle.escalated_from"])
-    assert previous.data.tags["dagster.run_id"] == first.run_id
-    assert previous.data.tags["lifecycle.stage"] == "lifecycle_run"
-    attempt = client.get_run(sft_run.data.tags["mlflow.parentRunId"])
-    assert attempt.data.tags["lifecycle.stage"] == "lifecycle_run"
-    assert attempt.data.tags["lifecycle.attempt"] == "2"
-    assert attempt.data.tags["lifecycle.escalated_from"] == previous.info.run_id
-    # Against the champion of the first lifecycle run, scored by the same suite: no regression.
-    assert m["regressed"] is False and m["vs_champion"].startswith("v1: rouge_l +")
-    # The passing escalation beats the first run's champion: champion moves to its versions.
-    from lifecycle_dagster.resources.registry import ModelRegistry
-
-    registry = ModelRegistry(settings.mlflow_uri())
-    onnx = meta(instance, "onnx_model", name)
-    assert registry.aliases(onnx["registered_model"])["champion"] == onnx["registered_version"]
-    aligned = meta(instance, "aligned_model", name)
-    aliases = registry.aliases(aligned["registered_model"])
-    assert aliases == {"candidate": aligned["registered_version"], "champion": aliases["champion"]}
-    assert aliases["champion"] == aligned["registered_version"]

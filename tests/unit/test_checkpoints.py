@@ -98,3 +98,16 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_base,
 def test_a_checkpoint_interval_is_not_negative(tmp_path):
     with pytest.raises(ValueError, match="checkpoint interval must be >= 0"):
         Checkpoints(tmp_path, -1)
+
+
+def test_checkpoints_nobody_resumed_for_a_week_are_removed(tmp_path):
+    from lifecycle_dagster.lib.stage import CHECKPOINT_MAX_AGE_S, prune_checkpoints
+
+    stale, fresh = tmp_path / "run-a-0123", tmp_path / "run-b-4567"
+    for folder in (stale, fresh):
+        (folder / "checkpoint-10").mkdir(parents=True)
+    week_ago = time.time() - CHECKPOINT_MAX_AGE_S - 60
+    os.utime(stale, (week_ago, week_ago))
+    prune_checkpoints(tmp_path, CHECKPOINT_MAX_AGE_S)
+    assert not stale.exists() and (fresh / "checkpoint-10").is_dir()
+    prune_checkpoints(tmp_path / "never-made", CHECKPOINT_MAX_AGE_S)  # nothing to prune: fine
