@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lifecycle_dagster.ml.progress import History, Log, Progress, hf_callback, trainer_kwargs
+from lifecycle_dagster.ml.progress import (
+    Checkpoints,
+    History,
+    Log,
+    Progress,
+    hf_callback,
+    resumed_step,
+    trainer_kwargs,
+    training_dir,
+)
 from lifecycle_dagster.ml.runtime import Runtime
 from lifecycle_dagster.ml.tunables import Tunables
 
@@ -59,6 +67,7 @@ class AlignResult:
     kl_curve: list[tuple[int, float]] = field(default_factory=list)
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_from: int = 0  # the checkpoint step training resumed from (0: from the start)
 
 
 def reward_function(scorer):
@@ -83,6 +92,7 @@ def align(
     pairs: list[dict] | None = None,
     scorer=None,
     log: Log | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> AlignResult:
     """Align ``policy`` (a merged causal LM) and save the merged result to ``out_dir``."""
     import torch
@@ -107,9 +117,10 @@ def align(
     )
     progress = Progress(config.method, config.max_steps, log)
     tokenizer.padding_side = "left"
-    with tempfile.TemporaryDirectory(prefix="align-") as scratch:
+    with training_dir(checkpoints, "align-", config.method, log) as (output_dir, resume, save):
         common = trainer_kwargs(
-            output_dir=scratch,
+            output_dir=output_dir,
+            save=save,
             max_steps=config.max_steps,
             learning_rate=config.learning_rate,
             batch_size=config.batch_size,
@@ -163,7 +174,7 @@ def align(
                 callbacks=[hf_callback(progress)],
             )
         _quiet(trainer)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         history = History(trainer.state.log_history)
         model = trainer.model
     model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
@@ -192,6 +203,7 @@ def align(
         kl_curve=kl,
         loss_curve=history.series("loss"),
         seconds=progress.elapsed,
+        resumed_from=resumed_step(resume),
     )
 
 
@@ -243,6 +255,7 @@ def align_and_score(
     batch_size: int,
     log: Log | None = None,
     skip: str | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> AlignOutcome:
     """Score the SFT ``policy`` on ``split`` (an ``EvalSplit``) with the reward, align it and
     score the aligned model the way the later stages load it; save the better of the two
@@ -290,6 +303,7 @@ def align_and_score(
         pairs=pairs,
         scorer=scorer,
         log=log,
+        checkpoints=checkpoints,
     )
     after = score(load_causal_lm(out_dir, runtime), load_tokenizer(out_dir), "aligned_model[eval]")
     kept, reason = better_of(before, after)

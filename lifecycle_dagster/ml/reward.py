@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import Field
 
 from lifecycle_dagster.ml.progress import (
+    Checkpoints,
     History,
     Log,
     Progress,
     hf_callback,
     loss_ends,
+    resumed_step,
     trainer_kwargs,
+    training_dir,
 )
 from lifecycle_dagster.ml.runtime import Runtime
 from lifecycle_dagster.ml.tunables import Tunables
@@ -40,6 +42,7 @@ class RewardResult:
     loss_end: float
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_from: int = 0  # the checkpoint step training resumed from (0: from the start)
 
 
 def train_reward_model(
@@ -49,8 +52,10 @@ def train_reward_model(
     config: RewardMethodConfig,
     runtime: Runtime,
     log: Log | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> RewardResult:
-    """Train on ``{"prompt", "chosen", "rejected"}`` records (Bradley-Terry pairwise loss)."""
+    """Train on ``{"prompt", "chosen", "rejected"}`` records (Bradley-Terry pairwise loss); with
+    ``checkpoints``, resume from the last one an interrupted attempt left."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
@@ -68,11 +73,12 @@ def train_reward_model(
     if config.trainable_layers is not None:
         freeze_lower_layers(model, config.trainable_layers)
     progress = Progress("reward", config.max_steps, log)
-    with tempfile.TemporaryDirectory(prefix="reward-") as scratch:
+    with training_dir(checkpoints, "reward-", "reward", log) as (output_dir, resume, save):
         args = RewardConfig(
             max_length=config.max_length,
             **trainer_kwargs(
-                output_dir=scratch,
+                output_dir=output_dir,
+                save=save,
                 max_steps=config.max_steps,
                 learning_rate=config.learning_rate,
                 batch_size=config.batch_size,
@@ -88,7 +94,7 @@ def train_reward_model(
             callbacks=[hf_callback(progress)],
         )
         _quiet(trainer)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         history = History(trainer.state.log_history)
     trainer.model.eval()
     trainer.model.save_pretrained(out_dir, safe_serialization=True)
@@ -100,6 +106,7 @@ def train_reward_model(
         loss_end=loss_end,
         loss_curve=history.series("loss"),
         seconds=progress.elapsed,
+        resumed_from=resumed_step(resume),
     )
 
 
@@ -238,6 +245,7 @@ def reward_model_for(
     out_dir: Path,
     runtime: Runtime,
     log: Log | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> RewardOutcome:
     """Alignment's reward for use case ``uc`` (``uc.reward_source``) in ``out_dir``: a reward model
     trained on ``train`` or copied from ``reward.path`` into ``out_dir/model``, and
@@ -252,7 +260,7 @@ def reward_model_for(
     curve: list = []
     if source == "train":
         curve = train_reward_model(
-            base_model, train, out_dir / "model", spec, runtime, log
+            base_model, train, out_dir / "model", spec, runtime, log, checkpoints
         ).loss_curve
         # Trained on the base model's prompt format: it scores completions written in it.
         PromptFormat.read(base_model).write(out_dir / "model")

@@ -290,8 +290,9 @@ class ComputeSpec(_Strict):
     checkpoint_steps: int = Field(
         50,
         ge=0,
-        description="Fine-tuning saves a resumable checkpoint every N steps (0: none); a "
-        "re-execution of a run whose training was killed resumes from the last one.",
+        description="Training (fine-tuning, reward model, alignment) saves a resumable "
+        "checkpoint every N steps (0: none); a re-execution of a run whose training was killed "
+        "resumes from the last one.",
     )
 
 

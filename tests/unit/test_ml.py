@@ -141,6 +141,52 @@ def test_alignment_trains_and_saves_a_merged_model(
     assert changed
 
 
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_an_interrupted_alignment_resumes_from_its_checkpoint(
+    tmp_path, tiny_base, tiny_reward, use_case, data, runtime, method, monkeypatch
+):
+    """Alignment stops after its first checkpoint (the process dies; here, an error); the next
+    attempt with the same checkpoints resumes at that step and trains the rest."""
+    from lifecycle_dagster.ml import progress
+    from lifecycle_dagster.ml.align import AlignMethodConfig, align
+
+    rows = data[0]["train"].rows[:32]
+    config = AlignMethodConfig(method=method, max_steps=3, batch_size=8, learning_rate=1e-3)
+    checkpoints = progress.Checkpoints(tmp_path / "ckpt", every=1)
+
+    def attempt():
+        policy = load_causal_lm(tiny_base, runtime)
+        policy.train()
+        return align(
+            policy,
+            load_tokenizer(tiny_base),
+            tmp_path / "aligned",
+            config,
+            runtime,
+            prompts=[format_prompt(use_case, r["dialogue"]) for r in rows],
+            pairs=preference_records(use_case, data[1]["train"].rows[:32]),
+            scorer=RewardScorer(tiny_reward[0], runtime),
+            checkpoints=checkpoints,
+        )
+
+    update = progress.Progress.update
+
+    def dies_at_step_2(self, step, **metrics):
+        if step >= 2:
+            raise RuntimeError("killed")
+        update(self, step, **metrics)
+
+    monkeypatch.setattr(progress.Progress, "update", dies_at_step_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        attempt()
+    assert (tmp_path / "ckpt" / "checkpoint-1").is_dir() and not (tmp_path / "aligned").exists()
+    monkeypatch.setattr(progress.Progress, "update", update)
+    result = attempt()
+    assert result.resumed_from == 1
+    assert [s for s, _ in result.loss_curve] == [1, 2, 3]
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_compress_exports_every_variant_checks_them_and_picks_by_policy(
     tmp_path, tiny_base, use_case, data, runtime
 ):

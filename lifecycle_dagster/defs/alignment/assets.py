@@ -68,8 +68,9 @@ def reward_model(
         train = preference_records(uc, rows["train"], fmt)
         held_out = preference_records(uc, rows["eval"], fmt)
         st.run.log_params({"reward.source": uc.reward_source, **uc.reward.model_dump()})
+        ckpt = st.checkpoints(uc.reward.model_dump_json() + str(sft))  # resumable per SFT model
         with st.write() as tmp:
-            result = reward_model_for(uc, base, train, held_out, tmp, runtime, log=st.log)
+            result = reward_model_for(uc, base, train, held_out, tmp, runtime, st.log, ckpt)
         weak = weak_reward(uc, result.pairwise_accuracy)
         return reward_result(st, result, len(held_out), runtime.describe(), weak, sampled)
 
@@ -107,13 +108,8 @@ def aligned_model(
         fmt = PromptFormat.read(base)
         # The SFT model as one network (LoRA merged, a soft prompt baked into the vocabulary), with
         # the tokenizer that prompts it.
-        policy, tok = load_sft(
-            base,
-            artifact_store.upstream(context, "sft_adapter") / "adapter",
-            runtime,
-            merge=True,
-            training=True,
-        )
+        sft = artifact_store.upstream(context, "sft_adapter") / "adapter"
+        policy, tok = load_sft(base, sft, runtime, merge=True, training=True)
         with st.write() as tmp:
             result = align_and_score(
                 policy,
@@ -130,6 +126,7 @@ def aligned_model(
                 batch_size=uc.evaluation.batch_size,
                 log=st.log,
                 skip=weak_reward(uc, reward_meta.get("pairwise_accuracy")),
+                checkpoints=st.checkpoints(method.model_dump_json() + str(sft)),
             )
             fmt.write(tmp / "model")  # the aligned model is prompted as its base was
         return aligned_result(st, result, method, runtime.describe())
