@@ -15,10 +15,10 @@ from lifecycle_dagster.ml.data import load_task_data, sft_records
 from lifecycle_dagster.ml.progress import Checkpoints
 from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft, train_sft
 
-STEPS, EVERY = 40, 5
+STEPS, EVERY = 30, 5
 CONFIG = SFTMethodConfig(method="lora", max_steps=STEPS, learning_rate=3e-3)
 
-# The first attempt, in its own process, slowed down (0.15 s a step) so that it is killed halfway.
+# The first attempt, in its own process, slowed down (0.1 s a step) so that it is killed halfway.
 CHILD = """
 import sys, time
 from pathlib import Path
@@ -30,7 +30,7 @@ from lifecycle_dagster.ml.usecase_loader import load_use_case
 
 update = progress.Progress.update
 def slow(self, step, **metrics):
-    time.sleep(0.15)
+    time.sleep(0.1)
     update(self, step, **metrics)
 progress.Progress.update = slow
 uc = load_use_case(profile="tiny")
@@ -54,9 +54,9 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_base,
         )
     deadline = time.monotonic() + 180
     try:
-        while not (ckpt / "checkpoint-15").is_dir():
+        while not (ckpt / "checkpoint-10").is_dir():
             assert child.poll() is None, f"the first attempt ended early:\n{log.read_text()}"
-            assert time.monotonic() < deadline, "no checkpoint-15 within 180 s"
+            assert time.monotonic() < deadline, "no checkpoint-10 within 180 s"
             time.sleep(0.05)
         owner = json.loads((ckpt / "owner.json").read_text())
         assert owner["pid"] == child.pid
@@ -68,7 +68,7 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_base,
     left = sorted(p.name for p in ckpt.glob("checkpoint-*"))
     assert left and not (ckpt / "never").exists()  # nothing of the artifact was written
     killed_at = int(left[-1].split("-")[1])
-    assert 15 <= killed_at < STEPS
+    assert 10 <= killed_at < STEPS
 
     records = sft_records(use_case, load_task_data(use_case)["train"].rows)
     resumed = train_sft(
