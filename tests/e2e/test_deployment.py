@@ -38,6 +38,7 @@ from lifecycle_dagster.resources.registry import registered_name
 DEADLINE_S = 900
 # Cheap settings for the two concurrent runs: the test is about the deployment, not the models.
 FAST = {
+    "base_model": {"scratch": {"steps": 120}},
     "adaptation": {"max_steps": 60},
     "reward": {"max_steps": 20},
     "alignment": {"max_steps": 4},
