@@ -68,9 +68,9 @@ def test_a_schema_check_that_can_fail_does():
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
 
 
-def test_dagster_k8s_turns_the_step_tag_into_a_job_with_the_gpu():
-    """The heavy assets' `dagster-k8s/config` tag, read by dagster-k8s as its executor would,
-    builds a Job that Kubernetes' schema accepts, with the pod spec above."""
+def step_job_pod(env: dict) -> dict:
+    """The pod spec of the Job dagster-k8s builds for a heavy step from its tag (with ``env`` as
+    the code server's environment), checked against Kubernetes' schema."""
     from dagster_k8s.job import (
         DagsterK8sJobConfig,
         construct_dagster_k8s_job,
@@ -78,7 +78,7 @@ def test_dagster_k8s_turns_the_step_tag_into_a_job_with_the_gpu():
     )
     from kubernetes.client import ApiClient
 
-    tags = {k8s.K8S_CONFIG_TAG: json.dumps(k8s.training_k8s_config(env={}))}
+    tags = {k8s.K8S_CONFIG_TAG: json.dumps(k8s.training_k8s_config(env=env))}
     job = construct_dagster_k8s_job(
         DagsterK8sJobConfig(job_image=IMAGE, dagster_home="/opt/dagster/dagster_home"),
         args=["dagster", "api", "execute_step"],
@@ -87,7 +87,13 @@ def test_dagster_k8s_turns_the_step_tag_into_a_job_with_the_gpu():
     )
     manifest = ApiClient().sanitize_for_serialization(job)
     kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
-    pod = manifest["spec"]["template"]["spec"]
+    return manifest["spec"]["template"]["spec"]
+
+
+def test_dagster_k8s_turns_the_step_tag_into_a_job_with_the_gpu():
+    """The heavy assets' `dagster-k8s/config` tag, read by dagster-k8s as its executor would,
+    builds a Job that Kubernetes' schema accepts, with the pod spec above."""
+    pod = step_job_pod(env={})
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
@@ -113,13 +119,6 @@ def test_every_training_asset_carries_the_pod_tag():
 def test_checkpoints_on_a_claim_outlive_the_pod():
     """With a claim, trainer checkpoints go to a volume a retry's pod mounts again; the step's
     Job built by dagster-k8s carries the same mount and variable."""
-    from dagster_k8s.job import (
-        DagsterK8sJobConfig,
-        construct_dagster_k8s_job,
-        get_user_defined_k8s_config,
-    )
-    from kubernetes.client import ApiClient
-
     env = {"LIFECYCLE_CHECKPOINTS_CLAIM": "lifecycle-checkpoints"}
     variable = {"name": "LIFECYCLE_CHECKPOINTS", "value": "/checkpoints"}
     mount = {"name": "checkpoints", "mountPath": "/checkpoints"}
@@ -131,16 +130,7 @@ def test_checkpoints_on_a_claim_outlive_the_pod():
     assert claim in pod["spec"]["volumes"]
     assert "checkpoints" not in json.dumps(k8s.training_pod("x", IMAGE, env={}))
 
-    tags = {k8s.K8S_CONFIG_TAG: json.dumps(k8s.training_k8s_config(env=env))}
-    job = construct_dagster_k8s_job(
-        DagsterK8sJobConfig(job_image=IMAGE, dagster_home="/opt/dagster/dagster_home"),
-        args=["dagster", "api", "execute_step"],
-        job_name="dagster-step-sft-adapter",
-        user_defined_k8s_config=get_user_defined_k8s_config(tags),
-    )
-    manifest = ApiClient().sanitize_for_serialization(job)
-    kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
-    spec = manifest["spec"]["template"]["spec"]
+    spec = step_job_pod(env)
     assert variable in spec["containers"][0]["env"]
     assert mount in spec["containers"][0]["volumeMounts"]
     assert claim in spec["volumes"]
