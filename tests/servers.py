@@ -7,6 +7,7 @@ a Kubernetes Secret. Each `stop()` ends everything its `start()` started."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -323,8 +324,25 @@ class Deployment:
             time.sleep(every)
 
     def stop(self) -> list[str]:
-        """SIGTERM to every process group, SIGKILL after 60 s; PostgreSQL stopped. Returns what
-        was still running 30 s after SIGTERM (nothing, when shutdown is clean)."""
+        """The daemon first (nothing new is launched or retried), runs still in flight killed (a
+        run worker finishes its step before it honours SIGTERM), then SIGTERM to every process
+        group, SIGKILL after 60 s; PostgreSQL stopped. Returns the servers still running 60 s
+        after SIGTERM (none, when shutdown is clean)."""
+        import psutil
+
+        for p in self.processes:
+            if p.name == "daemon" and p.proc.poll() is None:
+                os.killpg(p.proc.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.proc.wait(timeout=60)
+        for p in self.processes:
+            if p.name == "code-server" and p.proc.poll() is None:
+                # Run workers are processes the gRPC server spawned (multiprocessing).
+                for child in psutil.Process(p.proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        if "spawn_main" in " ".join(child.cmdline()):
+                            for run in [child, *child.children(recursive=True)]:
+                                run.kill()
         for p in reversed(self.processes):
             if p.proc.poll() is None:
                 os.killpg(p.proc.pid, signal.SIGTERM)

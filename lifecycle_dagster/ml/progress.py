@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lifecycle_dagster.ml.distributed import ddp_kwargs, is_main_process, per_process_batch
+
 Log = Callable[[str], None]
 # What a progress line shows when a trainer logs them (trl's GRPO logs about 25 values a step; the
 # whole record stays in the trainer's log_history and in MLflow's curves).
@@ -121,18 +123,36 @@ def training_dir(
         with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
             yield scratch, None, {}
         return
-    from transformers.trainer_utils import get_last_checkpoint
-
+    main = is_main_process()  # of several training processes, rank 0 keeps the folder
     ckpt = checkpoints.dir
     ckpt.mkdir(parents=True, exist_ok=True)
-    resume = get_last_checkpoint(str(ckpt))
+    resume = last_complete_checkpoint(ckpt, drop_incomplete=main)
     if resume and log:
         log(f"{stage}: resuming from {Path(resume).name} (kept by the interrupted attempt)")
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    (ckpt / "owner.json").write_text(json.dumps(owner))
+    if main:
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        (ckpt / "owner.json").write_text(json.dumps(owner))
     save = {"save_strategy": "steps", "save_steps": checkpoints.every, "save_total_limit": 1}
     yield str(ckpt), resume, save
-    shutil.rmtree(ckpt, ignore_errors=True)  # trained: the artifact is what stays
+    if main:
+        shutil.rmtree(ckpt, ignore_errors=True)  # trained: the artifact is what stays
+
+
+def last_complete_checkpoint(folder: Path, drop_incomplete: bool = False) -> str | None:
+    """The newest ``checkpoint-N`` the Trainer finished writing (its ``trainer_state.json`` is
+    written last), or None. A process killed while saving leaves a partial one: it is never
+    resumed from, and with ``drop_incomplete`` it is removed."""
+    steps = []
+    for path in folder.glob("checkpoint-*"):
+        suffix = path.name.rsplit("-", 1)[-1]
+        if path.is_dir() and suffix.isdigit():
+            steps.append((int(suffix), path))
+    for _, path in sorted(steps, reverse=True):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        if drop_incomplete:
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def resumed_step(resume: str | None) -> int:
@@ -157,7 +177,7 @@ def trainer_kwargs(
         "output_dir": output_dir,
         "max_steps": max_steps,
         "learning_rate": learning_rate,
-        "per_device_train_batch_size": batch_size,
+        "per_device_train_batch_size": per_process_batch(batch_size),
         "lr_scheduler_type": scheduler,
         "warmup_steps": max(1, max_steps // 20) if scheduler == "cosine" else 0,
         "logging_steps": 1,
@@ -168,5 +188,6 @@ def trainer_kwargs(
         "use_cpu": runtime.device == "cpu",
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
+        **ddp_kwargs(runtime),
         **(save or {}),
     }

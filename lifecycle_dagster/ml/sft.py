@@ -8,6 +8,7 @@ from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 
+from lifecycle_dagster.ml.distributed import is_main_process
 from lifecycle_dagster.ml.progress import (
     Checkpoints,
     History,
@@ -177,8 +178,9 @@ def train_sft(
         history = History(trainer.state.log_history)
         trained = trainer.model
     trained.eval()
-    trained.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    if is_main_process():  # of several training processes, rank 0 writes the artifact
+        trained.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
     loss_start, loss_end = loss_ends(history)
     return SFTResult(
         path=Path(out_dir),

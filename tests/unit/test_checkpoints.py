@@ -65,10 +65,12 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_base,
         child.kill()
         child.wait()
     assert child.returncode == -signal.SIGKILL
-    left = sorted(p.name for p in ckpt.glob("checkpoint-*"))
-    assert left and not (ckpt / "never").exists()  # nothing of the artifact was written
-    killed_at = int(left[-1].split("-")[1])
-    assert 10 <= killed_at < STEPS
+    assert not (ckpt / "never").exists()  # nothing of the artifact was written
+    # The kill may have caught a checkpoint half-written: the newest complete one is resumed.
+    saved = [int(p.parent.name.split("-")[1]) for p in ckpt.glob("checkpoint-*/trainer_state.json")]
+    assert saved, "no complete checkpoint"
+    killed_at = max(saved)
+    assert 5 <= killed_at < STEPS
 
     records = sft_records(use_case, load_task_data(use_case)["train"].rows)
     resumed = train_sft(
@@ -93,6 +95,24 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_base,
     model, tok = load_sft(tiny_base, tmp_path / "resumed", runtime)
     out = model.generate(**tok("#Person1#: hi", return_tensors="pt"), max_new_tokens=4)
     assert out.shape[1] > 0
+
+
+def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
+    """A process killed while saving leaves ``checkpoint-N`` without its trainer state (written
+    last): the one before it is resumed and the partial one removed."""
+    from lifecycle_dagster.ml.progress import last_complete_checkpoint
+
+    for step in (5, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"x")
+    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
+    assert (tmp_path / "checkpoint-10").is_dir()  # only looked at
+    assert last_complete_checkpoint(tmp_path, drop_incomplete=True) == str(
+        tmp_path / "checkpoint-5"
+    )
+    assert not (tmp_path / "checkpoint-10").exists()
+    assert last_complete_checkpoint(tmp_path / "checkpoint-5") is None
 
 
 def test_a_checkpoint_interval_is_not_negative(tmp_path):

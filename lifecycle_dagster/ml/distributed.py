@@ -1,0 +1,112 @@
+"""Training in several processes: one per GPU, or CPU processes talking over gloo.
+
+``launch_sft`` runs ``torch.distributed.run`` (torchrun) with N copies of this module's entry
+point; the Trainer in each copy takes its shard of every batch and gradients are averaged, so N
+processes train the model one process would, on the same global batch (each process gets
+``batch_size / N`` examples a step). Rank 0 alone writes the artifact and the result.
+
+The world a process is in comes from torchrun's environment (``RANK``, ``WORLD_SIZE``); a process
+started any other way is a world of one and nothing here changes how it trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lifecycle_dagster.ml.progress import Log
+    from lifecycle_dagster.ml.runtime import Runtime
+
+
+def world() -> tuple[int, int]:
+    """This process's rank and the number of processes training together."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return world()[0] == 0
+
+
+def per_process_batch(batch_size: int) -> int:
+    """Each process's share of the global batch."""
+    size = world()[1]
+    if batch_size % size:
+        raise ValueError(f"batch_size {batch_size} does not split over {size} training processes")
+    return batch_size // size
+
+
+def ddp_kwargs(runtime: Runtime) -> dict:
+    """TrainingArguments of one process of several: gloo between CPU processes, NCCL on GPUs."""
+    if world()[1] == 1:
+        return {}
+    return {"ddp_backend": "nccl" if runtime.device == "cuda" else "gloo"}
+
+
+def launch_sft(
+    base_model: Path,
+    records: list[dict],
+    out_dir: Path,
+    config,
+    runtime: Runtime,
+    processes: int,
+    log: Log | None = None,
+    timeout_s: float = 24 * 3600,
+):
+    """Fine-tune as ``train_sft`` does, in ``processes`` processes launched by torchrun; returns
+    rank 0's ``SFTResult``. Threads: the runtime's torch threads shared between the processes."""
+    from lifecycle_dagster.ml.sft import SFTResult
+
+    with tempfile.TemporaryDirectory(prefix="ddp-") as tmp:
+        work = Path(tmp)
+        (work / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        spec = {
+            "base_model": str(base_model),
+            "out_dir": str(out_dir),
+            "config": config.model_dump(mode="json"),
+            "device": runtime.device,
+            "torch_threads": max(1, runtime.torch_threads // processes),
+        }
+        (work / "spec.json").write_text(json.dumps(spec))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += [f"--nproc_per_node={processes}", "-m", __name__, str(work)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec["torch_threads"])}
+        if log:
+            log(f"sft: {processes} processes ({'NCCL' if runtime.device == 'cuda' else 'gloo'})")
+        done = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+        if done.returncode:
+            tail = (done.stdout + done.stderr).strip().splitlines()[-20:]
+            raise RuntimeError(
+                f"distributed training failed (exit {done.returncode}):\n" + "\n".join(tail)
+            )
+        result = json.loads((work / "result.json").read_text())
+    result["loss_curve"] = [tuple(p) for p in result["loss_curve"]]
+    return SFTResult(path=Path(out_dir), **result)
+
+
+def main(work: Path) -> None:
+    """One process of a ``launch_sft``: train, and on rank 0 write the result."""
+    from dataclasses import asdict
+
+    from lifecycle_dagster.ml.runtime import select_runtime
+    from lifecycle_dagster.ml.sft import SFTMethodConfig, train_sft
+
+    spec = json.loads((work / "spec.json").read_text())
+    records = [json.loads(line) for line in (work / "records.jsonl").open()]
+    runtime = select_runtime(spec["device"], torch_threads=spec["torch_threads"])
+    config = SFTMethodConfig.model_validate(spec["config"])
+    result = train_sft(Path(spec["base_model"]), records, Path(spec["out_dir"]), config, runtime)
+    if is_main_process():
+        out = {k: v for k, v in asdict(result).items() if k != "path"}
+        (work / "result.json").write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
