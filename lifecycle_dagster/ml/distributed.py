@@ -87,6 +87,8 @@ def launch_sft(
                 f"distributed training failed (exit {done.returncode}):\n" + "\n".join(tail)
             )
         result = json.loads((work / "result.json").read_text())
+    if result.pop("world_size") != processes:
+        raise RuntimeError(f"distributed training ran in fewer than {processes} processes")
     result["loss_curve"] = [tuple(p) for p in result["loss_curve"]]
     return SFTResult(path=Path(out_dir), **result)
 
@@ -94,6 +96,8 @@ def launch_sft(
 def main(work: Path) -> None:
     """One process of a ``launch_sft``: train, and on rank 0 write the result."""
     from dataclasses import asdict
+
+    import torch.distributed
 
     from lifecycle_dagster.ml.runtime import select_runtime
     from lifecycle_dagster.ml.sft import SFTMethodConfig, train_sft
@@ -105,6 +109,7 @@ def main(work: Path) -> None:
     result = train_sft(Path(spec["base_model"]), records, Path(spec["out_dir"]), config, runtime)
     if is_main_process():
         out = {k: v for k, v in asdict(result).items() if k != "path"}
+        out["world_size"] = torch.distributed.get_world_size()  # as the process group saw it
         (work / "result.json").write_text(json.dumps(out))
 
 
