@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lifecycle_dagster.ml.progress import Log
+    from lifecycle_dagster.ml.progress import Checkpoints, Log
     from lifecycle_dagster.ml.runtime import Runtime
 
 
@@ -48,6 +48,24 @@ def ddp_kwargs(runtime: Runtime) -> dict:
     return {"ddp_backend": "nccl" if runtime.device == "cuda" else "gloo"}
 
 
+def fine_tune(
+    base_model: Path,
+    records: list[dict],
+    out_dir: Path,
+    config,
+    runtime: Runtime,
+    processes: int = 1,
+    log: Log | None = None,
+    **kwargs,
+):
+    """``train_sft`` in this process, or in ``processes`` processes (``compute.processes``)."""
+    from lifecycle_dagster.ml.sft import train_sft
+
+    if processes == 1:
+        return train_sft(base_model, records, out_dir, config, runtime, log, **kwargs)
+    return launch_sft(base_model, records, out_dir, config, runtime, processes, log, **kwargs)
+
+
 def launch_sft(
     base_model: Path,
     records: list[dict],
@@ -56,10 +74,14 @@ def launch_sft(
     runtime: Runtime,
     processes: int,
     log: Log | None = None,
+    *,
+    init_text: str = "",
+    checkpoints: Checkpoints | None = None,
     timeout_s: float = 24 * 3600,
 ):
     """Fine-tune as ``train_sft`` does, in ``processes`` processes launched by torchrun; returns
-    rank 0's ``SFTResult``. Threads: the runtime's torch threads shared between the processes."""
+    rank 0's ``SFTResult``. Threads: the runtime's torch threads shared between the processes.
+    Rank 0's progress lines reach ``log`` as they come."""
     from lifecycle_dagster.ml.sft import SFTResult
 
     with tempfile.TemporaryDirectory(prefix="ddp-") as tmp:
@@ -71,6 +93,8 @@ def launch_sft(
             "config": config.model_dump(mode="json"),
             "device": runtime.device,
             "torch_threads": max(1, runtime.torch_threads // processes),
+            "init_text": init_text,
+            "checkpoints": [str(checkpoints.dir), checkpoints.every] if checkpoints else None,
         }
         (work / "spec.json").write_text(json.dumps(spec))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -78,13 +102,10 @@ def launch_sft(
         env = {**os.environ, "OMP_NUM_THREADS": str(spec["torch_threads"])}
         if log:
             log(f"sft: {processes} processes ({'NCCL' if runtime.device == 'cuda' else 'gloo'})")
-        done = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
-        if done.returncode:
-            tail = (done.stdout + done.stderr).strip().splitlines()[-20:]
+        returncode, tail = _run_streaming(cmd, env, log, timeout_s)
+        if returncode:
             raise RuntimeError(
-                f"distributed training failed (exit {done.returncode}):\n" + "\n".join(tail)
+                f"distributed training failed (exit {returncode}):\n" + "\n".join(tail)
             )
         result = json.loads((work / "result.json").read_text())
     if result.pop("world_size") != processes:
@@ -93,12 +114,41 @@ def launch_sft(
     return SFTResult(path=Path(out_dir), **result)
 
 
+PROGRESS_MARK = "@@progress "
+
+
+def _run_streaming(cmd: list[str], env: dict, log: Log | None, timeout_s: float):
+    """Run ``cmd``; lines rank 0 marks as progress go to ``log`` as they come. Returns the exit
+    code and the last 20 lines of output."""
+    import collections
+    import time
+
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    deadline = time.monotonic() + timeout_s
+    with subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(PROGRESS_MARK):
+                if log:
+                    log(line.removeprefix(PROGRESS_MARK))
+            else:
+                tail.append(line)
+            if time.monotonic() > deadline:
+                proc.kill()
+                tail.append(f"killed after {timeout_s:.0f} s")
+        return proc.wait(), list(tail)
+
+
 def main(work: Path) -> None:
     """One process of a ``launch_sft``: train, and on rank 0 write the result."""
     from dataclasses import asdict
 
     import torch.distributed
 
+    from lifecycle_dagster.ml.progress import Checkpoints
     from lifecycle_dagster.ml.runtime import select_runtime
     from lifecycle_dagster.ml.sft import SFTMethodConfig, train_sft
 
@@ -106,7 +156,26 @@ def main(work: Path) -> None:
     records = [json.loads(line) for line in (work / "records.jsonl").open()]
     runtime = select_runtime(spec["device"], torch_threads=spec["torch_threads"])
     config = SFTMethodConfig.model_validate(spec["config"])
-    result = train_sft(Path(spec["base_model"]), records, Path(spec["out_dir"]), config, runtime)
+    checkpoints = (
+        Checkpoints(Path(spec["checkpoints"][0]), spec["checkpoints"][1])
+        if spec["checkpoints"]
+        else None
+    )
+
+    def log(message: str) -> None:
+        if is_main_process():
+            print(PROGRESS_MARK + message, flush=True)
+
+    result = train_sft(
+        Path(spec["base_model"]),
+        records,
+        Path(spec["out_dir"]),
+        config,
+        runtime,
+        log,
+        init_text=spec["init_text"],
+        checkpoints=checkpoints,
+    )
     if is_main_process():
         out = {k: v for k, v in asdict(result).items() if k != "path"}
         out["world_size"] = torch.distributed.get_world_size()  # as the process group saw it

@@ -287,6 +287,12 @@ class ComputeSpec(_Strict):
     torch_threads: int | None = Field(None, gt=0)
     ort_threads: int | None = Field(None, gt=0)
     budget_minutes: float = Field(30, gt=0, description="Wall-time budget for one lifecycle run.")
+    processes: int = Field(
+        1,
+        ge=1,
+        description="Fine-tuning processes (torchrun): one per GPU, or CPU processes over gloo; "
+        "each step's batch is split between them.",
+    )
     checkpoint_steps: int = Field(
         50,
         ge=0,

@@ -6,7 +6,7 @@ up to the rounding of the all-reduce: within ``TOLERANCE`` at every step."""
 import numpy as np
 
 from lifecycle_dagster.ml.data import load_task_data, sft_records
-from lifecycle_dagster.ml.distributed import launch_sft
+from lifecycle_dagster.ml.distributed import fine_tune
 from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft, train_sft
 
 CONFIG = SFTMethodConfig(method="lora", max_steps=40, batch_size=8, learning_rate=3e-3)
@@ -16,7 +16,9 @@ TOLERANCE = 1e-4  # largest loss difference at any step, in nats
 def test_two_gloo_processes_train_as_one_within_tolerance(tmp_path, tiny_base, use_case, runtime):
     records = sft_records(use_case, load_task_data(use_case)["train"].rows)
     one = train_sft(tiny_base, records, tmp_path / "one", CONFIG, runtime)
-    two = launch_sft(tiny_base, records, tmp_path / "two", CONFIG, runtime, processes=2)
+    lines = []
+    two = fine_tune(tiny_base, records, tmp_path / "two", CONFIG, runtime, 2, lines.append)
+    assert any("sft[lora]: step 40/40" in line for line in lines), lines  # rank 0's progress
     assert [s for s, _ in two.loss_curve] == list(range(1, CONFIG.max_steps + 1))
     a = np.array([v for _, v in one.loss_curve])
     b = np.array([v for _, v in two.loss_curve])

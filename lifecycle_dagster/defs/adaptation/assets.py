@@ -8,10 +8,11 @@ from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import prompt_baseline_result, sft_result
 from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.data import EvalSplit, PromptFormat, read_rows, sft_records
+from lifecycle_dagster.ml.distributed import fine_tune
 from lifecycle_dagster.ml.evaluate import score_split
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
 from lifecycle_dagster.ml.prompting import score_prompting
-from lifecycle_dagster.ml.sft import load_sft, train_sft
+from lifecycle_dagster.ml.sft import load_sft
 from lifecycle_dagster.resources.artifacts import ArtifactStore, upstream_metadata
 from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
@@ -84,12 +85,13 @@ def sft_adapter(
         records = sft_records(uc, read_rows(data / "train.jsonl"), fmt)
         st.log(f"sft_adapter: {method.method}, {method.max_steps} steps on {runtime.describe()}")
         with st.write() as tmp:
-            result = train_sft(
+            result = fine_tune(
                 model_dir,
                 records,
                 tmp / "adapter",
                 method,
                 runtime,
+                uc.compute.processes,
                 log=st.log,
                 init_text=uc.task.instruction,
                 checkpoints=st.checkpoints(method.model_dump_json()),
