@@ -49,31 +49,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_run_materializes_everything_and_prints_the_summary(fresh_home):
-    proc = run_cli("--profile", "tiny", "--override", FAST)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
-    assert "succeeded" in out
-    for stage in (
-        "use_case",
-        "base_model",
-        "prompt_baseline",
-        "sft_adapter",
-        "reward_model",
-        "aligned_model",
-        "evaluation",
-        "onnx_model",
-        "lifecycle_report",
-    ):
-        line = next(ln for ln in out.splitlines() if ln.startswith(stage + " "))
-        assert " success " in line, line
-    assert "MLflow runs:" in out
-    assert (fresh_home / "dagster" / "dagster.yaml").exists()
-    assert (fresh_home / "mlflow.db").exists()
-    # Progress on long steps reaches the terminal through the run log.
-    assert "pretrain: step" in proc.stderr + out and "sft[lora]: step" in proc.stderr + out
-
-
 def test_a_missed_threshold_exits_non_zero_and_says_why(fresh_home):
     unreachable = FAST.replace("rouge_l: {min: 0.0}", "rouge_l: {min: 0.99}")
     proc = run_cli("--profile", "tiny", "--override", unreachable)
@@ -136,4 +111,24 @@ def test_init_on_a_teams_csv_then_a_tiny_run(fresh_home, tmp_path):
     summary = proc.stdout
     assert "accuracy_after=" in summary and "onnx_accuracy=" in summary
     assert "rouge" not in summary
+    # The summary has a line per stage, the MLflow runs, and the state where it belongs.
+    for stage in (
+        "use_case",
+        "base_model",
+        "prompt_baseline",
+        "sft_adapter",
+        "reward_model",
+        "aligned_model",
+        "evaluation",
+        "onnx_model",
+        "lifecycle_report",
+    ):
+        line = next(ln for ln in summary.splitlines() if ln.startswith(stage + " "))
+        assert " success " in line, line
+    assert "MLflow runs:" in summary
+    assert (fresh_home / "dagster" / "dagster.yaml").exists()
+    assert (fresh_home / "mlflow.db").exists()
+    # Progress on long steps reaches the terminal through the run log.
+    both = proc.stderr + summary
+    assert "pretrain: step" in both and "sft[lora]: step" in both
     assert "labels:" in text and "Routing Queue" in text

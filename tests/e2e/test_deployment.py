@@ -410,9 +410,9 @@ def test_new_data_reaches_a_promotion_decision_through_a_killed_training(
     }
     checkpoints = deployment.state / "checkpoints" / uc / "sft_adapter"
 
-    def a_checkpoint():
-        found = sorted(checkpoints.glob(f"{chain.run_id}-*/checkpoint-*"))
-        return found[-1] if found and (found[-1].parent / "owner.json").is_file() else None
+    def a_checkpoint():  # complete: the Trainer writes trainer_state.json last
+        found = sorted(checkpoints.glob(f"{chain.run_id}-*/checkpoint-*/trainer_state.json"))
+        return found[-1].parent if found else None
 
     first = deployment.wait_for("a training checkpoint", a_checkpoint, deadline, every=0.2)
     owner = json.loads((first.parent / "owner.json").read_text())
