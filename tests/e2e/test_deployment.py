@@ -631,6 +631,33 @@ def test_a_postgresql_restart_during_a_run_leaves_the_instance_consistent(
         lambda: all(s.healthy for s in instance.get_daemon_statuses().values()),
         deadline,
     )
-    info = requests.get(f"{deployment.web_url}/server_info", timeout=30)
-    assert info.ok
-    print(json.dumps({"postgres_restart_s": round(restart_s, 1), "runs": outcome}))
+    # The webserver keeps one pooled connection per storage (Dagster's webserver engines have no
+    # pre-ping): after a restart, the first query of each fails once ("server closed the
+    # connection unexpectedly", a 500 in the UI) and the pool reconnects. Every storage answers
+    # again within a few requests; the failures are counted, and bounded.
+    queries = {
+        "runs": "{ runsOrError(limit: 1) { __typename } }",
+        "events": '{ assetOrError(assetKey: {path: ["evaluation"]}) '
+        "{ ... on Asset { assetMaterializations(limit: 1) { runId } } } }",
+        "schedules": "{ instigationStatesOrError { __typename } }",
+    }
+    failed = {}
+    for name, query in queries.items():
+        failed[name] = 0
+        while True:
+            reply = requests.post(
+                f"{deployment.web_url}/graphql", json={"query": query}, timeout=60
+            )
+            if reply.ok and "errors" not in reply.json():
+                break
+            failed[name] += 1
+            assert failed[name] <= 3, (name, reply.status_code, reply.text[:500])
+    print(
+        json.dumps(
+            {
+                "postgres_restart_s": round(restart_s, 1),
+                "runs": outcome,
+                "webserver_failed_requests": failed,
+            }
+        )
+    )
