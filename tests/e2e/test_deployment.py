@@ -633,13 +633,13 @@ def test_a_postgresql_restart_during_a_run_leaves_the_instance_consistent(
     )
     # The webserver keeps one pooled connection per storage (Dagster's webserver engines have no
     # pre-ping): after a restart, the first query of each fails once ("server closed the
-    # connection unexpectedly", a 500 in the UI) and the pool reconnects. Every storage answers
+    # connection unexpectedly", a 500 in the UI) and the pool reconnects. Each answers
     # again within a few requests; the failures are counted, and bounded.
     queries = {
         "runs": "{ runsOrError(limit: 1) { __typename } }",
         "events": '{ assetOrError(assetKey: {path: ["evaluation"]}) '
         "{ ... on Asset { assetMaterializations(limit: 1) { runId } } } }",
-        "schedules": "{ instigationStatesOrError { __typename } }",
+        "daemons": "{ instance { daemonHealth { allDaemonStatuses { healthy } } } }",
     }
     failed = {}
     for name, query in queries.items():
