@@ -118,28 +118,32 @@ PROGRESS_MARK = "@@progress "
 
 
 def _run_streaming(cmd: list[str], env: dict, log: Log | None, timeout_s: float):
-    """Run ``cmd``; lines rank 0 marks as progress go to ``log`` as they come. Returns the exit
-    code and the last 20 lines of output."""
+    """Run ``cmd``; lines rank 0 marks as progress go to ``log`` as they come. Killed after
+    ``timeout_s`` even if it prints nothing. Returns the exit code and the last 20 lines."""
     import collections
-    import time
+    import threading
 
     tail: collections.deque[str] = collections.deque(maxlen=20)
-    deadline = time.monotonic() + timeout_s
     with subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            if line.startswith(PROGRESS_MARK):
-                if log:
-                    log(line.removeprefix(PROGRESS_MARK))
-            else:
-                tail.append(line)
-            if time.monotonic() > deadline:
-                proc.kill()
-                tail.append(f"killed after {timeout_s:.0f} s")
-        return proc.wait(), list(tail)
+        watchdog = threading.Timer(timeout_s, proc.kill)
+        watchdog.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if line.startswith(PROGRESS_MARK):
+                    if log:
+                        log(line.removeprefix(PROGRESS_MARK))
+                else:
+                    tail.append(line)
+            returncode = proc.wait()
+        finally:
+            watchdog.cancel()
+        if returncode < 0 and not watchdog.is_alive():
+            tail.append(f"stopped after {timeout_s:.0f} s or killed")
+        return returncode, list(tail)
 
 
 def main(work: Path) -> None:
