@@ -14,6 +14,9 @@ os.environ["LIFECYCLE_HOME"] = _HOME
 os.environ["DAGSTER_HOME"] = str(Path(_HOME) / "dagster")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("LIFECYCLE_ENV", None)
+# Heavy steps train in the test's own process (a child process per step would mostly re-import
+# torch); tests/e2e/test_pipes.py and the deployment test run them through Dagster Pipes.
+os.environ["LIFECYCLE_TRAINING"] = "in_process"
 
 import pytest  # noqa: E402
 

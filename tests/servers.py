@@ -219,6 +219,7 @@ class Deployment:
             # A run's steps one after another in its process: on 2 cores a process per step
             # would mostly re-import torch. Queue, pools and stores are the deployment's.
             "LIFECYCLE_EXECUTOR": "in_process",
+            "LIFECYCLE_TRAINING": "subprocess",  # heavy steps through Dagster Pipes, the default
             "LIFECYCLE_ARTIFACT_ROOT": f"s3://{self.s3.bucket}/store",
             **self.s3.env,
             "MLFLOW_TRACKING_URI": self.mlflow_url,

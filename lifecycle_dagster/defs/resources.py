@@ -2,7 +2,11 @@
 
 The executor every job runs with, LIFECYCLE_EXECUTOR: `multiprocess` (the default: a process per
 step), `in_process` (the run's steps one after another in its own process: a small host, where a
-process per step mostly re-imports torch) or `k8s` (a Kubernetes pod per step)."""
+process per step mostly re-imports torch) or `k8s` (a Kubernetes pod per step).
+
+Where the heavy steps train, LIFECYCLE_TRAINING: `subprocess` (the default: a child process
+through Dagster Pipes), `k8s` (a pod per step through Pipes, with its GPU request) or
+`in_process` (the step's own process; what the test tiers use)."""
 
 import os
 
@@ -11,10 +15,15 @@ import dagster as dg
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
+from lifecycle_dagster.resources.training import LAUNCHERS, Training
 
 
 @dg.definitions
 def resources() -> dg.Definitions:
+    launcher = os.environ.get("LIFECYCLE_TRAINING") or "subprocess"
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"LIFECYCLE_TRAINING={launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+    training = Training(launcher=launcher)
     if os.environ.get("LIFECYCLE_ENV") == "production":
         bound = {
             "artifact_store": ArtifactStore(root=dg.EnvVar("LIFECYCLE_ARTIFACT_ROOT")),
@@ -22,12 +31,14 @@ def resources() -> dg.Definitions:
                 tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"), ui_url=dg.EnvVar("MLFLOW_UI_URL")
             ),
             "compute": Compute(),
+            "training": training,
         }
     else:
         bound = {
             "artifact_store": ArtifactStore(),
             "mlflow_tracking": MlflowTracking(),
             "compute": Compute(),
+            "training": training,
         }
     return dg.Definitions(resources=bound, executor=executor(os.environ.get("LIFECYCLE_EXECUTOR")))
 

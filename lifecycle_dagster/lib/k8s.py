@@ -17,6 +17,15 @@ Settings, all optional (defaults suit an NVIDIA GPU node pool):
   LIFECYCLE_CHECKPOINTS_CLAIM    PersistentVolumeClaim (ReadWriteMany) for trainer checkpoints,
                                  so the retry of a run whose pod died resumes training; unset:
                                  node-local scratch, which dies with the pod
+  LIFECYCLE_HOME_CLAIM           PersistentVolumeClaim (ReadWriteMany) holding LIFECYCLE_HOME (the
+                                 artifact cache and staging, checkpoints) at /lifecycle; needed
+                                 with LIFECYCLE_TRAINING=k8s, where a step's pod reads and writes
+                                 the folders its run resolved
+  LIFECYCLE_LAUNCHER_MEMORY      with LIFECYCLE_TRAINING=k8s: memory of the run's step pod that
+                                 launches the training pod (default "4Gi")
+
+With LIFECYCLE_TRAINING=k8s the heavy steps run in pods of their own through Dagster Pipes
+(``step_pod``: the GPU request, placement and secrets); the run's step pod then carries no GPU.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ DEFAULT_TOLERATIONS = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "No
 DEFAULT_SECRET = "lifecycle-secrets"
 DEFAULT_CONFIG_MAP = "lifecycle-config"
 CHECKPOINTS_MOUNT = "/checkpoints"
+HOME_MOUNT = "/lifecycle"
+PART_OF = {"app.kubernetes.io/part-of": "lifecycle-dagster"}
 
 
 def _json(env: Mapping[str, str], key: str, default):
@@ -81,10 +92,19 @@ def training_pod_spec(image: str, env: Mapping[str, str] | None = None) -> dict:
         ],
         "volumes": [{"name": "scratch", "emptyDir": {}}],
     }
+    container = spec["containers"][0]
+    if claim := env.get("LIFECYCLE_HOME_CLAIM"):
+        # The run and its step pods see the same folders at the same paths.
+        container.setdefault("env", []).append({"name": "LIFECYCLE_HOME", "value": HOME_MOUNT})
+        container["volumeMounts"].append({"name": "lifecycle-home", "mountPath": HOME_MOUNT})
+        spec["volumes"].append(
+            {"name": "lifecycle-home", "persistentVolumeClaim": {"claimName": claim}}
+        )
     if claim := env.get("LIFECYCLE_CHECKPOINTS_CLAIM"):
         # Checkpoints outlive the pod: a retry's pod, wherever it lands, resumes from them.
-        container = spec["containers"][0]
-        container["env"] = [{"name": "LIFECYCLE_CHECKPOINTS", "value": CHECKPOINTS_MOUNT}]
+        container.setdefault("env", []).append(
+            {"name": "LIFECYCLE_CHECKPOINTS", "value": CHECKPOINTS_MOUNT}
+        )
         container["volumeMounts"].append({"name": "checkpoints", "mountPath": CHECKPOINTS_MOUNT})
         spec["volumes"].append(
             {"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}}
@@ -101,15 +121,28 @@ def training_pod(name: str, image: str, env: Mapping[str, str] | None = None) ->
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "lifecycle-dagster"}},
+        "metadata": {"name": name, "labels": dict(PART_OF)},
         "spec": training_pod_spec(image, env),
     }
+
+
+def step_pod(image: str, env: Mapping[str, str] | None = None) -> tuple[dict, dict]:
+    """The metadata and PodSpec a heavy step's pod starts from under Dagster Pipes
+    (``PipesK8sClient`` adds the name, the command and the Pipes environment)."""
+    return {"labels": {**PART_OF, "app.kubernetes.io/component": "training-step"}}, (
+        training_pod_spec(image, env)
+    )
 
 
 def training_k8s_config(env: Mapping[str, str] | None = None) -> dict:
     """The ``dagster-k8s/config`` tag of a heavy step: the same requests, limits, placement and
     environment as ``training_pod_spec``, in the form Dagster's Kubernetes executor reads (its
-    container image comes from the code location)."""
+    container image comes from the code location). With LIFECYCLE_TRAINING=k8s the training
+    happens in the step's own pod (``step_pod``), so this pod asks for no GPU."""
+    env = os.environ if env is None else env
+    if env.get("LIFECYCLE_TRAINING") == "k8s":
+        env = {**env, "LIFECYCLE_TRAIN_GPUS": "0", "LIFECYCLE_TRAIN_CPU": "1"}
+        env["LIFECYCLE_TRAIN_MEMORY"] = env.get("LIFECYCLE_LAUNCHER_MEMORY", "4Gi")
     spec = training_pod_spec("<code location image>", env)
     container = spec["containers"][0]
     secret, config_map = container["envFrom"]

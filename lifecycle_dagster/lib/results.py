@@ -441,7 +441,7 @@ def champion_result(st: Stage, registry, decisions: list, onnx_model: str) -> dg
     )
 
 
-def base_model_result(st: Stage, result, runtime) -> dg.MaterializeResult:
+def base_model_result(st: Stage, result, device: str) -> dg.MaterializeResult:
     """The base model: its shape, its pre-training curve (when pre-trained here), and what
     pre-training and fine-tuning a model of its size would cost on this machine."""
     from lifecycle_dagster.ml.estimate import human_seconds
@@ -455,7 +455,7 @@ def base_model_result(st: Stage, result, runtime) -> dg.MaterializeResult:
         "architecture": result.architecture,
         "vocab_size": result.vocab_size,
         "context_length": result.context_length,
-        "device": runtime.describe(),
+        "device": device,
         "pretraining_feasibility": dg.MetadataValue.md(feasible.markdown()),
         "pretrain_estimate": human_seconds(feasible.pretrain_seconds),
         "compute_optimal_tokens": feasible.tokens,

@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from lifecycle_dagster.ml.evaluate import EvalResult
 from lifecycle_dagster.ml.progress import (
     Checkpoints,
     History,
@@ -212,8 +213,8 @@ class AlignOutcome:
     """Alignment and the aligned model scored on the eval split before and after."""
 
     result: AlignResult
-    before: object  # EvalResult of the SFT policy
-    after: object  # EvalResult of the aligned model (the SFT policy's when skipped)
+    before: EvalResult  # the SFT policy's
+    after: EvalResult  # the aligned model's (the SFT policy's when skipped)
     soft_prompt_tokens: int
     kept: str = "aligned"  # the attempt's candidate saved in out_dir: "aligned" or "sft"
     reason: str = ""  # why

@@ -9,13 +9,10 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from lifecycle_dagster.ml.estimate import Feasibility
 from lifecycle_dagster.ml.progress import Log
 from lifecycle_dagster.ml.runtime import Runtime
-
-if TYPE_CHECKING:
-    from lifecycle_dagster.ml.estimate import Feasibility
 
 LOAD_KW = {"trust_remote_code": False}
 

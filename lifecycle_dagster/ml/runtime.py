@@ -21,6 +21,19 @@ class Runtime:
         return f"{self.device} ({self.dtype}, torch threads {self.torch_threads})"
 
 
+@dataclass(frozen=True)
+class RuntimeRequest:
+    """The compute a step asks for, resolved (``select_runtime``) on the host the step runs on:
+    a training pod sees its GPU where the run that launched it may not."""
+
+    device: str = "auto"
+    torch_threads: int | None = None
+    ort_threads: int | None = None
+
+    def resolve(self) -> Runtime:
+        return select_runtime(self.device, self.torch_threads, self.ort_threads)
+
+
 def select_runtime(
     device: str = "auto", torch_threads: int | None = None, ort_threads: int | None = None
 ) -> Runtime:

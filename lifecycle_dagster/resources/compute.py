@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
-from lifecycle_dagster.ml.runtime import Runtime, select_runtime
+from lifecycle_dagster.ml.runtime import Runtime, RuntimeRequest
 
 
 class Compute(dg.ConfigurableResource):
@@ -15,11 +15,15 @@ class Compute(dg.ConfigurableResource):
     torch_threads: int = Field(default=0, description="torch intra-op threads; 0 = all cores.")
     ort_threads: int = Field(default=0, description="onnxruntime intra-op threads; 0 = all cores.")
 
-    def runtime(self, spec=None) -> Runtime:
+    def request(self, spec=None) -> RuntimeRequest:
         """The resource's settings win where set; else the use case's ``compute`` section."""
         device = self.device if self.device != "auto" or spec is None else spec.device
-        return select_runtime(
+        return RuntimeRequest(
             device,
             self.torch_threads or (spec.torch_threads if spec else None),
             self.ort_threads or (spec.ort_threads if spec else None),
         )
+
+    def runtime(self, spec=None) -> Runtime:
+        """The request resolved on this host."""
+        return self.request(spec).resolve()

@@ -134,3 +134,42 @@ def test_checkpoints_on_a_claim_outlive_the_pod():
     assert variable in spec["containers"][0]["env"]
     assert mount in spec["containers"][0]["volumeMounts"]
     assert claim in spec["volumes"]
+
+
+def test_a_pipes_step_pod_has_the_gpu_the_shared_home_and_the_pipes_context():
+    """With LIFECYCLE_TRAINING=k8s a heavy step runs in a pod PipesK8sClient builds from
+    ``step_pod``: valid against Kubernetes' schema, with the GPU, the home its run shares and
+    the Pipes bootstrap variables."""
+    from dagster_k8s.pipes import build_pod_body
+    from kubernetes.client import ApiClient
+
+    meta, spec = k8s.step_pod(IMAGE, env={"LIFECYCLE_HOME_CLAIM": "lifecycle-home"})
+    body = build_pod_body(
+        pod_name="dagster-0a1b2c3d-sft-adapter",
+        image=IMAGE,
+        command=["python", "-m", "lifecycle_dagster.pipes_step"],
+        env_vars={"DAGSTER_PIPES_CONTEXT": "e30=", "DAGSTER_PIPES_MESSAGES": "e30="},
+        base_pod_meta=meta,
+        base_pod_spec=spec,
+    )
+    pod = {"apiVersion": "v1", "kind": "Pod", **ApiClient().sanitize_for_serialization(body)}
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "lifecycle_dagster.pipes_step"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["LIFECYCLE_HOME"] == "/lifecycle" and "DAGSTER_PIPES_CONTEXT" in env
+    assert {"name": "lifecycle-home", "mountPath": "/lifecycle"} in container["volumeMounts"]
+    claim = {"claimName": "lifecycle-home"}
+    assert {"name": "lifecycle-home", "persistentVolumeClaim": claim} in pod["spec"]["volumes"]
+    assert pod["metadata"]["labels"]["app.kubernetes.io/part-of"] == "lifecycle-dagster"
+    assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_with_training_pods_the_run_step_that_launches_them_asks_for_no_gpu():
+    pod = step_job_pod({"LIFECYCLE_TRAINING": "k8s", "LIFECYCLE_HOME_CLAIM": "lifecycle-home"})
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"] == {"memory": "4Gi"}
+    assert "nodeSelector" not in pod
+    assert {"name": "lifecycle-home", "mountPath": "/lifecycle"} in container["volumeMounts"]

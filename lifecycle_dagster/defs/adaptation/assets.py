@@ -7,15 +7,13 @@ from lifecycle_dagster.lib.k8s import training_op_tags
 from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import prompt_baseline_result, sft_result
 from lifecycle_dagster.lib.stage import stage
-from lifecycle_dagster.ml.data import EvalSplit, PromptFormat, read_rows, sft_records
-from lifecycle_dagster.ml.distributed import fine_tune
-from lifecycle_dagster.ml.evaluate import score_split
+from lifecycle_dagster.ml.data import EvalSplit, read_rows
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
 from lifecycle_dagster.ml.prompting import score_prompting
-from lifecycle_dagster.ml.sft import load_sft
 from lifecycle_dagster.resources.artifacts import ArtifactStore, upstream_metadata
 from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
+from lifecycle_dagster.resources.training import Training
 
 
 @dg.asset(
@@ -71,41 +69,26 @@ def sft_adapter(
     artifact_store: ArtifactStore,
     mlflow_tracking: MlflowTracking,
     compute: Compute,
+    training: Training,
 ) -> dg.MaterializeResult:
     """The adapted model: a soft prompt (prompt tuning), a LoRA adapter or fully fine-tuned
     weights. Evaluated as the later stages run it (a soft prompt baked into the vocabulary)."""
     with stage(context, "sft_adapter", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
-        runtime = compute.runtime(uc.compute)
         method = uc.adaptation.updated(config)
         st.run.log_params({**method.model_dump(), "lora_alpha": method.scaling_alpha})
-        model_dir = model_dir_of(artifact_store.upstream(context, "base_model"))
-        data = artifact_store.upstream(context, "task_dataset")
-        fmt = PromptFormat.read(model_dir)
-        records = sft_records(uc, read_rows(data / "train.jsonl"), fmt)
-        st.log(f"sft_adapter: {method.method}, {method.max_steps} steps on {runtime.describe()}")
         with st.write() as tmp:
-            result = fine_tune(
-                model_dir,
-                records,
-                tmp / "adapter",
-                method,
-                runtime,
-                uc.compute.processes,
-                log=st.log,
-                init_text=uc.task.instruction,
+            out = training.run(
+                context,
+                "sft_adapter",
+                st.log,
+                uc=uc,
+                base=model_dir_of(artifact_store.upstream(context, "base_model")),
+                data=artifact_store.upstream(context, "task_dataset"),
+                out=tmp,
+                method=method,
+                compute=compute.request(uc.compute),
                 checkpoints=st.checkpoints(method.model_dump_json()),
             )
-            (tmp / "sft.json").write_text(method.model_dump_json())
-        model, tok = load_sft(model_dir, st.target / "adapter", runtime)
-        after = score_split(
-            model,
-            tok,
-            EvalSplit.read(uc, data, model_dir),
-            max_new_tokens=uc.evaluation.max_new_tokens,
-            batch_size=uc.evaluation.batch_size,
-            log=st.log,
-            stage="sft_adapter[eval]",
-        )
-        before = upstream_metadata(context, "prompt_baseline").get(f"best_{after.metric}")
-        return sft_result(st, result, method, after, before, runtime.describe())
+        before = upstream_metadata(context, "prompt_baseline").get(f"best_{out.after.metric}")
+        return sft_result(st, out.result, method, out.after, before, out.device)

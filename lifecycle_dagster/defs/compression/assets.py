@@ -7,12 +7,10 @@ from lifecycle_dagster.lib.k8s import training_op_tags
 from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES, follows_upstream
 from lifecycle_dagster.lib.results import onnx_result
 from lifecycle_dagster.lib.stage import stage
-from lifecycle_dagster.ml.compress import compress, serving_manifest
 from lifecycle_dagster.ml.data import EvalSplit
-from lifecycle_dagster.ml.reward import load_reward
-from lifecycle_dagster.ml.runtime import select_runtime
 from lifecycle_dagster.resources.artifacts import ArtifactStore, newest_metadata, resolve
 from lifecycle_dagster.resources.mlflow import MlflowTracking
+from lifecycle_dagster.resources.training import Training
 
 CHECKS = {
     "fp32_matches_pytorch": "fp32 export: next-token logits within the use case's tolerance on the "
@@ -44,13 +42,12 @@ def onnx_model(
     context: dg.AssetExecutionContext,
     artifact_store: ArtifactStore,
     mlflow_tracking: MlflowTracking,
+    training: Training,
 ) -> dg.MaterializeResult:
     """The deployable artifact: ONNX with KV cache run by onnxruntime, in the variant the use case's
     compression policy picks (smallest or fastest within the quality budget)."""
     with stage(context, "onnx_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
-        # The comparison runs where onnxruntime runs: PyTorch on CPU in fp32.
-        runtime = select_runtime("cpu", uc.compute.torch_threads, uc.compute.ort_threads)
         # Export exactly the candidate the newest evaluation passed, never a newer, unjudged one,
         # and nothing at all while the newest verdict is a failure.
         verdict = newest_metadata(context, "evaluation")
@@ -63,23 +60,22 @@ def onnx_model(
         # read (this pod's copy, fetched from object storage when the store is there).
         source_id = f"{verdict['candidate_path']}/model"
         source = resolve(verdict["candidate_path"]) / "model"
-        split = EvalSplit.read(uc, artifact_store.upstream(context, "task_dataset"), source)
+        data = artifact_store.upstream(context, "task_dataset")
         st.run.log_params({f"compression.{k}": v for k, v in uc.compression.model_dump().items()})
         with st.write() as tmp:
-            result = compress(
-                source,
-                tmp,
-                uc.compression,
-                runtime=runtime,
-                max_new_tokens=uc.evaluation.max_new_tokens,
-                check_prompts=split.first(uc.compression.check_prompts).prompts,
-                split=split,
-                reward=load_reward(artifact_store.upstream(context, "reward_model"), uc, runtime),
+            result = training.run(
+                context,
+                "onnx_model",
+                st.log,
+                uc=uc,
+                source=source,
+                source_id=source_id,
+                data=data,
+                reward=artifact_store.upstream(context, "reward_model"),
+                out=tmp,
                 reference={
                     uc.primary_metric: verdict.get(f"aligned_{uc.primary_metric}"),
                     "mean_reward": verdict.get("aligned_mean_reward"),
                 },
-                serving=serving_manifest(uc, source_id, split.fmt),
-                log=st.log,
             )
-        return onnx_result(st, result, source_id, split)
+        return onnx_result(st, result, source_id, EvalSplit.read(uc, data, source))
