@@ -109,6 +109,11 @@ def test_checks_jobs_sensor_schedule():
         "champion_model",
         "lifecycle_report",
     }
+    # ... which is all of fine-tuning's downstream: a new stage below it is re-run too.
+    downstream = dg.AssetSelection.assets("sft_adapter").downstream()
+    assert (
+        downstream.resolve(d.resolve_asset_graph()) == adaptation.asset_layer.executable_asset_keys
+    )
 
 
 def test_dagster_cli_validates_the_workspace_with_the_project_instance(tmp_path):

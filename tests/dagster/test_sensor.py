@@ -5,7 +5,7 @@ import time
 import dagster as dg
 import pytest
 
-from lifecycle_dagster.defs.automation.automation import readaptation_sensor
+from lifecycle_dagster.defs.automation.automation import READAPTED, readaptation_sensor
 from lifecycle_dagster.ml.readaptation import Decision, Escalation
 from lifecycle_dagster.ml.usecase import AdaptationUpdate, AlignmentUpdate
 
@@ -90,6 +90,8 @@ def test_shortfall_requests_the_escalated_run(instance):
     assert len(result.run_requests) == 1
     request = result.run_requests[0]
     assert request.run_key.startswith("readapt-")
+    # The run names what it updates, so automation ignores parent updates made by the run itself.
+    assert [k.to_user_string() for k in request.asset_selection] == list(READAPTED)
     assert request.partition_key == UC and request.tags["lifecycle/use_case"] == UC
     assert request.tags["lifecycle/attempt"] == "2"
     assert "rouge_l" in request.tags["lifecycle/reason"]

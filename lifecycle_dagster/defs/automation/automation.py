@@ -25,9 +25,22 @@ lifecycle_job = dg.define_asset_job(
     description="The whole lifecycle: scope, data, base model, adaptation, alignment, evaluation, "
     "compression.",
 )
+# What re-adaptation re-runs: fine-tuning and everything downstream of it (a definitions test
+# holds this list to the graph). Named in each run's asset selection, so declarative automation
+# knows the run updates these assets itself and does not re-request them for their parents'
+# updates in the same run.
+READAPTED = (
+    "sft_adapter",
+    "reward_model",
+    "aligned_model",
+    "evaluation",
+    "onnx_model",
+    "champion_model",
+    "lifecycle_report",
+)
 adaptation_job = dg.define_asset_job(
     "adaptation_job",
-    selection=dg.AssetSelection.assets("sft_adapter").downstream(),
+    selection=dg.AssetSelection.assets(*READAPTED),
     description="Fine-tuning and everything downstream of it (what re-adaptation re-runs).",
 )
 evaluation_job = dg.define_asset_job(
@@ -97,6 +110,7 @@ def readaptation_request(
     reason = decision.escalation_reason()
     request = dg.RunRequest(
         run_key=f"readapt-{record.storage_id}",
+        asset_selection=[dg.AssetKey(a) for a in READAPTED],
         run_config=dg.RunConfig(ops=ops),
         tags={
             ATTEMPT_TAG: str(nxt.attempt),
