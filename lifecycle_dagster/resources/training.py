@@ -22,6 +22,10 @@ from lifecycle_dagster.ml.progress import Log
 
 LAUNCHERS = ("subprocess", "k8s", "in_process")
 ENTRY_POINT = ["-m", "lifecycle_dagster.pipes_step"]
+# A step whose process or pod was lost (SIGKILL, the OOM killer, a preempted node) is run again
+# once in the same run, which resumes training from the lost attempt's last checkpoint (they are
+# keyed by the run). A step that reported an error is not: it would fail the same way.
+LOST_RETRIES = 1
 
 
 class StepFailed(RuntimeError):
@@ -58,10 +62,12 @@ class Training(dg.ConfigurableResource):
                 invocation = dg.PipesSubprocessClient().run(
                     context=context, extras=extras, command=[sys.executable, *ENTRY_POINT]
                 )
-        except DagsterPipesExecutionError as exc:  # killed, or died before it could report
-            raise StepFailed(
-                f"step {step} ({self.launcher}) ended without a result: {exc}"
-            ) from exc
+        except (DagsterPipesExecutionError, *_k8s_errors()) as exc:  # lost before it reported
+            lost = f"step {step} ({self.launcher}) ended without a result: {exc}"
+            if context.retry_number < LOST_RETRIES:
+                context.log.warning(f"{lost}; running it again, from its last checkpoint")
+                raise dg.RetryRequested(max_retries=LOST_RETRIES, seconds_to_wait=1) from exc
+            raise StepFailed(lost) from exc
         (message, *_) = [m for m in invocation.get_custom_messages() if m] or [{}]
         if "error" in message:
             raise StepFailed(f"step {step}: {message['error']}")
@@ -86,3 +92,12 @@ class Training(dg.ConfigurableResource):
             base_pod_meta=meta,
             base_pod_spec=spec,
         )
+
+
+def _k8s_errors() -> tuple[type[Exception], ...]:
+    """How a training pod that failed without reporting shows (dagster-k8s, when installed)."""
+    try:
+        from dagster_k8s.client import DagsterK8sError
+    except ImportError:
+        return ()
+    return (DagsterK8sError,)

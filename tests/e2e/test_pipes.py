@@ -51,19 +51,19 @@ def runs(tmp_path_factory):
         yield instance, here, piped
 
 
-def materializations(instance, asset: str) -> tuple[dict, dict]:
+def materializations(runs, asset: str) -> tuple[dict, dict]:
     """The asset's metadata from the in-process run and from the Pipes run, in that order."""
-    newest, previous = records_of(instance, asset, UC, limit=2)
+    instance, *results = runs
+    by_run = {r.run_id: r for r in records_of(instance, asset, UC, limit=20)}
     return tuple(
-        {k: v.value for k, v in r.asset_materialization.metadata.items()}
-        for r in (previous, newest)
+        {k: v.value for k, v in by_run[r.run_id].asset_materialization.metadata.items()}
+        for r in results
     )
 
 
 @pytest.mark.parametrize("asset", STEPS)
 def test_a_step_through_pipes_records_what_it_records_in_process(runs, asset):
-    instance, _, _ = runs
-    here, piped = materializations(instance, asset)
+    here, piped = materializations(runs, asset)
     assert set(piped) == set(here)
     # Training is deterministic on CPU, so where it ran leaves every figure alone but the times.
     numbers = [
@@ -122,3 +122,56 @@ def test_a_failing_step_names_its_cause(tmp_path):
     assert "StepFailed: step base_model: " in causes[-1]
     assert str(empty / "train.jsonl") in causes[-1]  # the step's own error, naming the file
     assert not (tmp_path / "out" / "model").exists()
+
+
+def test_a_lost_training_process_is_run_again_and_resumes(runs):
+    """SIGKILL to the step's process mid-training (the OOM killer, a preempted node): the step is
+    run again once in the same run and resumes from the lost attempt's last checkpoint."""
+    import json
+    import threading
+    import time
+
+    import psutil
+
+    instance, _, _ = runs
+    root = settings.checkpoints_root() / UC / "sft_adapter"
+    before = set(root.glob("*"))
+    seen: dict = {}
+
+    def kill_mid_training():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            done = sorted(root.glob("*/checkpoint-*/trainer_state.json"))
+            new = [p for p in done if p.parents[1] not in before]
+            if new:
+                owner = json.loads((new[-1].parents[1] / "owner.json").read_text())
+                seen["step"] = int(new[-1].parent.name.split("-")[1])
+                psutil.Process(owner["pid"]).kill()
+                return
+            time.sleep(0.2)
+
+    # Checkpoints every 5 of 60 steps: a use case of its own settings, materialized first.
+    overrides = {"compute": {"checkpoint_steps": 5}, "adaptation": {"max_steps": 60}}
+    config = {"profile": "tiny", "use_case": UC, "overrides": overrides}
+    assert run(
+        instance, "in_process", ["use_case"], {"ops": {"use_case": {"config": config}}}
+    ).success
+    killer = threading.Thread(target=kill_mid_training, daemon=True)
+    killer.start()
+    result = run(instance, "subprocess", ["sft_adapter"])
+    killer.join(timeout=10)
+    assert "step" in seen, "no checkpoint was written to kill after"
+    assert result.success
+    events = [e.event_type_value for e in result.all_events if e.step_key == "sft_adapter"]
+    assert events.count("STEP_UP_FOR_RETRY") == 1 and events[-1] == "STEP_SUCCESS"
+    meta = {
+        k: v.value
+        for k, v in result.asset_materializations_for_node("sft_adapter")[0].metadata.items()
+    }
+    assert meta["resumed_from_step"] >= seen["step"]
+    print(
+        json.dumps(
+            {"killed_after_checkpoint": seen["step"], "resumed_from": meta["resumed_from_step"]}
+        )
+    )
+    assert set(root.glob("*")) == before  # trained: its checkpoints removed
