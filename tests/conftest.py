@@ -19,6 +19,7 @@ os.environ.pop("LIFECYCLE_ENV", None)
 os.environ["LIFECYCLE_TRAINING"] = "in_process"
 
 import pytest  # noqa: E402
+from tiny import TINY, VIRTUAL  # noqa: E402
 
 from lifecycle_dagster.ml.runtime import select_runtime  # noqa: E402
 
@@ -55,21 +56,10 @@ def use_case():
     return load_use_case(profile="tiny")
 
 
-# A tiny base model pre-trained once per session (the unit tier's and the distributed test's).
-TINY = {
-    "vocab_size": 400,
-    "hidden_size": 64,
-    "num_layers": 2,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "intermediate_size": 128,
-    "context_length": 256,
-}
-
-
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, use_case, runtime) -> Path:
-    """A 2-layer Llama (hidden 64) with its own BPE tokenizer, briefly pre-trained on the corpus."""
+    """Pre-trained once per session (the unit tier's, the exports' and the distributed test's):
+    a 2-layer Llama (hidden 64) with its own BPE tokenizer, briefly pre-trained on the corpus."""
     from lifecycle_dagster.ml.data import load_task_data
     from lifecycle_dagster.ml.pretrain import PretrainConfig, pretrain
 
@@ -81,3 +71,42 @@ def tiny_base(tmp_path_factory, use_case, runtime) -> Path:
     )
     assert result.loss_end < result.loss_start
     return out
+
+
+@pytest.fixture(scope="session")
+def rows(use_case):
+    """The tiny use case's train and eval rows."""
+    from lifecycle_dagster.ml.data import load_task_data
+
+    data = load_task_data(use_case)
+    return data["train"].rows, data["eval"].rows
+
+
+@pytest.fixture(scope="session")
+def prompt_tuned(tmp_path_factory, tiny_base, use_case, rows, runtime):
+    """A soft prompt of VIRTUAL tokens trained on ``tiny_base``: its folder and SFTResult."""
+    from lifecycle_dagster.ml.data import sft_records
+    from lifecycle_dagster.ml.sft import SFTMethodConfig, train_sft
+
+    out = tmp_path_factory.mktemp("prompt_tuning")
+    result = train_sft(
+        tiny_base,
+        sft_records(use_case, rows[0]),
+        out,
+        SFTMethodConfig(
+            method="prompt_tuning",
+            max_steps=30,
+            learning_rate=3e-2,
+            num_virtual_tokens=VIRTUAL,
+        ),
+        runtime,
+        init_text=use_case.task.instruction,
+    )
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def prompts(use_case, rows):
+    from lifecycle_dagster.ml.data import format_prompt
+
+    return [format_prompt(use_case, r["dialogue"]) for r in rows[1][:8]]

@@ -187,54 +187,6 @@ def test_an_interrupted_alignment_resumes_from_its_checkpoint(
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_compress_exports_every_variant_checks_them_and_picks_by_policy(
-    tmp_path, tiny_base, use_case, data, runtime
-):
-    """fp32, int8 and int4 exported with KV cache; fp32 matches PyTorch (logits, tokens, text); every
-    variant's cache is consistent; the policy picks the smallest (or fastest) within budget."""
-    import json
-
-    from lifecycle_dagster.ml.compress import CompressConfig, compress
-    from lifecycle_dagster.ml.runtimes import GenaiGenerator
-
-    evals = data[0]["eval"].rows[:12]
-    prompts = [format_prompt(use_case, r["dialogue"]) for r in evals]
-    out = tmp_path / "onnx"
-    out.mkdir()
-    result = compress(
-        tiny_base,
-        out,
-        CompressConfig(
-            variants=["fp32", "int8", "int4"],
-            block_size=16,
-            max_metric_drop=1.0,  # the tiny model: policy, not quality
-            max_new_tokens=8,
-        ),
-        runtime=runtime,
-        max_new_tokens=12,
-        check_prompts=prompts[:2],
-        split=EvalSplit(use_case, evals),
-        serving={"prompt_template": use_case.task.prompt_template},
-    )
-    sizes = {n: r.bytes for n, r in result.variants.items()}
-    assert set(sizes) == {"fp32", "int8", "int4"}
-    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
-    fp32 = result.variants["fp32"].faithfulness
-    assert fp32.max_abs_logit_diff < 1e-3
-    assert fp32.token_agreement == 1.0 and fp32.text_equal == 1.0
-    assert result.fp32_matches and result.cache_in_use and result.deployable
-    # No reference given: fp32's own scores are the reference, so fp32 loses nothing.
-    assert result.variants["fp32"].quality_drop == 0.0
-    assert result.selected == "int4"  # smallest, and the budget admits every variant
-    chosen = json.loads((out / "selected.json").read_text())
-    assert chosen["variant"] == "int4" and set(chosen["variants"]) == set(sizes)
-    assert (out / "serving.json").exists()
-    # What serving runs (onnxruntime-genai) continues a prompt; the text is not empty.
-    gen = GenaiGenerator(out / "int4", 1)
-    ids = load_tokenizer(tiny_base)(prompts[0], add_special_tokens=False)["input_ids"]
-    assert len(gen.generate(ids, 8, ignore_eos=True)) == 8
-
-
 def test_policy_and_quality_budget():
     from lifecycle_dagster.ml.compress import CompressConfig, VariantReport, quality_drop
     from lifecycle_dagster.ml.compress import select_variant as pick
