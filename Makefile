@@ -59,7 +59,7 @@ tiny: setup
 # e2e tier needs the demo GGUF (the conversion test), hence models.
 test: setup models
 	export LIFECYCLE_DEMO_GGUF=$(SMOLLM_GGUF); \
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not e2e"

@@ -72,7 +72,7 @@ def deployment(tmp_path_factory):
         yield d.start()
     finally:
         leftover = d.stop()
-        assert not leftover, f"still running 60 s after SIGTERM: {leftover}"
+        assert not leftover, f"still running after SIGKILL: {leftover}"
 
 
 @pytest.fixture(scope="module")
