@@ -26,7 +26,7 @@ from lifecycle_dagster.resources.training import Training
 
 def timed_step(launcher: str, uc, data: Path, out: Path) -> float:
     @dg.asset(name=f"pretrained_{launcher}")
-    def pretrained(context: dg.AssetExecutionContext) -> None:
+    def pretrained(context):
         Training(launcher=launcher).run(
             context,
             "base_model",
@@ -37,6 +37,7 @@ def timed_step(launcher: str, uc, data: Path, out: Path) -> float:
             compute=RuntimeRequest(),
             cache_dir=out / "cache",
         )
+        return dg.MaterializeResult()
 
     start = time.perf_counter()
     result = dg.materialize([pretrained])
