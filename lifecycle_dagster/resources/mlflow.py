@@ -22,6 +22,7 @@ from pydantic import Field
 from lifecycle_dagster import settings
 
 ATTEMPT_STAGE = "lifecycle_run"  # the ``lifecycle.stage`` tag of an attempt's parent run
+SETTLE_S = 1.0  # how long after creating an attempt run a step looks for an older one
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,8 @@ class MlflowTracking(dg.ConfigurableResource):
         return ModelRegistry(self._uri())
 
     def experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
         client = self.client()
         exp = client.get_experiment_by_name(name)
         if exp is not None:
@@ -250,7 +253,13 @@ class MlflowTracking(dg.ConfigurableResource):
         location = None
         if self._uri().startswith("sqlite:"):
             location = (settings.mlflow_artifacts() / name).as_uri()
-        return client.create_experiment(name, artifact_location=location)
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by a step running beside this one
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def attempt_run(
         self,
@@ -279,7 +288,9 @@ class MlflowTracking(dg.ConfigurableResource):
             run_name=name,
             tags={"lifecycle.stage": ATTEMPT_STAGE, "dagster.run_id": dagster_run_id, **tags},
         )
-        # Two steps that both created one (the opener never came): all settle on the oldest.
+        # Two steps that both created one (the opener never came): all settle on the oldest,
+        # looked up once the other's run, created at about the same time, is surely stored.
+        time.sleep(SETTLE_S)
         oldest = self.stage_run_id(experiment, dagster_run_id, ATTEMPT_STAGE)
         if oldest != run.info.run_id:
             client.delete_run(run.info.run_id)
