@@ -3,6 +3,7 @@ Kubernetes' (kubernetes-validate), the compose file against the Compose Specific
 (as check-jsonschema vendors it), both Dagster instance files against Dagster's own instance
 config schema, and the image and chart pins against what the package installs."""
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -106,3 +107,50 @@ def test_image_and_chart_follow_the_package():
         pinned,
         dagster.__version__,
     )
+
+
+# The Kubernetes objects inside the Helm values, each against its Kubernetes definition (strict:
+# no unknown field). The chart's own values.schema.json is not on this machine (deploy/README.md).
+HELM_K8S_OBJECTS = {
+    "dagsterWebserver.resources": "resourcerequirements",
+    "dagster-user-deployments.deployments[].resources": "resourcerequirements",
+    "dagster-user-deployments.deployments[].env[]": "envvar",
+    "dagster-user-deployments.deployments[].envConfigMaps[]": "configmapenvsource",
+    "dagster-user-deployments.deployments[].envSecrets[]": "secretenvsource",
+    "runLauncher.config.k8sRunLauncher.envConfigMaps[]": "configmapenvsource",
+    "runLauncher.config.k8sRunLauncher.envSecrets[]": "secretenvsource",
+    "runLauncher.config.k8sRunLauncher.runK8sConfig.containerConfig.resources": "resourcerequirements",
+}
+
+
+def at(values, path: str) -> list:
+    """The values at a dotted path, ``[]`` meaning each item of a list."""
+    found = [values]
+    for part in path.split("."):
+        found = [v[part.removesuffix("[]")] for v in found]
+        if part.endswith("[]"):
+            found = [item for v in found for item in v]
+    return found
+
+
+def k8s_definition(name: str):
+    from referencing import Registry, Resource
+
+    folder = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    folder /= f"v{K8S_VERSION}-local-strict"
+    schema = json.loads((folder / f"{name}-v1.json").read_text())
+    definitions = json.loads((folder / "_definitions.json").read_text())
+    registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+def test_kubernetes_objects_in_the_helm_values_validate_against_their_definitions():
+    values = yaml.safe_load((DEPLOY / "helm" / "values.yaml").read_text())
+    for path, definition in HELM_K8S_OBJECTS.items():
+        found = at(values, path)
+        assert found, path
+        for value in found:
+            errors = [e.message for e in k8s_definition(definition).iter_errors(value)]
+            assert not errors, (path, errors)
+    # A misspelt field is caught, as the chart would pass it on to Kubernetes unchecked.
+    assert list(k8s_definition("resourcerequirements").iter_errors({"limit": {"cpu": "1"}}))
