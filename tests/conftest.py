@@ -17,6 +17,11 @@ os.environ.pop("LIFECYCLE_ENV", None)
 # Heavy steps train in the test's own process (a child process per step would mostly re-import
 # torch); tests/e2e/test_pipes.py and the deployment test run them through Dagster Pipes.
 os.environ["LIFECYCLE_TRAINING"] = "in_process"
+# Under pytest-xdist (`make test`) the workers share the machine: each one's torch and
+# onnxruntime, and the processes its tests start, take a share of the cores rather than all.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 import pytest  # noqa: E402
 from tiny import TINY, VIRTUAL  # noqa: E402
@@ -61,7 +66,7 @@ def state_home() -> Path:
 
 @pytest.fixture(scope="session")
 def runtime():
-    return select_runtime("cpu", torch_threads=2, ort_threads=1)
+    return select_runtime("cpu", ort_threads=1)  # torch: the cores this process may use
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,17 @@ class RuntimeRequest:
         return select_runtime(self.device, self.torch_threads, self.ort_threads)
 
 
+def available_cores() -> int:
+    """The cores this process may use: ``OMP_NUM_THREADS`` when set (a container's CPU limit, a
+    share of a host), else the CPUs it is pinned to, else every CPU."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def select_runtime(
     device: str = "auto", torch_threads: int | None = None, ort_threads: int | None = None
 ) -> Runtime:
@@ -54,7 +65,7 @@ def select_runtime(
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("compute.device is 'cuda' but no CUDA device is available")
     dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     torch_threads = torch_threads or cores
     ort_threads = ort_threads or cores
     if torch.get_num_threads() != torch_threads:
