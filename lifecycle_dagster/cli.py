@@ -380,8 +380,16 @@ def cmd_serve(args) -> int:
     from lifecycle_dagster.ml.errors import InputError
     from lifecycle_dagster.ml.usecase_loader import load_use_case
     from lifecycle_dagster.resources.registry import registered_name
-    from lifecycle_dagster.serving import ServedModel, serve
+    from lifecycle_dagster.serving import API_KEY_ENV, LOOPBACK, ServedModel, Server
 
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if args.host not in LOOPBACK and api_key is None:
+        print(
+            f"lifecycle serve: binding to {args.host} makes the model reachable beyond this "
+            f"machine; set {API_KEY_ENV} (clients send it as a Bearer token) or bind 127.0.0.1",
+            file=sys.stderr,
+        )
+        return 2
     name = args.model
     if not name:
         try:
@@ -395,14 +403,23 @@ def cmd_serve(args) -> int:
     except (LookupError, FileNotFoundError, ValueError) as exc:
         print(f"lifecycle serve: {exc}", file=sys.stderr)
         return 1
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"lifecycle serve: WARNING binding to {args.host}: reachable beyond this machine")
+    server = Server.build(
+        model,
+        tracking_uri=None if args.no_tracing else uri,
+        feedback_url=settings.feedback_url(),
+        api_key=api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        follow_s=args.follow_s,
+        threads=args.threads,
+    )
     print(
         f"lifecycle serve: {model.name} version {model.version} ({args.alias}, {model.variant}) "
-        f"from {model.folder} on http://{args.host}:{args.port}",
+        f"on http://{args.host}:{args.port}/v1 (OpenAI API; API key "
+        f"{'required' if api_key else 'off: loopback only'}); following alias {args.alias}",
         flush=True,
     )
-    serve(model, args.host, args.port)
+    server.run(args.host, args.port)
     return 0
 
 
@@ -448,13 +465,24 @@ def main(argv: list[str] | None = None) -> int:
     exps.add_argument("--use-case", help="only this use case (MLflow experiment)")
     exps.add_argument("--limit", type=int, default=20, help="attempts per use case, newest first")
     exps.set_defaults(func=cmd_experiments)
-    srv = sub.add_parser("serve", help="serve the champion ONNX artifact over HTTP")
+    srv = sub.add_parser("serve", help="serve the champion ONNX artifact (OpenAI-compatible API)")
     srv.add_argument("--model", help="registered model name (default: <use case>-onnx)")
     srv.add_argument("--profile", default="demo", help="use case whose model to serve")
     srv.add_argument("--alias", default="champion", help="registry alias to load")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    srv.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting at most; more get 429"
+    )
+    srv.add_argument(
+        "--follow-s",
+        type=float,
+        default=10.0,
+        help="seconds between looks at the alias (a moved champion is loaded); 0: never",
+    )
+    srv.add_argument("--no-tracing", action="store_true", help="do not trace requests to MLflow")
     srv.set_defaults(func=cmd_serve)
     prof = sub.add_parser("profiles", help="list the named profiles")
     prof.set_defaults(func=cmd_profiles)

@@ -37,6 +37,12 @@ def mlflow_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_home() / 'mlflow.db'}"
 
 
+def feedback_url() -> str:
+    """Where served responses and their feedback are kept (SQLAlchemy URL; PostgreSQL in a
+    deployment, where the model server and Dagster are different machines)."""
+    return os.environ.get("LIFECYCLE_FEEDBACK_URL") or f"sqlite:///{state_home() / 'feedback.db'}"
+
+
 def mlflow_artifacts() -> Path:
     return state_home() / "mlflow-artifacts"
 

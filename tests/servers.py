@@ -224,6 +224,8 @@ class Deployment:
             **self.s3.env,
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "MLFLOW_UI_URL": self.mlflow_url,
+            # The model server keeps responses and feedback there; Dagster reads them.
+            "LIFECYCLE_FEEDBACK_URL": self.pg.url("feedback"),
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -234,7 +236,7 @@ class Deployment:
             "load_from:\n  - grpc_server:\n      host: 127.0.0.1\n"
             f"      port: {self.code_port}\n      location_name: lifecycle_dagster\n"
         )
-        self.pg.start()
+        self.pg.start(databases=("dagster", "mlflow", "feedback"))
         self.s3.start()
         # The install step of deploy/README.md: the `train` pool's limit set once, explicitly.
         done = subprocess.run(

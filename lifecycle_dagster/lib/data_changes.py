@@ -17,6 +17,16 @@ DATA_FILES = {
 }
 
 
+def materialized_use_case(instance: dg.DagsterInstance, partition: str) -> UseCase | None:
+    """The use case as its partition's latest ``use_case`` materialization resolved it."""
+    record = select_record(instance, "use_case", use_case=partition)
+    try:
+        path = resolve(str(record.asset_materialization.metadata["artifact_path"].value))
+        return UseCase.model_validate_json((path / "use_case.json").read_text())
+    except (AttributeError, KeyError, OSError, ValueError, IncompleteArtifactError):
+        return None
+
+
 def changed_datasets(
     instance: dg.DagsterInstance, hashes: dict, use_case: str
 ) -> tuple[list[str], list[str]]:
@@ -24,11 +34,8 @@ def changed_datasets(
     latest snapshot, and why.
 
     ``hashes`` caches file digests by (size, mtime) so a tick re-reads only files that moved."""
-    uc_record = select_record(instance, "use_case", use_case=use_case)
-    try:
-        path = resolve(str(uc_record.asset_materialization.metadata["artifact_path"].value))
-        uc = UseCase.model_validate_json((path / "use_case.json").read_text())
-    except (AttributeError, KeyError, OSError, ValueError, IncompleteArtifactError):
+    uc = materialized_use_case(instance, use_case)
+    if uc is None:
         return [], []
     changed, why = [], []
     for asset, files in DATA_FILES.items():

@@ -29,6 +29,7 @@ from lifecycle_dagster.ml.runtimes import GenaiGenerator, OrtDecoder, generate_t
 
 SELECTED_FILE = "selected.json"
 SERVING_FILE = "serving.json"
+EVALUATED_FILE = "evaluated.jsonl"  # in each variant's folder: its greedy answers on the eval split
 
 
 class CompressConfig(ExportConfig):
@@ -311,6 +312,12 @@ def compress(
     (Path(out_dir) / "faithfulness.json").write_text(
         json.dumps({n: asdict(r.faithfulness) for n, r in reports.items()}, indent=2, default=str)
     )
+    field = uc.task.input_field
+    for name, report in reports.items():  # what each variant answered, greedy, as evaluated
+        with (Path(out_dir) / name / EVALUATED_FILE).open("w", encoding="utf-8") as out:
+            for row, prediction in zip(split.rows, report.predictions, strict=True):
+                record = {"id": row.get("id"), "input": row[field], "prediction": prediction}
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
     if serving is not None:
         (Path(out_dir) / SERVING_FILE).write_text(json.dumps(serving, indent=2))
     return result

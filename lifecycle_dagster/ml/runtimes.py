@@ -117,6 +117,8 @@ class GenaiGenerator:
         eos = cfg["eos_token_id"]
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.context_length = int(cfg["context_length"])
+        pad = cfg.get("pad_token_id")
+        self.pad_token_id = int(pad if pad is not None else min(self.eos))
 
     def start(self, batch, max_new_tokens: int, ignore_eos: bool = False):
         """A generator with ``batch`` (equal-length prompts) already prefilled."""

@@ -302,6 +302,21 @@ class ComputeSpec(_Strict):
     )
 
 
+class FeedbackSpec(_Strict):
+    min_new: int = Field(
+        20,
+        gt=0,
+        description="New feedback from the model's users (ratings and preferences) after which "
+        "the feedback sensor re-runs the preference data; automation then re-trains the reward "
+        "model and re-runs alignment, evaluation, export and promotion.",
+    )
+    use: bool = Field(
+        True,
+        description="Merge the preference pairs users' feedback makes into the reward model's "
+        "training pairs.",
+    )
+
+
 class UseCase(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
     description: str = ""
@@ -316,6 +331,7 @@ class UseCase(_Strict):
     compression: CompressConfig = CompressConfig()
     readaptation: ReadaptationSpec = ReadaptationSpec()
     compute: ComputeSpec = ComputeSpec()
+    feedback: FeedbackSpec = FeedbackSpec()
 
     @property
     def kind(self) -> tasks.TaskKind:

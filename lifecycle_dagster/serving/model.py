@@ -1,62 +1,16 @@
-"""`lifecycle serve`: the champion ONNX artifact from the MLflow registry behind a small HTTP API.
-
-    GET  /health     which registered model, version and variant is loaded
-    POST /generate   {"input": "<task input>"} (formatted with the use case's prompt template)
-                     or {"prompt": "<raw prompt>"}, optional "max_new_tokens"
-
-Generation is greedy, in onnxruntime-genai (onnxruntime with the KV cache reused across steps);
-requests are served one at a time (the generator uses every thread it was given). Bad requests get 4xx with a reason.
-"""
+"""The model a server runs: one registered version of a use case's ONNX artifact, loaded into
+onnxruntime-genai, with what it needs to prompt it as the lifecycle trained it (``serving.json``:
+the use case's template and the model's prompt format)."""
 
 from __future__ import annotations
 
 import json
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from lifecycle_dagster.ml.compress import SERVING_FILE, selected_folder
-from lifecycle_dagster.ml.evaluate import clean_completion
 from lifecycle_dagster.ml.runtimes import GenaiGenerator
 from lifecycle_dagster.resources.registry import CHAMPION, ModelRegistry, local_path
-
-MAX_NEW_TOKENS = 256
-MAX_INPUT_CHARS = 20_000
-
-
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    input: str | None = Field(
-        None, description="Task input, formatted with the use case's prompt template."
-    )
-    prompt: str | None = Field(None, description="A raw prompt, passed to the model as is.")
-    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
-
-    @model_validator(mode="after")
-    def _one_text(self):
-        given = [k for k in ("input", "prompt") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of 'input' or 'prompt'")
-        text = getattr(self, given[0])
-        if not text.strip():
-            raise ValueError(f"'{given[0]}' is empty")
-        if len(text) > MAX_INPUT_CHARS:
-            raise ValueError(f"'{given[0]}' is longer than {MAX_INPUT_CHARS} characters")
-        return self
-
-
-class GenerateResponse(BaseModel):
-    text: str
-    completion_tokens: int
-    prompt_tokens: int
-    seconds: float
-    model: str
-    version: str
-    variant: str
 
 
 class RequestError(ValueError):
@@ -96,7 +50,6 @@ class ServedModel:
         from tokenizers import Tokenizer
 
         folder = selected_folder(artifact)
-        generator = GenaiGenerator(folder, threads)
         return cls(
             name=name,
             version=version,
@@ -104,96 +57,84 @@ class ServedModel:
             variant=folder.name,
             folder=folder,
             serving=json.loads((Path(artifact) / SERVING_FILE).read_text()),
-            generator=generator,
+            generator=GenaiGenerator(folder, threads),
             tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")),
         )
 
-    def prompt_for(self, request: GenerateRequest) -> str:
-        """The text the model sees: the raw prompt or the use case's template around the input,
-        after the model's soft prompt when it has one (prompt tuning)."""
-        from lifecycle_dagster.ml.data import PromptFormat
-        from lifecycle_dagster.ml.soft_prompt import with_soft_prompt
+    @property
+    def use_case(self) -> str | None:
+        return self.serving.get("use_case")
 
-        prompt = request.prompt
-        if prompt is None:
-            fmt = PromptFormat(**self.serving.get("prompt_format", {}))
-            prompt = fmt.prompt(
-                [],
-                self.serving["prompt_template"].format(
-                    instruction=self.serving["instruction"], input=request.input
-                ),
-            )
-        return with_soft_prompt(self.tokenizer, [prompt])[0]
+    @property
+    def default_max_tokens(self) -> int:
+        return int(self.serving.get("max_new_tokens", 32))
 
-    def generate(self, request: GenerateRequest) -> GenerateResponse:
-        prompt = self.prompt_for(request)
-        max_new = request.max_new_tokens or int(self.serving.get("max_new_tokens", 32))
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        if len(ids) + max_new > self.generator.context_length:
-            raise RequestError(
-                f"prompt is {len(ids)} tokens; with max_new_tokens {max_new} it exceeds the "
-                f"model's context of {self.generator.context_length} tokens"
-            )
-        start = time.perf_counter()
-        out = self.generator.generate(ids, max_new)
-        seconds = time.perf_counter() - start
-        text = self.tokenizer.decode(out, skip_special_tokens=True)
-        return GenerateResponse(
-            text=clean_completion(text) if request.input is not None else text.strip(),
-            completion_tokens=len(out),
-            prompt_tokens=len(ids),
-            seconds=round(seconds, 4),
-            model=self.name,
-            version=self.version,
-            variant=self.variant,
+    def task_turn(self, text: str, instruction: str | None = None) -> str:
+        """The use case's template around one task input (``instruction``: a system message's,
+        in place of the use case's own)."""
+        return self.serving["prompt_template"].format(
+            instruction=self.serving["instruction"] if instruction is None else instruction,
+            input=text,
         )
 
+    def chat_prompt(self, messages: list[tuple[str, str]]) -> str:
+        """A chat as the lifecycle prompts the model: each user message is a task input in the
+        use case's template, earlier user/assistant pairs are in-context examples (as few-shot
+        prompting has them), a leading system message replaces the instruction. One user message
+        gives exactly the prompt evaluation scored."""
+        from lifecycle_dagster.ml.data import PromptFormat
 
-def build_app(model: ServedModel):
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+        instruction = None
+        if messages and messages[0][0] == "system":
+            instruction, messages = messages[0][1], messages[1:]
+        roles = [role for role, _ in messages]
+        if (
+            not roles
+            or roles[-1] != "user"
+            or roles[:-1] != ["user", "assistant"] * (len(roles) // 2)
+        ):
+            raise RequestError(
+                "messages: an optional system message, then user and assistant messages "
+                "alternating, ending with a user message"
+            )
+        turn = [
+            self.task_turn(text, instruction) if role == "user" else text for role, text in messages
+        ]
+        fmt = PromptFormat(**self.serving.get("prompt_format", {}))
+        return self.with_soft_prompt(
+            fmt.prompt(list(zip(turn[:-1:2], turn[1::2], strict=True)), turn[-1])
+        )
 
-    from lifecycle_dagster.ml.soft_prompt import soft_tokens
+    def with_soft_prompt(self, prompt: str) -> str:
+        """The prompt after the model's soft prompt, when it has one (prompt tuning)."""
+        from lifecycle_dagster.ml.soft_prompt import with_soft_prompt
 
-    app = FastAPI(title="lifecycle serve", description=__doc__)
-    lock = threading.Lock()
+        return with_soft_prompt(self.tokenizer, [prompt])[0]
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError):
-        reasons = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-            reasons.append(f"{where}: {msg}" if where else msg)
-        return JSONResponse(status_code=422, content={"error": "; ".join(reasons)})
+    def encode(self, prompt: str, max_tokens: int) -> list[int]:
+        """Token ids of ``prompt``; refused when they and ``max_tokens`` exceed the context."""
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) + max_tokens > self.generator.context_length:
+            raise RequestError(
+                f"the prompt is {len(ids)} tokens; with max_tokens {max_tokens} it exceeds the "
+                f"model's context of {self.generator.context_length} tokens"
+            )
+        return ids
 
-    @app.exception_handler(RequestError)
-    async def _unservable(_request: Request, exc: RequestError):
-        return JSONResponse(status_code=400, content={"error": str(exc)})
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    @app.get("/health")
-    def health() -> dict:
+    def describe(self) -> dict:
+        from lifecycle_dagster.ml.soft_prompt import soft_tokens
+
         return {
-            "status": "ok",
-            "model": model.name,
-            "version": model.version,
-            "alias": model.alias,
-            "variant": model.variant,
-            "use_case": model.serving.get("use_case"),
-            "context_length": model.generator.context_length,
-            "soft_prompt_tokens": len(soft_tokens(model.tokenizer)),
+            "model": self.name,
+            "version": self.version,
+            "alias": self.alias,
+            "variant": self.variant,
+            "use_case": self.use_case,
+            "context_length": self.generator.context_length,
+            "soft_prompt_tokens": len(soft_tokens(self.tokenizer)),
         }
-
-    @app.post("/generate", response_model=GenerateResponse)
-    def generate(request: GenerateRequest) -> GenerateResponse:
-        with lock:
-            return model.generate(request)
-
-    return app
-
-
-def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000) -> None:
-    import uvicorn
-
-    uvicorn.run(build_app(model), host=host, port=port, log_level="info", access_log=True)

@@ -24,6 +24,7 @@ EXPECTED_ASSETS = {
     "evaluation": "evaluation",
     "onnx_model": "compression",
     "champion_model": "deployment",
+    "user_feedback": "deployment",  # external: what the model server's users said
     "lifecycle_report": "reporting",
 }
 EXPECTED_CHECKS = {
@@ -58,6 +59,10 @@ def test_assets_groups_and_lineage():
     assert {"task_dataset", "preference_dataset", "base_model", "sft_adapter", "reward_model"} <= {
         k.to_user_string() for k in ancestors
     }
+    # Feedback from the deployed model's users flows back into the reward data.
+    feedback = graph.get(dg.AssetKey("user_feedback"))
+    assert not feedback.is_materializable
+    assert dg.AssetKey("preference_dataset") in feedback.child_keys
     heavy = {k for k in EXPECTED_ASSETS if graph.get(dg.AssetKey(k)).pools == {"train"}}
     assert {"base_model", "sft_adapter", "reward_model", "aligned_model"} <= heavy
 
@@ -84,7 +89,12 @@ def test_checks_jobs_sensor_schedule():
     jobs = {j.name for j in d.resolve_all_job_defs()}
     assert {"lifecycle_job", "adaptation_job", "evaluation_job"} <= jobs
     sensors = {s.name: s for s in d.sensors}
-    assert sorted(sensors) == ["data_change_sensor", "lifecycle_automation", "readaptation_sensor"]
+    assert sorted(sensors) == [
+        "data_change_sensor",
+        "feedback_sensor",
+        "lifecycle_automation",
+        "readaptation_sensor",
+    ]
     # Every sensor runs from the first deployment on; nothing waits for a toggle in the UI.
     assert {s.default_status for s in sensors.values()} == {dg.DefaultSensorStatus.RUNNING}
     # Dagster's own automation sensor (STOPPED by default) has nothing left to target.

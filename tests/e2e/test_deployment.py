@@ -26,14 +26,15 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import requests
 from mlflow.tracking import MlflowClient
-from servers import Deployment
+from servers import BIN, Deployment, free_port
 
 from lifecycle_dagster.definitions import defs
 from lifecycle_dagster.lib.partitions import REASON_TAG
 from lifecycle_dagster.ml.usecase_loader import load_use_case
 from lifecycle_dagster.resources.artifacts import records_of
-from lifecycle_dagster.resources.registry import registered_name
+from lifecycle_dagster.resources.registry import ModelRegistry, registered_name
 
 DEADLINE_S = 900
 # Cheap settings for the two concurrent runs: the test is about the deployment, not the models.
@@ -587,7 +588,6 @@ def test_a_postgresql_restart_during_a_run_leaves_the_instance_consistent(
     """PostgreSQL restarts while a run evaluates: the run ends, cleanly, as a success or a failure
     that is retried; nothing is left in progress, every step that started ended, and the daemon
     and webserver carry on with the same database."""
-    import requests
 
     uc = "dialogue_intent"
     deadline = time.monotonic() + DEADLINE_S
@@ -663,3 +663,102 @@ def test_a_postgresql_restart_during_a_run_leaves_the_instance_consistent(
             }
         )
     )
+
+
+def test_users_feedback_reaches_a_new_reward_model_and_candidate(deployment, instance, two_runs):
+    """Users of the deployed champion rate its answers through `lifecycle serve`; nobody launches
+    a run: the feedback sensor re-runs the preference data with the pairs the ratings make,
+    automation re-trains the reward model on them and re-aligns, and the new candidate is
+    evaluated. The reward model's MLflow run says how much feedback it used."""
+    from openai import OpenAI
+
+    from lifecycle_dagster.ml.data import read_rows
+
+    uc = "dialogue_summarisation"
+    name = registered_name(uc, "onnx")
+    deadline = time.monotonic() + DEADLINE_S
+    # Another scenario on this use case may still have automation's runs in flight.
+    deployment.wait_for(
+        "the use case to be idle",
+        lambda: all(r.is_finished for r in runs_of(instance, uc)),
+        deadline,
+    )
+    port = free_port()
+    deployment.spawn(
+        "model-server", [str(BIN / "lifecycle"), "serve", "--model", name, "--port", str(port)]
+    )
+    url = f"http://127.0.0.1:{port}"
+    deployment.wait_http("the model server", f"{url}/ready", 180)
+    t0 = time.time()
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    champion = ModelRegistry(deployment.mlflow_url).by_alias(name, "champion").version
+    rows = read_rows(deployment.root / "data" / uc / "train.jsonl")[:2]
+    rated = []
+    for row in rows:  # two answers to each of two training dialogues, one rated up, one down
+        messages = [{"role": "user", "content": row["dialogue"]}]
+        good = client.chat.completions.create(model=name, messages=messages)
+        bad = next(
+            a
+            for seed in range(30)
+            if (
+                a := client.chat.completions.create(
+                    model=name, messages=messages, temperature=1.5, seed=seed
+                )
+            )
+            .choices[0]
+            .message.content
+            != good.choices[0].message.content
+        )
+        for answer, rating in ((good, 1), (bad, -1)):
+            ack = requests.post(
+                f"{url}/v1/feedback", json={"response_id": answer.id, "rating": rating}, timeout=30
+            )
+            assert ack.status_code == 200, ack.text
+            rated.append(answer.model_version)
+    posted = time.time() - t0
+
+    # 1. The feedback sensor records user_feedback and re-runs the preference data.
+    def feedback_run():
+        runs = runs_of(instance, uc, **{"dagster/sensor_name": "feedback_sensor"})
+        return runs[0] if runs else None
+
+    run = deployment.wait_for("the feedback sensor's run", feedback_run, deadline)
+    assert set(rated) == {str(champion)}  # the answers name the version that gave them
+    assert run.asset_selection == {dg.AssetKey("preference_dataset")}
+    assert "4 new feedback" in run.tags[REASON_TAG]
+    (seen,) = records_of(instance, "user_feedback", uc, limit=5)
+    assert seen.asset_materialization.metadata["new"].value == 4
+
+    def prefs():
+        records = records_of(instance, "preference_dataset", uc, limit=5)
+        return next((r for r in records if r.run_id == run.run_id), None)
+
+    taken = deployment.wait_for("the preference data with the feedback", prefs, deadline)
+    assert taken.asset_materialization.metadata["feedback_pairs"].value == 2
+
+    # 2. Automation re-trains the reward model and re-aligns; the candidate is evaluated.
+    def after(asset: str):
+        def newer():
+            records = records_of(instance, asset, uc, limit=5)
+            return records[0] if records and records[0].storage_id > taken.storage_id else None
+
+        return newer
+
+    reward = deployment.wait_for("a new reward model", after("reward_model"), deadline)
+    aligned = deployment.wait_for("a new aligned model", after("aligned_model"), deadline)
+    evaluated = deployment.wait_for("the new candidate evaluated", after("evaluation"), deadline)
+    assert evaluated.asset_materialization.metadata["verdict"].value in ("pass", "fail")
+    assert run.run_id not in (reward.run_id, aligned.run_id)  # nobody launched them
+    mlflow = MlflowClient(deployment.mlflow_url)
+    exp = mlflow.get_experiment_by_name(uc).experiment_id
+    query = f"tags.`dagster.run_id` = '{reward.run_id}' and tags.`lifecycle.stage` = 'reward_model'"
+    (reward_run,) = mlflow.search_runs([exp], query)
+    assert reward_run.data.params["feedback.pairs"] == "2"
+    timeline = {
+        "feedback posted": posted,
+        "preference data": taken.event_log_entry.timestamp - t0,
+        "reward model": reward.event_log_entry.timestamp - t0,
+        "aligned model": aligned.event_log_entry.timestamp - t0,
+        "evaluated": evaluated.event_log_entry.timestamp - t0,
+    }
+    print(json.dumps({"feedback_timeline_s": {k: round(v, 1) for k, v in timeline.items()}}))

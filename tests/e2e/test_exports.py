@@ -68,7 +68,8 @@ def test_baked_model_exports_to_onnx_matches_and_is_served(
     from lifecycle_dagster.ml.export import SUPPRESSED_LOGIT
     from lifecycle_dagster.ml.runtimes import OrtDecoder
     from lifecycle_dagster.ml.sft import load_sft
-    from lifecycle_dagster.serving import GenerateRequest, ServedModel
+    from lifecycle_dagster.serving import ServedModel
+    from lifecycle_dagster.serving.engine import Job, run
 
     baked, tok = load_sft(tiny_base, prompt_tuned[0], runtime)
     model_dir = tmp_path / "model"
@@ -114,7 +115,8 @@ def test_baked_model_exports_to_onnx_matches_and_is_served(
 
     served = ServedModel.from_artifact(out, "m", "1", "candidate")
     row = rows[1][0]
-    answer = served.generate(GenerateRequest(input=row["dialogue"]))
+    prompt = served.chat_prompt([("user", row["dialogue"])])
+    (answer,) = run(served, [Job(served.encode(prompt, 12), 12, one_line=True)])
     plain = len(tok(prompts[0], add_special_tokens=False)["input_ids"])
     assert answer.prompt_tokens == plain + VIRTUAL and answer.text
     # What the server's generator writes, token by token, past EOS: never a soft-prompt token.

@@ -238,13 +238,17 @@ def test_registry_holds_candidate_and_champion(lifecycle_run, instance):
 
 
 def test_serve_answers_with_the_champion(lifecycle_run, instance, tmp_path):
-    """`lifecycle serve` loads the champion from the registry, answers, and refuses bad requests."""
+    """`lifecycle serve` loads the champion from the registry and answers an OpenAI client with
+    what the evaluation of the deployed variant scored."""
     import socket
     import subprocess
     import sys
     import time
 
     import requests
+    from openai import OpenAI
+
+    from lifecycle_dagster.ml.compress import EVALUATED_FILE
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -253,7 +257,7 @@ def test_serve_answers_with_the_champion(lifecycle_run, instance, tmp_path):
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [str(cli), "serve", "--profile", "tiny", "--port", str(port)],
+            [str(cli), "serve", "--profile", "tiny", "--port", str(port), "--no-tracing"],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -263,36 +267,25 @@ def test_serve_answers_with_the_champion(lifecycle_run, instance, tmp_path):
         while True:
             assert proc.poll() is None, log.read_text()
             try:
-                health = requests.get(f"{url}/health", timeout=2).json()
-                break
+                if requests.get(f"{url}/ready", timeout=2).ok:
+                    break
             except requests.ConnectionError:
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.5)
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.5)
         onnx = meta(instance, "onnx_model")
-        assert health["version"] == onnx["registered_version"]
-        assert health["variant"] == onnx["selected_variant"]
-        ok = requests.post(
-            f"{url}/generate",
-            json={"input": "#Person1#: Is the bus late?\n#Person2#: Yes, ten minutes."},
-            timeout=30,
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        (card,) = client.models.list().data
+        assert card.id == onnx["registered_model"]
+        assert card.version == onnx["registered_version"]
+        assert card.variant == onnx["selected_variant"]
+        folder = Path(onnx["artifact_path"]) / onnx["selected_variant"]
+        row = json.loads((folder / EVALUATED_FILE).read_text().splitlines()[0])
+        answer = client.chat.completions.create(
+            model=card.id, messages=[{"role": "user", "content": row["input"]}]
         )
-        assert ok.status_code == 200, ok.text
-        body = ok.json()
-        assert body["text"] and body["completion_tokens"] > 0
-        assert body["model"] == onnx["registered_model"]
-        bad = {
-            "empty": ({"input": "  "}, 422, "empty"),
-            "both": ({"input": "a", "prompt": "b"}, 422, "exactly one"),
-            "tokens": ({"prompt": "hi", "max_new_tokens": 100000}, 422, "max_new_tokens"),
-            "unknown": ({"prompt": "hi", "temperature": 2}, 422, "temperature"),
-            "too long": ({"prompt": "word " * 2000}, 400, "context"),
-        }
-        for case, (payload, status, reason) in bad.items():
-            r = requests.post(f"{url}/generate", json=payload, timeout=30)
-            assert r.status_code == status, (case, r.text)
-            assert reason in r.json()["error"], (case, r.text)
-        r = requests.post(f"{url}/generate", data="not json", timeout=30)
-        assert r.status_code == 422
+        assert answer.choices[0].message.content == row["prediction"]
+        assert answer.model_version == onnx["registered_version"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -546,7 +539,8 @@ def test_a_prompt_tuned_use_case_runs_through_alignment_export_and_serving(
     from lifecycle_dagster.ml.data import format_prompt
     from lifecycle_dagster.ml.models import load_tokenizer
     from lifecycle_dagster.ml.soft_prompt import soft_prompt_ids
-    from lifecycle_dagster.serving import GenerateRequest, ServedModel
+    from lifecycle_dagster.serving import ServedModel
+    from lifecycle_dagster.serving.engine import Job, run
 
     name = "soft_prompt_summaries"
     instance.add_dynamic_partitions("use_cases", [name])
@@ -580,7 +574,8 @@ def test_a_prompt_tuned_use_case_runs_through_alignment_export_and_serving(
     assert onnx["usable"] is True and onnx["max_abs_logit_diff_fp32"] < 1e-3
     served = ServedModel.from_artifact(Path(onnx["artifact_path"]), name, "1", "candidate")
     dialogue = "#Person1#: Is the bus late?\n#Person2#: Yes, ten minutes."
-    answer = served.generate(GenerateRequest(input=dialogue))
+    prompt = served.chat_prompt([("user", dialogue)])
+    (answer,) = run(served, [Job(served.encode(prompt, 12), 12, one_line=True)])
     plain = aligned_tok(format_prompt(use_case, dialogue), add_special_tokens=False)["input_ids"]
     assert answer.prompt_tokens == len(plain) + 8
     assert answer.completion_tokens > 0

@@ -8,6 +8,7 @@ from lifecycle_dagster.lib.k8s import training_op_tags
 from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
 from lifecycle_dagster.lib.results import aligned_result, reward_result
 from lifecycle_dagster.lib.stage import stage
+from lifecycle_dagster.ml.feedback import feedback_used
 from lifecycle_dagster.ml.models import model_dir_of
 from lifecycle_dagster.ml.reward import (
     weak_reward,
@@ -41,7 +42,10 @@ def reward_model(
     with stage(context, "reward_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
         sft = artifact_store.upstream(context, "sft_adapter") / "adapter"
-        st.run.log_params({"reward.source": uc.reward_source, **uc.reward.model_dump()})
+        prefs = artifact_store.upstream(context, "preference_dataset")
+        st.run.log_params(
+            {"reward.source": uc.reward_source, **uc.reward.model_dump(), **feedback_used(prefs)}
+        )
         with st.write() as tmp:
             out = training.run(
                 context,
@@ -49,7 +53,7 @@ def reward_model(
                 st.log,
                 uc=uc,
                 base=model_dir_of(artifact_store.upstream(context, "base_model")),
-                prefs=artifact_store.upstream(context, "preference_dataset"),
+                prefs=prefs,
                 sft=sft,
                 out=tmp,
                 compute=compute.request(uc.compute),
@@ -84,7 +88,8 @@ def aligned_model(
     with stage(context, "aligned_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
         method = uc.alignment.updated(config)
-        st.run.log_params(method.model_dump())
+        prefs = artifact_store.upstream(context, "preference_dataset")
+        st.run.log_params({**method.model_dump(), **feedback_used(prefs)})
         reward_meta = upstream_metadata(context, "reward_model")
         sft = artifact_store.upstream(context, "sft_adapter") / "adapter"
         with st.write() as tmp:
@@ -96,7 +101,7 @@ def aligned_model(
                 base=model_dir_of(artifact_store.upstream(context, "base_model")),
                 sft=sft,
                 data=artifact_store.upstream(context, "task_dataset"),
-                prefs=artifact_store.upstream(context, "preference_dataset"),
+                prefs=prefs,
                 reward=artifact_store.upstream(context, "reward_model"),
                 out=tmp,
                 method=method,

@@ -6,8 +6,9 @@ import time
 import dagster as dg
 from pydantic import ValidationError
 
+from lifecycle_dagster import settings
 from lifecycle_dagster.lib.configs import AlignedModelConfig, SFTAdapterConfig
-from lifecycle_dagster.lib.data_changes import DATA_FILES, changed_datasets
+from lifecycle_dagster.lib.data_changes import DATA_FILES, changed_datasets, materialized_use_case
 from lifecycle_dagster.lib.partitions import (
     ATTEMPT_TAG,
     REASON_TAG,
@@ -16,6 +17,7 @@ from lifecycle_dagster.lib.partitions import (
     USE_CASES,
     VERDICT_RUN_TAG,
 )
+from lifecycle_dagster.ml.feedback import FeedbackStore
 from lifecycle_dagster.ml.readaptation import Decision
 from lifecycle_dagster.ml.tunables import given
 
@@ -208,3 +210,50 @@ def data_change_sensor(context: dg.SensorEvaluationContext):
             skip_reason="data files match their latest snapshots", cursor=json.dumps(cursor)
         )
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor))
+
+
+@dg.sensor(
+    asset_selection=dg.AssetSelection.assets("preference_dataset"),
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Past a use case's `feedback.min_new` new ratings and preferences from the "
+    "model's users, records a new version of `user_feedback` and re-runs the preference data "
+    "with the pairs they make; the reward model, alignment, evaluation, export and promotion "
+    "follow by declarative automation.",
+)
+def feedback_sensor(context: dg.SensorEvaluationContext):
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    store = FeedbackStore(settings.feedback_url())
+    events, requests, waiting = [], [], []
+    for key in context.instance.get_dynamic_partitions(USE_CASES.name):
+        uc = materialized_use_case(context.instance, key)
+        if uc is None:
+            continue
+        new = store.count(uc.name, after_seq=cursor.get(key, 0))
+        if new < uc.feedback.min_new:
+            waiting.append(f"{key}: {new}/{uc.feedback.min_new} new")
+            continue
+        seq = store.latest_seq(uc.name)
+        why = f"{new} new feedback from users (up to #{seq})"
+        context.log.info(f"{key}: {why}")
+        events.append(
+            dg.AssetMaterialization(
+                "user_feedback",
+                partition=key,
+                description=why,
+                metadata={"new": new, "total": store.count(uc.name), "seq": seq},
+            )
+        )
+        requests.append(
+            dg.RunRequest(
+                run_key=f"feedback-{key}-{seq}",
+                asset_selection=[dg.AssetKey("preference_dataset")],
+                partition_key=key,
+                tags={REASON_TAG: why, USE_CASE_TAG: key},
+            )
+        )
+        cursor[key] = seq
+    if not requests:
+        skip = "; ".join(waiting) or "no use case has been materialized"
+        return dg.SensorResult(skip_reason=f"feedback: {skip}", cursor=json.dumps(cursor))
+    return dg.SensorResult(run_requests=requests, asset_events=events, cursor=json.dumps(cursor))

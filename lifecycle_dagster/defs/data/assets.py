@@ -22,8 +22,11 @@ from lifecycle_dagster.ml.data import (
     validate_data,
     write_rows,
 )
+from lifecycle_dagster.ml.feedback import feedback_pairs
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.mlflow import MlflowTracking
+
+BUILT = "built from the task data (reference vs another row's)"
 
 
 def snapshot(split, tmp, name: str, field: str) -> None:
@@ -118,7 +121,7 @@ def task_dataset(
     kinds={"json", "mlflow"},
     owners=OWNERS,
     code_version="1",
-    deps=["use_case"],
+    deps=["use_case", "user_feedback"],
     check_specs=[
         dg.AssetCheckSpec(
             "pairs_are_distinct",
@@ -146,7 +149,8 @@ def preference_dataset(
     mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
     """Preference pairs (prompt, chosen, rejected) for the reward model and DPO, train and held
-    out: the use case's preference files, or pairs built from the task data when it has none."""
+    out: the use case's preference files, or pairs built from the task data when it has none;
+    the train pairs with those the deployed model's users made by their feedback."""
     with stage(context, "preference_dataset", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
         task, splits = validate_data(uc)
@@ -154,27 +158,28 @@ def preference_dataset(
             n: splits[n].rows if splits else build_pairs(uc, task[n].rows)
             for n in ("train", "eval")
         }
+        feedback = feedback_pairs(uc, settings.feedback_url())  # users' pairs join the train ones
+        rows["train"] = rows["train"] + feedback.rows
         with st.write() as tmp:
             for name in ("train", "eval"):
                 if splits:
                     snapshot(splits[name], tmp, f"preferences_{name}.jsonl", f"preferences_{name}")
-                else:
-                    write_rows(tmp / f"preferences_{name}.jsonl", rows[name])
+                write_rows(tmp / f"preferences_{name}.jsonl", rows[name])
+            feedback.write(tmp)
         same = [r["id"] for s in rows.values() for r in s if r["chosen"] == r["rejected"]]
         leaked = overlap(rows["train"], rows["eval"], "prompt")
-        field = uc.task.input_field
-        task_eval = task["eval"].rows
-        in_pairs = overlap([{"prompt": r[field]} for r in task_eval], rows["train"], "prompt")
-        origin = "files" if splits else "built from the task data (reference vs another row's)"
+        task_eval = [{"prompt": r[uc.task.input_field]} for r in task["eval"].rows]
+        in_pairs = overlap(task_eval, rows["train"], "prompt")
         files = {f"preferences_{n}": (st.name, f"preferences_{n}.jsonl") for n in ("train", "eval")}
         st.reads(attempt=True, **files)
         return st.result(
             metrics={
                 "train_pairs": len(rows["train"]),
                 "eval_pairs": len(rows["eval"]),
+                "feedback_pairs": len(feedback.rows),
                 "leaked_rows": leaked,
             },
-            metadata={"origin": origin},
+            metadata={"origin": "files" if splits else BUILT, "feedback_seq": feedback.seq},
             check_results=[
                 check(
                     "pairs_are_distinct",

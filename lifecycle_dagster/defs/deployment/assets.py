@@ -16,6 +16,18 @@ from lifecycle_dagster.resources.artifacts import (
 )
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 
+user_feedback = dg.AssetSpec(
+    "user_feedback",
+    group_name="deployment",
+    partitions_def=USE_CASES,
+    kinds={"sql"},
+    owners=OWNERS,
+    description="What the deployed model's users say about its answers (`POST /v1/feedback` of "
+    "`lifecycle serve`): ratings and preferences in the feedback store. `feedback_sensor` records "
+    "a new version past the use case's `feedback.min_new` new pieces, and the preference data "
+    "takes in the pairs they make.",
+)
+
 
 @dg.asset(
     group_name="deployment",
