@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -403,9 +404,12 @@ def cmd_serve(args) -> int:
     except (LookupError, FileNotFoundError, ValueError) as exc:
         print(f"lifecycle serve: {exc}", file=sys.stderr)
         return 1
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("lifecycle.serve").setLevel(logging.INFO)
     server = Server.build(
         model,
-        tracking_uri=None if args.no_tracing else uri,
+        tracking_uri=uri,
+        tracing=not args.no_tracing,
         feedback_url=settings.feedback_url(),
         api_key=api_key,
         max_batch=args.max_batch,

@@ -90,6 +90,7 @@ class Server:
         model: ServedModel,
         *,
         tracking_uri: str | None = None,
+        tracing: bool = True,
         feedback_url: str | None = None,
         api_key: str | None = None,
         max_batch: int = 16,
@@ -103,7 +104,7 @@ class Server:
         engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
         store = FeedbackStore(feedback_url) if feedback_url else None
         experiment = model.use_case or model.name
-        tracer = Tracer(tracking_uri, experiment, store) if tracking_uri else None
+        tracer = Tracer(tracking_uri, experiment, store) if tracking_uri and tracing else None
 
         def record(served: Served, finish: Finish, started: float) -> None:
             ended = time.time()

@@ -157,6 +157,20 @@ def build_app(
 ):
     hooks = hooks or Hooks()
     app = FastAPI(title="lifecycle serve", description=__doc__, version="1")
+
+    def openapi() -> dict:
+        """The document, naming the one model this server serves where requests name it."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for name in ("ChatRequest", "CompletionRequest"):
+                field = schema["components"]["schemas"][name]["properties"]["model"]
+                field["enum"] = [engine.model.name]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     metrics = Metrics(engine)
     app.state.metrics = metrics
 

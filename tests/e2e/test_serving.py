@@ -8,6 +8,7 @@ MLflow trace and feedback on it is stored durably and shows as an assessment."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -373,7 +374,6 @@ def test_beyond_loopback_the_server_needs_an_api_key(home, exported, server):
 
 def test_schemathesis_finds_no_server_error(server, tmp_path):
     """Generated requests against the server's own OpenAPI document: none answered with 5xx."""
-    report = tmp_path / "schemathesis"
     done = subprocess.run(
         [
             str(Path(sys.executable).parent / "schemathesis"),
@@ -394,8 +394,8 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "not_a_server_error" in done.stdout
-    assert report.parent.exists()
+    (generated, passed) = re.search(r"(\d+) generated, (\d+) passed", done.stdout).groups()
+    assert int(generated) == int(passed) > 100, done.stdout[-2000:]
 
 
 @contextlib.contextmanager
