@@ -105,7 +105,7 @@ class Decoding:
             self.first_token_s = time.perf_counter() - self.job.enqueued
         if token in self.model.generator.eos:
             self.reason = "stop"
-            return self._flush()
+            return self.flush()
         self.tokens.append(token)
         text = self.model.decode(self.tokens)
         if self.job.one_line:
@@ -119,7 +119,7 @@ class Decoding:
             self.reason = "length"
         self.text = text
         if self.reason is not None:
-            return self._flush()
+            return self.flush()
         certain = len(text) - self.hold
         if text.endswith("\ufffd"):
             certain = min(certain, len(text) - 1)
@@ -127,7 +127,7 @@ class Decoding:
             certain = min(certain, len(text.rstrip()))
         return self._take(certain)
 
-    def _flush(self) -> str:
+    def flush(self) -> str:
         if self.job.one_line:
             self.text = self.text.rstrip()
         return self._take(len(self.text))
@@ -269,7 +269,7 @@ def decode(model: ServedModel, batch: list[Job]) -> None:
     for row in live:  # the generator ended (max_length) before the request did
         state = states[row]
         state.reason = state.reason or "length"
-        state.job.on_text(state._flush())
+        state.job.on_text(state.flush())
         _done(state, start, len(batch))
     del generator
 
