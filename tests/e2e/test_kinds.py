@@ -15,6 +15,7 @@ import pytest
 from lifecycle_dagster.definitions import defs
 from lifecycle_dagster.resources.artifacts import records_of
 
+EXAMPLES = 24  # evaluated per stage
 KINDS = {
     "dialogue_intent": ("accuracy", {"format_ok": {"min": 0.0}}),
     "dialogue_slots": ("field_f1", {"json_valid": {"min": 0.0}}),
@@ -37,9 +38,13 @@ def run_kind(instance, name: str):
         "profile": "tiny",
         "use_case": name,
         "overrides": {
-            "evaluation": {"thresholds": {"primary": {"min": 0.0}, **thresholds}},
-            # Alignment and export as short as still shows them working: the kinds differ in
-            # metrics and rewards, not in how long alignment runs.
+            "evaluation": {
+                "max_examples": EXAMPLES,
+                "thresholds": {"primary": {"min": 0.0}, **thresholds},
+            },
+            # Prompting, alignment and export as short as still shows them working: the kinds
+            # differ in metrics and rewards, not in how many shots or steps they take.
+            "prompting": {"shots": [0, 1]},
             "alignment": {"max_steps": 6},
             "compression": {"check_prompts": 2, "variants": ["fp32", "int8"]},
         },
@@ -104,4 +109,4 @@ def test_classification_reports_label_scoring_and_a_confusion_table(instance):
         "flight change",
         "library renewal",
     }
-    assert sum(v for r in confusion for k, v in r.data.items() if k != "reference") == 48
+    assert sum(v for r in confusion for k, v in r.data.items() if k != "reference") == EXAMPLES

@@ -220,79 +220,86 @@ def test_bad_requests_get_errors_that_name_the_cause(server):
     assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_every_answer_is_traced_and_feedback_is_kept_and_assessed(server, home, exported):
+def test_every_answer_is_traced_and_feedback_is_kept_and_assessed(tmp_path, exported):
     """Answers are MLflow traces; a rating and a preference are acknowledged only once stored
     (the server is then SIGKILLed: nothing acknowledged is lost) and show on the traces."""
     from mlflow import MlflowClient
 
     from lifecycle_dagster.ml.feedback import FeedbackStore
 
-    client = server.client()
-    row = evaluated(exported[0])[0]
-    messages = [{"role": "user", "content": row["input"]}]
-    greedy = client.chat.completions.create(model=NAME, messages=messages)
-    sampled = next(
-        a
-        for seed in range(20)
-        if (
-            a := client.chat.completions.create(
-                model=NAME, messages=messages, temperature=1.5, seed=seed
+    register(f"sqlite:///{tmp_path / 'mlflow.db'}", NAME, exported[0])
+    server = Serve(tmp_path, "--model", NAME, "--follow-s", "0")
+    try:
+        client = server.client()
+        row = evaluated(exported[0])[0]
+        messages = [{"role": "user", "content": row["input"]}]
+        greedy = client.chat.completions.create(model=NAME, messages=messages)
+        sampled = next(
+            a
+            for seed in range(20)
+            if (
+                a := client.chat.completions.create(
+                    model=NAME, messages=messages, temperature=1.5, seed=seed
+                )
             )
+            .choices[0]
+            .message.content
+            != greedy.choices[0].message.content
         )
-        .choices[0]
-        .message.content
-        != greedy.choices[0].message.content
-    )
-    ack = requests.post(
-        f"{server.url}/v1/feedback",
-        json={"response_id": greedy.id, "rating": 1, "comment": "accurate"},
-        timeout=30,
-    )
-    assert ack.status_code == 200, ack.text
-    pref = requests.post(
-        f"{server.url}/v1/feedback",
-        json={"chosen_id": greedy.id, "rejected_id": sampled.id},
-        timeout=30,
-    ).json()
-    assert pref["kind"] == "preference" and pref["use_case"] == "dialogue_summarisation"
-    unknown = requests.post(
-        f"{server.url}/v1/feedback", json={"response_id": "chatcmpl-nope", "rating": 1}, timeout=30
-    )
-    assert unknown.status_code == 404 and "chatcmpl-nope" in unknown.json()["error"]["message"]
-
-    uri = server.env["MLFLOW_TRACKING_URI"]
-    mlflow = MlflowClient(uri)
-    exp = mlflow.get_experiment_by_name("dialogue_summarisation")
-
-    def assessed():
-        traces = mlflow.search_traces(
-            locations=[exp.experiment_id],
-            filter_string=f"tags.`lifecycle.response_id` = '{greedy.id}'",
+        ack = requests.post(
+            f"{server.url}/v1/feedback",
+            json={"response_id": greedy.id, "rating": 1, "comment": "accurate"},
+            timeout=30,
         )
-        if traces and {a.name for a in traces[0].info.assessments} >= {
-            "user_rating",
-            "user_preference",
-        }:
-            return traces[0]
-        return None
+        assert ack.status_code == 200, ack.text
+        pref = requests.post(
+            f"{server.url}/v1/feedback",
+            json={"chosen_id": greedy.id, "rejected_id": sampled.id},
+            timeout=30,
+        ).json()
+        assert pref["kind"] == "preference" and pref["use_case"] == "dialogue_summarisation"
+        unknown = requests.post(
+            f"{server.url}/v1/feedback",
+            json={"response_id": "chatcmpl-nope", "rating": 1},
+            timeout=30,
+        )
+        assert unknown.status_code == 404 and "chatcmpl-nope" in unknown.json()["error"]["message"]
 
-    deadline = time.monotonic() + 60
-    while (trace := assessed()) is None:
-        assert time.monotonic() < deadline, "no assessed trace within 60 s"
-        time.sleep(1)
-    assert trace.info.tags["lifecycle.model_version"] == "1"
-    assert json.loads(trace.info.response_preview or '""') or trace.data.spans
-    rating = next(a for a in trace.info.assessments if a.name == "user_rating")
-    assert rating.feedback.value == 1 and rating.source.source_type == "HUMAN"
+        uri = server.env["MLFLOW_TRACKING_URI"]
+        mlflow = MlflowClient(uri)
+        exp = mlflow.get_experiment_by_name("dialogue_summarisation")
 
-    # Acknowledged means stored: kill the server outright and read the store.
-    server.stop(signal.SIGKILL)
-    store = FeedbackStore(server.env["LIFECYCLE_FEEDBACK_URL"])
-    assert store.count("dialogue_summarisation") == 2
-    (pair,) = store.preference_pairs("dialogue_summarisation")
-    assert pair["prompt"] == row["input"]
-    assert pair["chosen"] == greedy.choices[0].message.content
-    assert pair["rejected"] == sampled.choices[0].message.content
+        def assessed():
+            traces = mlflow.search_traces(
+                locations=[exp.experiment_id],
+                filter_string=f"tags.`lifecycle.response_id` = '{greedy.id}'",
+            )
+            if traces and {a.name for a in traces[0].info.assessments} >= {
+                "user_rating",
+                "user_preference",
+            }:
+                return traces[0]
+            return None
+
+        deadline = time.monotonic() + 60
+        while (trace := assessed()) is None:
+            assert time.monotonic() < deadline, "no assessed trace within 60 s"
+            time.sleep(1)
+        assert trace.info.tags["lifecycle.model_version"] == "1"
+        assert json.loads(trace.info.response_preview or '""') or trace.data.spans
+        rating = next(a for a in trace.info.assessments if a.name == "user_rating")
+        assert rating.feedback.value == 1 and rating.source.source_type == "HUMAN"
+
+        # Acknowledged means stored: kill the server outright and read the store.
+        server.stop(signal.SIGKILL)
+        store = FeedbackStore(server.env["LIFECYCLE_FEEDBACK_URL"])
+        assert store.count("dialogue_summarisation") == 2
+        (pair,) = store.preference_pairs("dialogue_summarisation")
+        assert pair["prompt"] == row["input"]
+        assert pair["chosen"] == greedy.choices[0].message.content
+        assert pair["rejected"] == sampled.choices[0].message.content
+    finally:
+        server.stop()
 
 
 def test_the_champion_moves_under_streaming_traffic(home, exported):
