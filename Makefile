@@ -23,7 +23,7 @@ LLAMA_CPP_PY := 0.3.36
 BENCH_DIR    := $(LIFECYCLE_HOME)/bench
 LLAMA_SDIST  := $(BENCH_DIR)/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz
 
-.PHONY: setup models demo tiny loop test test-fast test-e2e lint format ui mlflow-ui serve bench-env bench clean
+.PHONY: setup models demo tiny loop test test-fast test-e2e lint format ui mlflow-ui serve bench-env bench helm-chart clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -100,6 +100,14 @@ $(BENCH_DIR)/llama.cpp/convert_hf_to_gguf.py: $(LLAMA_SDIST)
 		llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/conversion \
 		llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/gguf-py
 	@touch $@
+
+# The pinned Dagster chart (version from deploy/helm/values.yaml) into deploy/helm/chart/, for
+# the test that validates the values against the chart's own values.schema.json. Needs helm and
+# the chart repository; the tests skip that check without it.
+HELM_CHART_VERSION := $(shell sed -n 's/.*dagster\/dagster --version \([0-9.]*\).*/\1/p' deploy/helm/values.yaml)
+helm-chart:
+	helm pull dagster --repo https://dagster-io.github.io/helm --version $(HELM_CHART_VERSION) \
+		--untar --untardir deploy/helm/chart
 
 bench-env: setup $(BENCH_DIR)/site/llama_cpp/__init__.py $(BENCH_DIR)/llama.cpp/convert_hf_to_gguf.py
 

@@ -369,3 +369,17 @@ def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         return proc.wait(timeout=timeout)
     return None
+
+
+def greedy_and_other(client, model: str, text: str, tries: int = 30):
+    """The greedy answer of an OpenAI-compatible ``client`` to the task input ``text``, and a
+    sampled one that differs from it: two answers to the same prompt, for feedback."""
+    messages = [{"role": "user", "content": text}]
+    greedy = client.chat.completions.create(model=model, messages=messages)
+    for seed in range(tries):
+        other = client.chat.completions.create(
+            model=model, messages=messages, temperature=1.5, seed=seed
+        )
+        if other.choices[0].message.content != greedy.choices[0].message.content:
+            return greedy, other
+    raise AssertionError(f"{tries} sampled answers all equal the greedy one: {greedy}")

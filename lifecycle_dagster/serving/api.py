@@ -399,6 +399,37 @@ def build_app(
             ]
         )
 
+    def chat_chunk(delta: str | None, reason: str | None) -> dict:
+        content = {} if delta is None else {"content": delta}
+        if delta == "":  # the first chunk says who speaks
+            content = {"role": "assistant", "content": ""}
+        return {
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": content, "finish_reason": reason}],
+        }
+
+    def text_chunk(delta: str | None, reason: str | None) -> dict:
+        return {
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": delta or "", "finish_reason": reason}],
+        }
+
+    async def answer(body, request: Request, served: Served, chunk, response, choice):
+        """The answer as events (``stream``) or as one ``response`` with ``choice(finish)``."""
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return event_stream(stream(served, chunk, include), served)
+        finish = await complete(request, served)
+        return response(
+            id=served.response_id,
+            created=int(time.time()),
+            model=finish.model.name,
+            model_version=finish.model.version,
+            system_fingerprint=fingerprint(finish.model),
+            choices=[choice(finish)],
+            usage=usage(finish),
+        )
+
     @app.post(
         "/v1/chat/completions",
         response_model=ChatResponse,
@@ -406,32 +437,12 @@ def build_app(
         responses={200: {"content": {"text/event-stream": {}}}},
     )
     async def chat(body: ChatRequest, request: Request):
+        def choice(finish: Finish) -> ChatChoice:
+            message = ChoiceMessage(content=finish.text)
+            return ChatChoice(message=message, finish_reason=finish.reason)
+
         served = prepare_chat(body)
-        if body.stream:
-
-            def chunk(delta: str | None, reason: str | None) -> dict:
-                content = {} if delta is None else {"content": delta}
-                if delta == "":
-                    content = {"role": "assistant", "content": ""}
-                return {
-                    "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": content, "finish_reason": reason}],
-                }
-
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return event_stream(stream(served, chunk, include), served)
-        finish = await complete(request, served)
-        return ChatResponse(
-            id=served.response_id,
-            created=int(time.time()),
-            model=finish.model.name,
-            model_version=finish.model.version,
-            system_fingerprint=fingerprint(finish.model),
-            choices=[
-                ChatChoice(message=ChoiceMessage(content=finish.text), finish_reason=finish.reason)
-            ],
-            usage=usage(finish),
-        )
+        return await answer(body, request, served, chat_chunk, ChatResponse, choice)
 
     @app.post(
         "/v1/completions",
@@ -440,27 +451,11 @@ def build_app(
         responses={200: {"content": {"text/event-stream": {}}}},
     )
     async def completions(body: CompletionRequest, request: Request):
+        def choice(finish: Finish) -> CompletionChoice:
+            return CompletionChoice(text=finish.text, finish_reason=finish.reason)
+
         served = prepare_completion(body)
-        if body.stream:
-
-            def chunk(delta: str | None, reason: str | None) -> dict:
-                return {
-                    "object": "text_completion",
-                    "choices": [{"index": 0, "text": delta or "", "finish_reason": reason}],
-                }
-
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return event_stream(stream(served, chunk, include), served)
-        finish = await complete(request, served)
-        return CompletionResponse(
-            id=served.response_id,
-            created=int(time.time()),
-            model=finish.model.name,
-            model_version=finish.model.version,
-            system_fingerprint=fingerprint(finish.model),
-            choices=[CompletionChoice(text=finish.text, finish_reason=finish.reason)],
-            usage=usage(finish),
-        )
+        return await answer(body, request, served, text_chunk, CompletionResponse, choice)
 
     @app.post("/v1/feedback", response_model=FeedbackAck, dependencies=[Depends(authorized)])
     def feedback(body: FeedbackRequest) -> FeedbackAck:

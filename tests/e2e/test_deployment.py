@@ -28,7 +28,7 @@ import dagster as dg
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
-from servers import BIN, Deployment, free_port
+from servers import BIN, Deployment, free_port, greedy_and_other
 
 from lifecycle_dagster.definitions import defs
 from lifecycle_dagster.lib.partitions import REASON_TAG
@@ -695,20 +695,7 @@ def test_users_feedback_reaches_a_new_reward_model_and_candidate(deployment, ins
     rows = read_rows(deployment.root / "data" / uc / "train.jsonl")[:2]
     rated = []
     for row in rows:  # two answers to each of two training dialogues, one rated up, one down
-        messages = [{"role": "user", "content": row["dialogue"]}]
-        good = client.chat.completions.create(model=name, messages=messages)
-        bad = next(
-            a
-            for seed in range(30)
-            if (
-                a := client.chat.completions.create(
-                    model=name, messages=messages, temperature=1.5, seed=seed
-                )
-            )
-            .choices[0]
-            .message.content
-            != good.choices[0].message.content
-        )
+        good, bad = greedy_and_other(client, name, row["dialogue"])
         for answer, rating in ((good, 1), (bad, -1)):
             ack = requests.post(
                 f"{url}/v1/feedback", json={"response_id": answer.id, "rating": rating}, timeout=30

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from servers import free_port, greedy_and_other
 
 from lifecycle_dagster.ml.compress import EVALUATED_FILE, SELECTED_FILE
 from lifecycle_dagster.ml.data import EvalSplit, format_prompt
@@ -28,12 +28,6 @@ from lifecycle_dagster.ml.tasks import first_line
 
 NAME = "summaries-onnx"
 CLI = Path(sys.executable).parent / "lifecycle"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -232,20 +226,7 @@ def test_every_answer_is_traced_and_feedback_is_kept_and_assessed(tmp_path, expo
     try:
         client = server.client()
         row = evaluated(exported[0])[0]
-        messages = [{"role": "user", "content": row["input"]}]
-        greedy = client.chat.completions.create(model=NAME, messages=messages)
-        sampled = next(
-            a
-            for seed in range(20)
-            if (
-                a := client.chat.completions.create(
-                    model=NAME, messages=messages, temperature=1.5, seed=seed
-                )
-            )
-            .choices[0]
-            .message.content
-            != greedy.choices[0].message.content
-        )
+        greedy, sampled = greedy_and_other(client, NAME, row["input"])
         ack = requests.post(
             f"{server.url}/v1/feedback",
             json={"response_id": greedy.id, "rating": 1, "comment": "accurate"},

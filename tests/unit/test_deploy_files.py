@@ -154,3 +154,25 @@ def test_kubernetes_objects_in_the_helm_values_validate_against_their_definition
             assert not errors, (path, errors)
     # A misspelt field is caught, as the chart would pass it on to Kubernetes unchecked.
     assert list(k8s_definition("resourcerequirements").iter_errors({"limit": {"cpu": "1"}}))
+
+
+CHART_SCHEMA = DEPLOY / "helm" / "chart" / "dagster" / "values.schema.json"
+
+
+@pytest.mark.skipif(
+    not CHART_SCHEMA.exists(),
+    reason="the pinned chart is not here: `make helm-chart` (helm and its repository) pulls it",
+)
+def test_helm_values_validate_against_the_charts_own_schema():
+    values = yaml.safe_load((DEPLOY / "helm" / "values.yaml").read_text())
+    schema = json.loads(CHART_SCHEMA.read_text())
+    chart = yaml.safe_load((CHART_SCHEMA.parent / "Chart.yaml").read_text())
+    (pinned,) = re.findall(
+        r"dagster/dagster --version (\S+)", (DEPLOY / "helm" / "values.yaml").read_text()
+    )
+    assert chart["version"] == pinned, (chart["version"], pinned)
+    errors = [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in jsonschema.validators.validator_for(schema)(schema).iter_errors(values)
+    ]
+    assert not errors, errors
