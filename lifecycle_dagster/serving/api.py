@@ -227,10 +227,12 @@ def build_app(
             )
         return model
 
-    def job_for(request, ids: list[int], max_tokens: int, one_line: bool) -> Job:
+    def job_for(request, model, prompt: str, max_tokens: int, one_line: bool) -> Job:
         return Job(
-            ids=ids,
+            ids=model.encode(prompt, max_tokens),
             max_tokens=max_tokens,
+            prompt=prompt,
+            encoded_by=model,
             sampling=Sampling(request.temperature, request.top_p, request.seed),
             stop=request.stops,
             one_line=one_line,
@@ -242,22 +244,21 @@ def build_app(
         max_tokens = max_tokens or model.default_max_tokens
         try:
             prompt = model.chat_prompt([(m.role, m.content) for m in request.messages])
-            ids = model.encode(prompt, max_tokens)
+            job = job_for(request, model, prompt, max_tokens, one_line=True)
         except RequestError as exc:
             raise ApiError(400, str(exc), "invalid_request_error", "invalid_prompt") from exc
         alone = len(request.messages) == 1  # one user message: a task input
-        task_input = request.messages[0].content if alone else None
-        return Served("chat", prompt, job_for(request, ids, max_tokens, True), task_input)
+        return Served("chat", prompt, job, request.messages[0].content if alone else None)
 
     def prepare_completion(request: CompletionRequest) -> Served:
         model = check_model(request.model)
         max_tokens = request.max_tokens or model.default_max_tokens
         try:
             prompt = model.with_soft_prompt(request.prompt)
-            ids = model.encode(prompt, max_tokens)
+            job = job_for(request, model, prompt, max_tokens, one_line=False)
         except RequestError as exc:
             raise ApiError(400, str(exc), "invalid_request_error", "invalid_prompt") from exc
-        return Served("completion", prompt, job_for(request, ids, max_tokens, one_line=False))
+        return Served("completion", prompt, job)
 
     def submit(served: Served) -> asyncio.Queue:
         """Hands the job to the engine; its text and end arrive on the returned queue."""

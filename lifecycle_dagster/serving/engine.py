@@ -68,6 +68,10 @@ class Finish:
 class Job:
     ids: list[int]
     max_tokens: int
+    # The prompt and the model whose tokenizer made ``ids``: a request that waited through a
+    # switch of version is encoded again by the new one.
+    prompt: str | None = None
+    encoded_by: ServedModel | None = None
     sampling: Sampling = Sampling()
     stop: tuple[str, ...] = ()
     # The use case's answer is one line (what evaluation judges): leading blank space is not
@@ -232,6 +236,15 @@ def decode(model: ServedModel, batch: list[Job]) -> None:
     """Decodes ``batch`` together in this thread, calling each job back as it goes."""
     import numpy as np
 
+    for job in list(batch):
+        if job.encoded_by is not None and job.encoded_by is not model:
+            try:
+                job.ids, job.encoded_by = model.encode(job.prompt, job.max_tokens), model
+            except ValueError as exc:  # e.g. too long for the new version's context
+                batch.remove(job)
+                job.on_error(exc)
+    if not batch:
+        return
     og = model.generator.og
     start = time.perf_counter()
     width = max(len(job.ids) for job in batch)
