@@ -66,6 +66,8 @@ class Tracer:
         # This thread is the asynchronous part: each trace is stored before the next item (an
         # assessment of it, say) is written.
         os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
+        # A tracking server that is down costs a few seconds a write, not minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         import mlflow
 
         # MLflow exports traces to the process's tracking URI: a serving process has one store.

@@ -442,3 +442,29 @@ def test_a_full_queue_answers_429_and_a_client_gone_is_not_decoded(exported):
         assert "lifecycle_cancelled_requests 1.0" in metrics
         assert f"lifecycle_generated_tokens_total {float(tokens)}" in metrics
     engine.stop()
+
+
+def test_tracing_that_cannot_write_never_fails_a_request(exported, tmp_path):
+    """The tracking server is unreachable: every request is still answered, at once, while the
+    tracer's thread retries its writes in vain."""
+    from openai import OpenAI
+
+    from lifecycle_dagster.serving import ServedModel, Server
+
+    model = ServedModel.from_artifact(exported[0], NAME, "1", "champion")
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    server = Server.build(
+        model, tracking_uri=down, feedback_url=f"sqlite:///{tmp_path / 'fb.db'}", follow_s=None
+    ).start()
+    try:
+        with in_process(server.app) as url:
+            client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30)
+            for row in evaluated(exported[0])[:3]:
+                messages = [{"role": "user", "content": row["input"]}]
+                started = time.monotonic()
+                answer = client.chat.completions.create(model=NAME, messages=messages)
+                assert answer.choices[0].message.content == row["prediction"]
+                assert time.monotonic() - started < 5  # the tracer's retries are not waited for
+            assert server.tracer.written == 0
+    finally:
+        server.stop()
