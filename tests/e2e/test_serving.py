@@ -444,13 +444,22 @@ def test_a_full_queue_answers_429_and_a_client_gone_is_not_decoded(exported):
     engine.stop()
 
 
-def test_tracing_that_cannot_write_never_fails_a_request(exported, tmp_path):
+def test_tracing_that_cannot_write_never_fails_a_request(exported, tmp_path, monkeypatch):
     """The tracking server is unreachable: every request is still answered, at once, while the
     tracer's thread retries its writes in vain."""
+    import mlflow
     from openai import OpenAI
 
     from lifecycle_dagster.serving import ServedModel, Server
 
+    # The tracer sets this process's MLflow tracking URI and settings, as a serving process
+    # wants; here they are put back afterwards, for the tests that follow in this process.
+    for var in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    ):
+        monkeypatch.delenv(var, raising=False)
     model = ServedModel.from_artifact(exported[0], NAME, "1", "champion")
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     server = Server.build(
@@ -468,3 +477,4 @@ def test_tracing_that_cannot_write_never_fails_a_request(exported, tmp_path):
             assert server.tracer.written == 0
     finally:
         server.stop()
+        mlflow.set_tracking_uri(None)
