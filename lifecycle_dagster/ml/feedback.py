@@ -10,9 +10,11 @@ preference is one; ratings of two answers to the same input are one when the rat
 from __future__ import annotations
 
 import itertools
+import json
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import sqlalchemy as sa
 
@@ -226,9 +228,6 @@ class FeedbackPairs:
     total: int  # feedback (ratings and preferences) up to seq
 
     def write(self, folder) -> None:
-        import json
-        from pathlib import Path
-
         (Path(folder) / FEEDBACK_FILE).write_text(
             json.dumps({"pairs": len(self.rows), "seq": self.seq, "feedback": self.total})
         )
@@ -236,9 +235,6 @@ class FeedbackPairs:
     @staticmethod
     def read(folder) -> dict:
         """What a preference dataset took in (no feedback: zeros)."""
-        import json
-        from pathlib import Path
-
         path = Path(folder) / FEEDBACK_FILE
         return (
             json.loads(path.read_text()) if path.exists() else {"pairs": 0, "seq": 0, "feedback": 0}

@@ -24,12 +24,10 @@ class ChampionWatcher:
     beside the serving one and handed to the engine, which switches between batches."""
 
     def __init__(self, engine: Engine, tracking_uri: str, every_s: float = 10.0, threads: int = 1):
-        self.engine, self.tracking_uri, self.every_s, self.threads = (
-            engine,
-            tracking_uri,
-            every_s,
-            threads,
-        )
+        self.engine = engine
+        self.tracking_uri = tracking_uri
+        self.every_s = every_s
+        self.threads = threads
         self.stopping = threading.Event()
         self.swaps: list[tuple[str, str]] = []
         self.thread = threading.Thread(target=self._loop, name="champion-watcher", daemon=True)
