@@ -279,6 +279,7 @@ def align_and_score(
         )
 
     soft = len(soft_tokens(tokenizer))
+    policy.eval()  # scored as evaluation scores it (its answers are reused from the SFT stage's)
     before = score(policy, tokenizer, "aligned_model[sft eval]")
     out_dir = Path(out_dir)
     if skip:

@@ -29,13 +29,23 @@ def generate(
     stage: str = "generate",
 ) -> list[str]:
     """Greedy completions, left-padded batches, longest prompts first so batches pad little. A
-    model with a soft prompt in its vocabulary is prompted with it."""
+    model with a soft prompt in its vocabulary is prompted with it. Answers these weights already
+    gave to these prompts are reused (``ml.generations``)."""
     import torch
 
+    from lifecycle_dagster.ml import generations
     from lifecycle_dagster.ml.soft_prompt import with_soft_prompt
 
     tokenizer.padding_side = "left"
     prompts = with_soft_prompt(tokenizer, prompts)
+    cache_key = generations.key(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    cached = generations.get(cache_key, len(prompts))
+    if cached is not None:
+        if log:
+            log(f"{stage}: {len(prompts)} answers reused (same weights, same prompts)")
+        return cached
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
@@ -59,6 +69,7 @@ def generate(
             out[i] = clean_completion(text)
         if log:
             log(f"{stage}: {min(start + batch_size, len(order))}/{len(order)} generated")
+    generations.put(cache_key, out)
     return out
 
 

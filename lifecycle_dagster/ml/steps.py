@@ -119,7 +119,8 @@ def sft_adapter(
         checkpoints=checkpoints,
     )
     (out / "sft.json").write_text(method.model_dump_json())
-    model, tok = load_sft(base, out / "adapter", runtime)
+    # Merged, as alignment and evaluation load it: the same weights, answers generated once.
+    model, tok = load_sft(base, out / "adapter", runtime, merge=True)
     after = score_split(
         model,
         tok,

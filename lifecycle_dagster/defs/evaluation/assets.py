@@ -48,7 +48,9 @@ def _candidates(context, store, uc, runtime, split) -> dict[str, Candidate]:
         "prompt_baseline": Candidate(
             lambda: base_model, split.prompts_with(train[: best["shots"]])
         ),
-        "sft": Candidate(lambda: load_sft(base, sft / "adapter", runtime), split.prompts),
+        "sft": Candidate(
+            lambda: load_sft(base, sft / "adapter", runtime, merge=True), split.prompts
+        ),
         CANDIDATE: Candidate(
             lambda: (load_causal_lm(aligned / "model", runtime), load_tokenizer(aligned / "model")),
             split.prompts,
