@@ -215,6 +215,10 @@ def test_policy_and_quality_budget():
     ]
     assert pick(reports, "smallest") == "int4"
     assert pick(reports, "fastest") == "int8"
+    # speed-up x size reduction against fp32: int8 3.0 x 2.0 = 6.0, int4 2.67 x 4.17 = 11.1
+    assert pick(reports, "best_within_budget") == "int4"
+    slow_int4 = report("int4", 120, 40, True)  # 1.33 x 4.17 = 5.6 < 6.0
+    assert pick([*reports[:2], slow_int4], "best_within_budget") == "int8"
     assert pick([report("int4", 120, 80, True, cache=False), reports[0]], "smallest") == "fp32"
     assert pick([reports[3]], "smallest") is None
 
