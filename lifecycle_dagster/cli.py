@@ -26,6 +26,7 @@ SUMMARY_METRICS = {
     "reward_model": ["pairwise_accuracy"],
     "aligned_model": ["reward_before", "reward_after", "mean_kl", "candidate"],
     "evaluation": ["{metric}", "mean_reward", "perplexity", "verdict"],
+    "distilled_model": ["pruned.kl_after", "distilled.kl_after"],
     "onnx_model": ["selected_variant", "size_ratio", "speedup", "onnx_{metric}", "{metric}_drop"],
     "champion_model": ["onnx_champion", "aligned_champion"],
     "lifecycle_report": ["total_seconds"],

@@ -58,6 +58,36 @@ def render_bars(panels: dict[str, dict[str, float]], title: str) -> bytes:
     return buf.getvalue()
 
 
+def render_tradeoff(points: dict[str, dict], title: str, chosen: str | None = None) -> bytes:
+    """Size against speed, one point per variant (``MB``, ``tok_s``, ``drop``: quality lost,
+    ``ok``: within the budget), labelled with its quality loss; the chosen one ringed, those
+    outside the budget hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=90)
+    for name, p in points.items():
+        face = "#4f7cac" if p["ok"] else "none"
+        ax.scatter(p["MB"], p["tok_s"], s=60, facecolors=face, edgecolors="#4f7cac")
+        if name == chosen:
+            ax.scatter(p["MB"], p["tok_s"], s=260, facecolors="none", edgecolors="#c0392b")
+        ax.annotate(
+            f"{name} ({-100 * p['drop']:+.1f} pts)", (p["MB"], p["tok_s"]),
+            textcoords="offset points", xytext=(6, 4), fontsize=7,
+        )  # fmt: skip
+    ax.set_xlabel("size (MB)")
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def png_markdown(png: bytes, title: str) -> str:
     """Inline markdown (data URI) that the Dagster UI renders as an image."""
     return f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
@@ -69,7 +99,10 @@ def md_table(rows: list[dict]) -> str:
     cols = list(rows[0])
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in (row[c] for c in cols)]
+        cells = [
+            f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
+            for v in (row.get(c) for c in cols)
+        ]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

@@ -8,7 +8,7 @@ import json
 
 import dagster as dg
 
-from lifecycle_dagster.lib.render import md_table, table
+from lifecycle_dagster.lib.render import md_table, render_bars, render_tradeoff, table
 from lifecycle_dagster.lib.stage import Stage
 from lifecycle_dagster.ml.models import model_dir_of
 from lifecycle_dagster.ml.readaptation import Decision
@@ -183,6 +183,20 @@ def onnx_result(st: Stage, result, source, split) -> dg.MaterializeResult:
     )
     budget = {"max_metric_drop": c.max_metric_drop, "max_reward_drop_pct": c.max_reward_drop_pct}
     within = ", ".join(n for n, r in result.variants.items() if r.within_budget) or "none"
+    points = {
+        n: {
+            "MB": r.bytes / 1e6,
+            "tok_s": r.tokens_per_s,
+            "drop": r.quality_drop,
+            "ok": r.within_budget,
+        }
+        for n, r in result.variants.items()
+    }
+    tradeoff = st.image(
+        render_tradeoff(points, f"size, speed and {result.metric} lost", result.selected),
+        "trade-off",
+        "tradeoff",
+    )
     return st.result(
         metrics=result.metrics(),
         metadata={
@@ -192,6 +206,7 @@ def onnx_result(st: Stage, result, source, split) -> dg.MaterializeResult:
             "registered_version": version,
             "source_model": str(source),
             "variants": table(rows),
+            "tradeoff": tradeoff,
             "deploy_path": dg.MetadataValue.path(
                 str(st.target / result.selected) if result.selected else ""
             ),
@@ -516,4 +531,55 @@ def use_case_result(st: Stage, profile: str, source_file: str | None) -> dg.Mate
             "fingerprint": uc.fingerprint(),
             "resolved": dg.MetadataValue.json(resolved),
         }
+    )
+
+
+def students_result(st: Stage, step) -> dg.MaterializeResult:
+    """The pruned and distilled students: which blocks each keeps, its held-out KL to the teacher
+    before and after training, the block influence and the loss curves."""
+    result = step.result
+    config = st.use_case.distillation
+    rows = [s.row() for s in result.students.values()]
+    st.run.log_params({f"distillation.{k}": v for k, v in config.model_dump().items()})
+    for name, student in result.students.items():
+        st.run.log_curve(f"{name}.loss", [(h["step"], h["loss"]) for h in student.history])
+    meta: dict = {
+        "students": table(rows)
+        if rows
+        else "none: distillation.prune_layers and student_layers are 0",
+        "device": step.device,
+    }
+    if result.influence:
+        influence = {str(i): v for i, v in enumerate(result.influence)}
+        meta["block_influence"] = st.image(
+            render_bars({"block influence (1 - cos in/out)": influence}, "block influence"),
+            "block influence",
+            "block_influence",
+        )
+        curves = {
+            n: [(h["step"], h["loss"]) for h in s.history] for n, s in result.students.items()
+        }
+        meta["loss_curves"] = st.plot(curves, "distillation loss", "distillation_loss")
+    metrics = {
+        f"{n}.{k}": v
+        for n, s in result.students.items()
+        for k, v in (("kl_before", s.kl_before), ("kl_after", s.kl_after), ("blocks", len(s.kept)))
+    }
+    learned = {n: s.learned for n, s in result.students.items()}
+    return st.result(
+        metrics=metrics,
+        metadata=meta,
+        check_results=[
+            check(
+                "students_learn",
+                all(learned.values()),
+                {
+                    **{
+                        f"{n}_kl": f"{s.kl_before:.4f} -> {s.kl_after:.4f}"
+                        for n, s in result.students.items()
+                    },
+                    "students": ", ".join(learned) or "none",
+                },
+            )
+        ],
     )

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lifecycle_dagster.ml.export import VARIANTS, ExportConfig, export_onnx
+from lifecycle_dagster.ml.export import ExportConfig, describe, export_onnx, export_students
 from lifecycle_dagster.ml.faithfulness import Faithfulness, verify_against_torch
 from lifecycle_dagster.ml.progress import Log
 from lifecycle_dagster.ml.runtimes import GenaiGenerator, OrtDecoder, generate_texts
@@ -83,7 +83,7 @@ class VariantReport:
         f = self.faithfulness
         return {
             "variant": self.name,
-            "MB": round(self.bytes / 1e6, 1),
+            "MB": round(self.bytes / 1e6, 3),
             self.metric: round(self.quality, 4),
             f"{self.metric}_drop": round(self.quality_drop, 4),
             "drop_95ci": f"[{self.drop_ci[0]:.4f}, {self.drop_ci[1]:.4f}]" if self.drop_ci else "-",
@@ -220,22 +220,31 @@ def compress(
     reward: Callable[..., list[float]] | None = None,
     reference: dict[str, float | None] | None = None,
     serving: dict | None = None,
+    students: dict[str, Path] | None = None,
+    student_variants: Sequence[str] = ("int4",),
+    calibration: Sequence[str] = (),
     log: Log | None = None,
 ) -> CompressionResult:
     """Export, verify, score on ``split`` (an ``EvalSplit``) with its use case's task kind, and
     select. ``reference`` holds the PyTorch model's primary metric and ``mean_reward`` on the same
     prompts (from evaluation); without it the fp32 export's scores are the reference.
-    ``max_new_tokens`` bounds each eval-split generation. Writes ``selected.json`` and
-    ``serving.json`` (what a server needs) to ``out_dir``.
+    ``max_new_tokens`` bounds each eval-split generation. ``students`` (name -> a pruned or
+    distilled model of the same tokenizer) are exported in ``student_variants`` too, checked
+    against the same PyTorch model and scored alike, so the policy chooses among all of them.
+    ``calibration`` (train prompts) tunes the int4 export where the config asks (``int4_awq``).
+    Writes ``selected.json`` and ``serving.json`` (what a server needs) to ``out_dir``.
     """
     from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
 
     uc = split.use_case
     metric = uc.text_metric
-    exported = export_onnx(model_dir, out_dir, config, log=log)
+    exported = export_onnx(model_dir, out_dir, config, log=log, calibration=list(calibration))
+    if students:
+        exported = export_students(students, list(student_variants), exported, config, log=log)
     threads = runtime.ort_threads
     model, tok = load_causal_lm(model_dir, runtime), load_tokenizer(model_dir)
     scored: dict[str, tuple[Faithfulness, float, float | None, float, list[str]]] = {}
+    torch_memo: dict = {}  # PyTorch's side of the checks, once for every variant
     for name, folder in exported.variants.items():
         generator = GenaiGenerator(folder, threads)
         faith = verify_against_torch(
@@ -246,6 +255,7 @@ def compress(
             max_new_tokens=config.max_new_tokens,
             variant=name,
             generator=generator,
+            torch_memo=torch_memo,
         )
         preds, tps = generate_texts(
             generator,
@@ -317,7 +327,7 @@ def compress(
                 "metric": metric,
                 "reference": reference,
                 "variants": {n: r.row() for n, r in reports.items()},
-                "descriptions": {n: VARIANTS[n] for n in reports},
+                "descriptions": {n: describe(n) for n in reports},
             },
             indent=2,
         )

@@ -150,12 +150,12 @@ class RewardScorer:
         from lifecycle_dagster.ml.data import PromptFormat
 
         self.fmt = PromptFormat.read(path)  # plain for a reward model that records none
+        self._digest: str | None = None  # of its weights, taken once: it never trains here
 
     def __call__(
         self, prompts: Sequence[str], completions: Sequence[str], references=None
     ) -> list[float]:
-        import torch
-
+        from lifecycle_dagster.ml import generations
         from lifecycle_dagster.ml.soft_prompt import strip_soft_prompt
 
         eos = self.tokenizer.eos_token or ""
@@ -163,6 +163,18 @@ class RewardScorer:
             reward_text(self.fmt, eos, strip_soft_prompt(p), c)
             for p, c in zip(prompts, completions, strict=True)
         ]
+        if self._digest is None:
+            self._digest = generations.weights_digest(self.model)
+        key = generations.scores_key(self._digest, texts, batch_size=self.batch_size)
+        scores = generations.get(key, len(texts))
+        if scores is None:
+            scores = self._score(texts)
+            generations.put(key, scores)
+        return scores
+
+    def _score(self, texts: list[str]) -> list[float]:
+        import torch
+
         scores: list[float] = []
         device = next(self.model.parameters()).device
         for start in range(0, len(texts), self.batch_size):
@@ -280,12 +292,13 @@ def score_split(
     prompts: Sequence[str] | None = None,
     reward: Callable[..., list[float]] | None = None,
     suite: SuiteConfig | None = None,
+    perplexity: bool = True,
     log: Log | None = None,
     stage: str = "evaluate",
 ) -> EvalResult:
     """``evaluate_model`` on an ``EvalSplit``: its zero-shot prompts (or ``prompts``, e.g. with
     in-context examples), its references and ids, its use case's task and primary metric;
-    perplexity only with a suite."""
+    perplexity only with a suite (and ``perplexity``)."""
     uc = split.use_case
     return evaluate_model(
         model,
@@ -297,7 +310,7 @@ def score_split(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         reward=reward,
-        with_perplexity=suite is not None,
+        with_perplexity=suite is not None and perplexity,
         ids=split.ids,
         suite=suite,
         log=log,

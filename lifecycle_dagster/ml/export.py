@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from lifecycle_dagster.ml.awq import AWQ_FILE, scaled_copy
 from lifecycle_dagster.ml.progress import Log
 from lifecycle_dagster.ml.tunables import Tunables
 
@@ -47,6 +48,15 @@ VARIANTS = {
 Variant = Literal["fp32", "int8", "int4", "int8_dynamic"]
 
 
+def describe(variant: str) -> str:
+    """What a variant is: one of ``VARIANTS``, or ``<student>_<precision>`` (a pruned or distilled
+    student of the model, exported in that precision)."""
+    if variant in VARIANTS:
+        return VARIANTS[variant]
+    student, _, precision = variant.rpartition("_")
+    return f"the {student} student, {VARIANTS.get(precision, precision)}"
+
+
 class ExportConfig(Tunables):
     """The ONNX export: which variants, and how int8/int4 weights are quantised."""
 
@@ -66,9 +76,30 @@ class ExportConfig(Tunables):
     int4_algorithm: Literal["rtn", "k_quant"] = Field(
         "k_quant", description="int4 scales: round to nearest, or k-quant (lower weighted error)."
     )
-    int4_mixed_precision: bool = Field(
-        True, description="int4: keep the LM head and the most sensitive layers in int8."
+    int4_keep_int8: Literal["none", "lm_head", "lm_head_and_sensitive"] = Field(
+        "lm_head_and_sensitive",
+        description="int4: what stays int8: nothing, the LM head, or the LM head and the most "
+        "sensitive layers (llama.cpp's Q4_K_M choice).",
     )
+    int4_awq: bool = Field(
+        False,
+        description="int4: fold activation-aware scales, searched on the use case's train "
+        "prompts, into the norms before quantising (ml.awq).",
+    )
+    calibration_prompts: int = Field(
+        32, gt=0, description="int4 with int4_awq: train prompts the scales are searched on."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_int4_name(cls, data):
+        """``int4_mixed_precision`` (a bool), the option's name before the LM head alone could be
+        kept: true is the head and the sensitive layers, false nothing."""
+        if isinstance(data, dict) and "int4_mixed_precision" in data:
+            data = dict(data)
+            mixed = data.pop("int4_mixed_precision")
+            data.setdefault("int4_keep_int8", "lm_head_and_sensitive" if mixed else "none")
+        return data
 
     @field_validator("variants")
     @classmethod
@@ -92,9 +123,14 @@ def onnx_bytes(folder: Path) -> int:
 
 
 def export_onnx(
-    model_dir: Path, out_dir: Path, config: ExportConfig, log: Log | None = None
+    model_dir: Path,
+    out_dir: Path,
+    config: ExportConfig,
+    log: Log | None = None,
+    calibration: list[str] | None = None,
 ) -> ExportResult:
-    """Write one runnable onnxruntime-genai folder per variant under ``out_dir``."""
+    """Write one runnable onnxruntime-genai folder per variant under ``out_dir``; int4 from a
+    copy scaled on ``calibration`` (texts) when ``config.int4_awq`` asks for it."""
     out_dir = Path(out_dir)
     variants: dict[str, Path] = {}
     seconds: dict[str, float] = {}
@@ -106,6 +142,11 @@ def export_onnx(
             log(f"onnx: exporting {name} ({VARIANTS[name]}, KV cache)")
         if name == "int8_dynamic":
             _quantize_dynamic(out_dir / "fp32", folder)
+        elif name == "int4" and config.int4_awq and calibration:
+            with tempfile.TemporaryDirectory(prefix="awq-") as tmp:
+                scaled_copy(model_dir, Path(tmp) / "model", calibration, config.block_size, log)
+                _build(Path(tmp) / "model", folder, name, _builder_options(name, config))
+                shutil.copy(Path(tmp) / "model" / AWQ_FILE, folder / AWQ_FILE)
         else:
             _build(model_dir, folder, name, _builder_options(name, config))
             if suppressed:
@@ -119,6 +160,33 @@ def export_onnx(
         sizes={name: onnx_bytes(path) for name, path in variants.items()},
         seconds=seconds,
     )
+
+
+def export_students(
+    students: dict[str, Path],
+    precisions: list[str],
+    exported: ExportResult,
+    config: ExportConfig,
+    log: Log | None = None,
+) -> ExportResult:
+    """Each student model exported in each of ``precisions`` (quantised as ``config`` says) into
+    ``exported``'s folder as variant ``<student>_<precision>``, added to ``exported``."""
+    for student, model_dir in students.items():
+        suppressed = suppressed_tokens(model_dir)
+        for precision in precisions:
+            name = f"{student}_{precision}"
+            start = time.monotonic()
+            folder = exported.path / name
+            if log:
+                log(f"onnx: exporting {name} ({describe(name)}, KV cache)")
+            _build(model_dir, folder, precision, _builder_options(precision, config))
+            if suppressed:
+                _mask_logits(folder, suppressed)
+            _plain_bytelevel_decoder(folder)
+            exported.variants[name] = folder
+            exported.sizes[name] = onnx_bytes(folder)
+            exported.seconds[name] = time.monotonic() - start
+    return exported
 
 
 def suppressed_tokens(model_dir: Path) -> list[int]:
@@ -167,8 +235,13 @@ def _builder_options(variant: str, config: ExportConfig) -> dict:
         # Only MatMuls: the builder quantises an embedding Gather to 4 bits only.
         return options | {"op_types_to_quantize": "MatMul"}
     options |= {"op_types_to_quantize": "MatMul/Gather", "algo_config": config.int4_algorithm}
-    if config.int4_mixed_precision:
-        options["matmul_mixed_precision"] = "last_matmul:int8,mixed_layers:int8"
+    kept = {
+        "none": None,
+        "lm_head": "last_matmul:int8",
+        "lm_head_and_sensitive": "last_matmul:int8,mixed_layers:int8",
+    }[config.int4_keep_int8]
+    if kept:
+        options["matmul_mixed_precision"] = kept
     return options
 
 

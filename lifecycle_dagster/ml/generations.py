@@ -1,6 +1,7 @@
 """Greedy generations kept by the weights that made them and the prompts they answer, so that no
 model generates the same split twice: the SFT model is scored by its own stage, by alignment
-(before it trains) and by evaluation; the base model by prompting and evaluation.
+(before it trains) and by evaluation; the base model by prompting and evaluation. A reward
+model's scores of the same texts are kept alike.
 
 A generation is found again only when everything that decides it is equal: a digest of every
 weight (its dtype and shape too), the tokenizer's vocabulary and special tokens, the device type,
@@ -81,7 +82,14 @@ def _generation_config(model) -> str:
     return json.dumps(config.to_diff_dict(), sort_keys=True, default=str) if config else ""
 
 
-def get(cache_key: str | None, count: int) -> list[str] | None:
+def scores_key(digest: str, texts: Sequence[str], **extra) -> str:
+    """The cache key of a frozen scorer's (a reward model's, its weights' ``digest``) scores of
+    ``texts``."""
+    parts = {"version": VERSION, "scorer": digest, "extra": extra, "texts": list(texts)}
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=20).hexdigest()
+
+
+def get(cache_key: str | None, count: int) -> list | None:
     """The answers kept under ``cache_key`` (as many as there are prompts), or None."""
     folder = cache_dir()
     if cache_key is None or folder is None:
@@ -97,7 +105,7 @@ def get(cache_key: str | None, count: int) -> list[str] | None:
     return answers
 
 
-def put(cache_key: str | None, answers: list[str]) -> None:
+def put(cache_key: str | None, answers: list) -> None:
     folder = cache_dir()
     if cache_key is None or folder is None:
         return

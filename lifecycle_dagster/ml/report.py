@@ -33,7 +33,7 @@ PHASES = (
     Phase("evaluation", ("evaluation",), "minutes", "measure every stage on one split"),
     Phase(
         "compression and deployment",
-        ("onnx_model", "champion_model"),
+        ("distilled_model", "onnx_model", "champion_model"),
         "minutes to hours",
         "inference performance",
     ),

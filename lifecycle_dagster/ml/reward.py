@@ -184,19 +184,26 @@ def with_sft_rejections(
     *,
     max_new_tokens: int,
     batch_size: int,
+    train_pairs: int | None = None,
     log=None,
 ) -> tuple[dict[str, list[dict]], int]:
     """Pairs built from the task data (no preference files, a reward model to train) with the
     SFT model's answer as the rejected response wherever it scores worse than the reference on
     the primary metric; elsewhere (the SFT model already answers as the reference does) the
     other row's reference stays. ``load_sft`` gives the model and tokenizer, loaded only when
-    needed. Returns the pairs and how many rejections are the SFT model's."""
+    needed. Only the first ``train_pairs`` train pairs are built (what the reward model's steps
+    consume: no answer is generated for a pair it never reads). Returns the pairs and how many
+    rejections are the SFT model's."""
     from lifecycle_dagster.ml.data import format_prompt
     from lifecycle_dagster.ml.evaluate import generate
     from lifecycle_dagster.ml.tasks import normalize_text
 
     if uc.reward_source != "train" or uc.data.has_preferences:
         return rows, 0
+    if train_pairs is not None and train_pairs < len(rows["train"]):
+        rows = {**rows, "train": rows["train"][:train_pairs]}
+        if log:
+            log(f"reward_model: {train_pairs} train pairs, what {uc.reward.max_steps} steps read")
     model, tokenizer = load_sft()
     out, sampled = {}, 0
     for name, pairs in rows.items():

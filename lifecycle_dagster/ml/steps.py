@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from lifecycle_dagster.ml.align import AlignMethodConfig, AlignOutcome
 from lifecycle_dagster.ml.compress import CompressionResult
+from lifecycle_dagster.ml.distill import StudentsResult
 from lifecycle_dagster.ml.evaluate import EvalResult
 from lifecycle_dagster.ml.models import BaseModelResult
 from lifecycle_dagster.ml.progress import Checkpoints, Log
@@ -159,6 +160,7 @@ def reward_model(
         fmt,
         max_new_tokens=uc.evaluation.max_new_tokens,
         batch_size=uc.evaluation.batch_size,
+        train_pairs=uc.reward.max_steps * uc.reward.batch_size,
         log=log,
     )
     train = preference_records(uc, rows["train"], fmt)
@@ -222,21 +224,68 @@ def aligned_model(
     return AlignStep(runtime.describe(), outcome)
 
 
+@dataclasses.dataclass
+class StudentsStep(Trained):
+    result: StudentsResult
+
+
+def distilled_model(
+    uc: UseCase,
+    teacher: Path,
+    teacher_id: str,
+    data: Path,
+    out: Path,
+    compute: RuntimeRequest,
+    log: Log,
+) -> StudentsStep:
+    """The students of ``teacher`` (the candidate the evaluation passed, recorded as
+    ``teacher_id``) the use case's ``distillation`` asks for, trained into ``out``: depth-pruned
+    and healed, and distilled."""
+    from lifecycle_dagster.ml.data import EvalSplit, PromptFormat, prompts_for, read_rows
+    from lifecycle_dagster.ml.distill import StudentsResult, make_students
+
+    runtime = compute.resolve()
+    config = uc.distillation
+    if not config.enabled:
+        log("distilled_model: no students asked for (distillation.prune_layers, student_layers 0)")
+        result = StudentsResult(teacher_id, [], {})
+        result.write(out)
+        return StudentsStep(runtime.describe(), result)
+    log(f"distilled_model: students of {teacher.parent.name} on {runtime.describe()}")
+    train = prompts_for(uc, read_rows(data / "train.jsonl"), fmt=PromptFormat.read(teacher))
+    result = make_students(
+        teacher,
+        teacher_id,
+        out,
+        train,
+        EvalSplit.read(uc, data, teacher).prompts,
+        config,
+        runtime,
+        max_new_tokens=uc.evaluation.max_new_tokens,
+        batch_size=uc.evaluation.batch_size,
+        log=log,
+    )
+    return StudentsStep(runtime.describe(), result)
+
+
 def onnx_model(
     uc: UseCase,
     source: Path,
     source_id: str,
     data: Path,
     reward: Path,
+    students: Path | None,
     out: Path,
     reference: dict[str, float | None],
     log: Log,
 ) -> CompressionResult:
     """``source`` (the candidate the evaluation passed, recorded as ``source_id``) exported to
-    ONNX in ``out`` in every variant, each proven against PyTorch and scored on the eval split.
+    ONNX in ``out`` in every variant, each proven against PyTorch and scored on the eval split;
+    so are the pruned and distilled students in ``students`` (a ``distilled_model`` artifact).
     The comparison runs where onnxruntime runs: PyTorch on CPU in fp32."""
     from lifecycle_dagster.ml.compress import compress, serving_manifest
-    from lifecycle_dagster.ml.data import EvalSplit
+    from lifecycle_dagster.ml.data import EvalSplit, prompts_for, read_rows
+    from lifecycle_dagster.ml.distill import read_students
     from lifecycle_dagster.ml.reward import load_reward
     from lifecycle_dagster.ml.runtime import select_runtime
 
@@ -253,12 +302,18 @@ def onnx_model(
         reward=load_reward(reward, uc, runtime),
         reference=reference,
         serving=serving_manifest(uc, Path(source_id), split.fmt),
+        students=read_students(students, source_id, log) if students else {},
+        student_variants=uc.distillation.export,
+        calibration=prompts_for(uc, read_rows(data / "train.jsonl"), fmt=split.fmt)[
+            : uc.compression.calibration_prompts
+        ],
         log=log,
     )
 
 
 STEPS: dict[str, Callable] = {
-    f.__name__: f for f in (base_model, sft_adapter, reward_model, aligned_model, onnx_model)
+    f.__name__: f
+    for f in (base_model, sft_adapter, reward_model, aligned_model, distilled_model, onnx_model)
 }
 
 

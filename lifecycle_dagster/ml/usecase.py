@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from lifecycle_dagster.ml import tasks
 from lifecycle_dagster.ml.align import AlignMethodConfig
 from lifecycle_dagster.ml.compress import CompressConfig
+from lifecycle_dagster.ml.distill import DistillConfig
 from lifecycle_dagster.ml.pretrain import PretrainConfig
 from lifecycle_dagster.ml.reward import RewardMethodConfig
 from lifecycle_dagster.ml.sft import SFTMethodConfig
@@ -329,6 +330,7 @@ class UseCase(_Strict):
     alignment: AlignMethodConfig = AlignMethodConfig()
     evaluation: EvaluationSpec = EvaluationSpec()
     compression: CompressConfig = CompressConfig()
+    distillation: DistillConfig = DistillConfig()
     readaptation: ReadaptationSpec = ReadaptationSpec()
     compute: ComputeSpec = ComputeSpec()
     feedback: FeedbackSpec = FeedbackSpec()

@@ -21,6 +21,7 @@ class Candidate:
 
     load: Callable[[], tuple]
     prompts: Sequence[str]
+    perplexity: bool = True  # of the references, given its prompts (with the suite)
 
 
 @dataclass
@@ -58,9 +59,13 @@ class Assessment:
 
     @property
     def rows(self) -> list[dict]:
-        """One row per model: the comparison table."""
+        """One row per model: the comparison table (None where a model has no such figure)."""
+        keys = list(dict.fromkeys(k for metrics in self.results.values() for k in metrics))
         return [
-            {"model": name, **{k: round(v, 4) for k, v in metrics.items()}}
+            {
+                "model": name,
+                **{k: None if metrics.get(k) is None else round(metrics[k], 4) for k in keys},
+            }
             for name, metrics in self.results.items()
         ]
 
@@ -110,6 +115,7 @@ def assess(
             tok,
             split,
             prompts=cand.prompts,
+            perplexity=cand.perplexity,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             reward=reward,

@@ -22,6 +22,7 @@ EXPECTED_ASSETS = {
     "reward_model": "alignment",
     "aligned_model": "alignment",
     "evaluation": "evaluation",
+    "distilled_model": "compression",
     "onnx_model": "compression",
     "champion_model": "deployment",
     "user_feedback": "deployment",  # external: what the model server's users said
@@ -37,6 +38,7 @@ EXPECTED_CHECKS = {
     ("evaluation", "sft_beats_prompt_baseline"),
     ("evaluation", "alignment_keeps_reward"),
     ("evaluation", "no_regression_vs_champion"),
+    ("distilled_model", "students_learn"),
     ("onnx_model", "fp32_matches_pytorch"),
     ("onnx_model", "kv_cache_in_use"),
     ("onnx_model", "within_quality_budget"),
@@ -54,7 +56,7 @@ def test_assets_groups_and_lineage():
         assert node.description, key
     # Lineage runs from the datasets all the way to the ONNX artifact.
     upstream = graph.get(dg.AssetKey("onnx_model")).parent_keys
-    assert dg.AssetKey("aligned_model") in upstream
+    assert {dg.AssetKey("aligned_model"), dg.AssetKey("distilled_model")} <= upstream
     ancestors = graph.upstream_key_iterator(dg.AssetKey("onnx_model"))
     assert {"task_dataset", "preference_dataset", "base_model", "sft_adapter", "reward_model"} <= {
         k.to_user_string() for k in ancestors
@@ -64,7 +66,13 @@ def test_assets_groups_and_lineage():
     assert not feedback.is_materializable
     assert dg.AssetKey("preference_dataset") in feedback.child_keys
     heavy = {k for k in EXPECTED_ASSETS if graph.get(dg.AssetKey(k)).pools == {"train"}}
-    assert {"base_model", "sft_adapter", "reward_model", "aligned_model"} <= heavy
+    assert {
+        "base_model",
+        "sft_adapter",
+        "reward_model",
+        "aligned_model",
+        "distilled_model",
+    } <= heavy
 
 
 def test_checks_jobs_sensor_schedule():
@@ -115,6 +123,7 @@ def test_checks_jobs_sensor_schedule():
         "reward_model",  # its pairs can hold the SFT model's answers
         "aligned_model",
         "evaluation",
+        "distilled_model",
         "onnx_model",
         "champion_model",
         "lifecycle_report",

@@ -32,6 +32,7 @@ ASSETS = [
     "reward_model",
     "aligned_model",
     "evaluation",
+    "distilled_model",
     "onnx_model",
     "champion_model",
     "lifecycle_report",
@@ -582,3 +583,49 @@ def test_a_prompt_tuned_use_case_runs_through_alignment_export_and_serving(
     # The first use case is untouched: still LoRA, without a soft prompt.
     assert meta(instance, "sft_adapter")["method"] == "lora"
     assert meta(instance, "aligned_model")["soft_prompt_tokens"] == 0
+
+
+def test_pruned_and_distilled_students_are_exported_and_weighed(definitions, instance):
+    """A 4-block base: distilled_model prunes one block and distils a 2-block student, both move
+    toward the aligned teacher; onnx_model exports them beside the teacher's variants, checks and
+    scores them alike and shows the trade-off; the policy picks among all of them."""
+    name = "summaries_students"
+    instance.add_dynamic_partitions("use_cases", [name])
+    overrides = (
+        f"{{name: {name}, base_model: {{scratch: {{num_layers: 4}}}}, prompting: {{shots: [0]}}, "
+        "distillation: {prune_layers: 1, heal_steps: 10, student_layers: 2, student_steps: 20, "
+        "learning_rate: 0.002, examples: 48}, compression: {variants: [fp32, int4], "
+        "policy: best_within_budget, max_metric_drop: 1.0, max_reward_drop_pct: 100}, "
+        "evaluation: {max_examples: 16, thresholds: {rouge_l: {min: 0.0}, harmless: {min: 0.0}}}}"
+    )
+    result = definitions.resolve_job_def("lifecycle_job").execute_in_process(
+        instance=instance,
+        partition_key=name,
+        raise_on_error=False,
+        run_config=tiny_config(overrides),
+    )
+    assert result.success
+    checks = {
+        c.check_name: c.passed
+        for c in result.get_asset_check_evaluations()
+        if c.asset_key.to_user_string() == "distilled_model"
+    }
+    assert checks == {"students_learn": True}
+    students = meta(instance, "distilled_model", name)
+    for student, blocks in (("pruned", 3), ("distilled", 2)):
+        assert students[f"{student}.blocks"] == blocks
+        assert students[f"{student}.kl_after"] < students[f"{student}.kl_before"]
+    assert "block_influence" in students and "loss_curves" in students
+    onnx = meta(instance, "onnx_model", name)
+    selected = json.loads((Path(onnx["artifact_path"]) / "selected.json").read_text())
+    assert set(selected["variants"]) == {"fp32", "int4", "pruned_int4", "distilled_int4"}
+    sizes = {n: row["MB"] for n, row in selected["variants"].items()}
+    assert sizes["distilled_int4"] < sizes["pruned_int4"] < sizes["int4"] < sizes["fp32"]
+    assert all(row["cache_ok"] for row in selected["variants"].values())
+    assert selected["descriptions"]["pruned_int4"].startswith("the pruned student")
+    # Every variant is within this generous budget: the policy weighs speed and size alone.
+    assert all(row["within_budget"] for row in selected["variants"].values())
+    gain = {n: (r["tok_s"] / selected["variants"]["fp32"]["tok_s"]) * (sizes["fp32"] / r["MB"])
+            for n, r in selected["variants"].items()}  # fmt: skip
+    assert gain[selected["variant"]] >= 0.95 * max(gain.values())  # MB is rounded to kB
+    assert "tradeoff" in onnx

@@ -60,16 +60,13 @@ def test_a_pruned_model_decodes_with_its_cache(teacher, runtime, prompts):
 def test_students_learn_from_the_teacher(teacher, runtime, prompts, rows, use_case, tmp_path):
     from lifecycle_dagster.ml.data import format_prompt
 
-    model, tok = load_causal_lm(teacher, runtime), load_tokenizer(teacher)
-    answers = generate(model, tok, prompts, max_new_tokens=16, batch_size=8)
-    held_out = list(zip(prompts, answers, strict=True))
     train = [format_prompt(use_case, r["dialogue"]) for r in rows[0][:32]]
     config = DistillConfig(
         prune_layers=1, heal_steps=12, student_layers=2, student_steps=24,
         learning_rate=1e-3, batch_size=8, examples=32,
     )  # fmt: skip
     result = make_students(
-        teacher, tmp_path, train, held_out, config, runtime,
+        teacher, "teacher-1", tmp_path, train, prompts, config, runtime,
         max_new_tokens=16, batch_size=8,
     )  # fmt: skip
     assert set(result.students) == {"pruned", "distilled"}
@@ -81,7 +78,8 @@ def test_students_learn_from_the_teacher(teacher, runtime, prompts, rows, use_ca
     assert len(result.students["pruned"].kept) == 3
     assert result.students["distilled"].kept == [0, 3]
     # Saved as models that load and answer, beside the teacher's tokenizer.
-    folders = read_students(tmp_path)
+    assert read_students(tmp_path, "teacher-2") == {}  # another candidate's students: none
+    folders = read_students(tmp_path, "teacher-1")
     assert set(folders) == {"pruned", "distilled"}
     for name, folder in folders.items():
         loaded = load_causal_lm(folder, runtime)
@@ -89,3 +87,20 @@ def test_students_learn_from_the_teacher(teacher, runtime, prompts, rows, use_ca
         assert generate(loaded, load_tokenizer(folder), prompts[:2], max_new_tokens=4, batch_size=2)
     record = json.loads((tmp_path / STUDENTS_FILE).read_text())
     assert len(record["influence"]) == 4
+
+
+def test_activation_aware_scales_keep_the_function_and_cut_int4_error(teacher, runtime, prompts):
+    from lifecycle_dagster.ml.awq import fake_int4, scale_model
+
+    model, tok = load_causal_lm(teacher, runtime), load_tokenizer(teacher)
+    ids = tok(prompts[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        before = model(ids).logits
+    result = scale_model(model, tok, prompts, block_size=32)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(before, after, atol=1e-4)  # the same function in fp32
+    assert len(result.alphas) == 4 * 3
+    assert result.error_ratio <= 1.0  # alpha 0 (plain rounding) is always a candidate
+    w = torch.randn(8, 64)
+    assert (fake_int4(w, 32) - w).abs().max() <= w.abs().max() / 7 / 2 + 1e-6

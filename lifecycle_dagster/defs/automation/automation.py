@@ -36,6 +36,7 @@ READAPTED = (
     "reward_model",
     "aligned_model",
     "evaluation",
+    "distilled_model",
     "onnx_model",
     "champion_model",
     "lifecycle_report",

@@ -1,14 +1,18 @@
-"""Compress: the aligned model exported to ONNX with KV cache in fp32, int8 and int4, each proven
-against PyTorch and scored on the eval split; the use case's policy picks the one to deploy."""
+"""Compress: the aligned model's pruned and distilled students, then the model and its students
+exported to ONNX with KV cache (fp32, int8, int4), each proven against PyTorch and scored on the
+eval split; the use case's policy picks the one to deploy."""
+
+from pathlib import Path
 
 import dagster as dg
 
 from lifecycle_dagster.lib.k8s import training_op_tags
 from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES, follows_upstream
-from lifecycle_dagster.lib.results import onnx_result
+from lifecycle_dagster.lib.results import onnx_result, students_result
 from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.data import EvalSplit
 from lifecycle_dagster.resources.artifacts import ArtifactStore, newest_metadata, resolve
+from lifecycle_dagster.resources.compute import Compute
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 from lifecycle_dagster.resources.training import Training
 
@@ -22,6 +26,70 @@ CHECKS = {
 }
 
 
+def passed_candidate(context, asset: str) -> tuple[dict, str, Path]:
+    """The newest evaluation's verdict, and the candidate it passed: where it is recorded (its
+    identity, checked at promotion) and where this pod reads it (fetched from object storage
+    when the store is there). Never a newer, unjudged candidate; nothing while the newest verdict
+    is a failure."""
+    verdict = newest_metadata(context, "evaluation")
+    if verdict.get("verdict") != "pass":
+        raise dg.Failure(
+            f"{asset}: no passing evaluation to compress (latest verdict: "
+            f"{verdict.get('verdict', 'none')}); the candidate below thresholds is not compressed"
+        )
+    return (
+        verdict,
+        f"{verdict['candidate_path']}/model",
+        resolve(verdict["candidate_path"]) / "model",
+    )
+
+
+@dg.asset(
+    group_name="compression",
+    partitions_def=USE_CASES,
+    automation_condition=follows_upstream("evaluation", "task_dataset"),
+    kinds={"pytorch", "mlflow"},
+    owners=OWNERS,
+    code_version="1",
+    deps=["aligned_model", "evaluation", "task_dataset"],
+    pool="train",
+    op_tags=training_op_tags(),
+    check_specs=[
+        dg.AssetCheckSpec(
+            "students_learn",
+            asset="distilled_model",
+            description="Every student ends closer to the teacher than it began: its KL "
+            "divergence to the teacher's next-token distribution on the eval prompts fell.",
+        )
+    ],
+)
+def distilled_model(
+    context: dg.AssetExecutionContext,
+    artifact_store: ArtifactStore,
+    mlflow_tracking: MlflowTracking,
+    compute: Compute,
+    training: Training,
+) -> dg.MaterializeResult:
+    """Smaller students of the candidate the evaluation passed: depth-pruned (the least
+    influential blocks dropped, healed by distillation) and distilled (fewer blocks, trained on
+    its logits), as the use case's ``distillation`` asks. onnx_model exports them as variants."""
+    with stage(context, "distilled_model", artifact_store, mlflow_tracking) as st:
+        _, teacher_id, teacher = passed_candidate(context, "distilled_model")
+        with st.write() as tmp:
+            step = training.run(
+                context,
+                "distilled_model",
+                st.log,
+                uc=st.use_case,
+                teacher=teacher,
+                teacher_id=teacher_id,
+                data=artifact_store.upstream(context, "task_dataset"),
+                out=tmp,
+                compute=compute.request(st.use_case.compute),
+            )
+        return students_result(st, step)
+
+
 @dg.asset(
     group_name="compression",
     partitions_def=USE_CASES,
@@ -30,7 +98,7 @@ CHECKS = {
     kinds={"onnx", "mlflow"},
     owners=OWNERS,
     code_version="2",
-    deps=["aligned_model", "evaluation", "task_dataset", "reward_model"],
+    deps=["aligned_model", "evaluation", "task_dataset", "reward_model", "distilled_model"],
     pool="train",
     op_tags=training_op_tags(),  # its pod on Kubernetes: GPU limit, placement, secrets
     check_specs=[
@@ -45,21 +113,11 @@ def onnx_model(
     training: Training,
 ) -> dg.MaterializeResult:
     """The deployable artifact: ONNX with KV cache run by onnxruntime, in the variant the use case's
-    compression policy picks (smallest or fastest within the quality budget)."""
+    compression policy picks among the model's variants and its students' (smallest, fastest or
+    best within the quality budget)."""
     with stage(context, "onnx_model", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
-        # Export exactly the candidate the newest evaluation passed, never a newer, unjudged one,
-        # and nothing at all while the newest verdict is a failure.
-        verdict = newest_metadata(context, "evaluation")
-        if verdict.get("verdict") != "pass":
-            raise dg.Failure(
-                "onnx_model: no passing evaluation to export (latest verdict: "
-                f"{verdict.get('verdict', 'none')}); the candidate below thresholds is not exported"
-            )
-        # Where the candidate is recorded (its identity, checked at promotion) and where it is
-        # read (this pod's copy, fetched from object storage when the store is there).
-        source_id = f"{verdict['candidate_path']}/model"
-        source = resolve(verdict["candidate_path"]) / "model"
+        verdict, source_id, source = passed_candidate(context, "onnx_model")
         data = artifact_store.upstream(context, "task_dataset")
         st.run.log_params({f"compression.{k}": v for k, v in uc.compression.model_dump().items()})
         with st.write() as tmp:
@@ -72,6 +130,7 @@ def onnx_model(
                 source_id=source_id,
                 data=data,
                 reward=artifact_store.upstream(context, "reward_model"),
+                students=artifact_store.upstream(context, "distilled_model"),
                 out=tmp,
                 reference={
                     uc.primary_metric: verdict.get(f"aligned_{uc.primary_metric}"),

@@ -45,8 +45,9 @@ def _candidates(context, store, uc, runtime, split) -> dict[str, Candidate]:
     )
     return {
         "base": Candidate(lambda: base_model, split.prompts),
+        # The base model again, its prompts a few times longer: its perplexity is the base's.
         "prompt_baseline": Candidate(
-            lambda: base_model, split.prompts_with(train[: best["shots"]])
+            lambda: base_model, split.prompts_with(train[: best["shots"]]), perplexity=False
         ),
         "sft": Candidate(
             lambda: load_sft(base, sft / "adapter", runtime, merge=True), split.prompts
