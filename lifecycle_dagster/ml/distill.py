@@ -86,6 +86,7 @@ class Student:
     kl_after: float
     seconds: float
     history: list[dict] = field(default_factory=list)
+    reverted: bool = False  # training raised its KL: saved untrained
 
     @property
     def learned(self) -> bool:
@@ -99,6 +100,7 @@ class Student:
             "steps": self.steps,
             "kl_before": round(self.kl_before, 4),
             "kl_after": round(self.kl_after, 4),
+            "saved": "untrained (training raised its KL)" if self.reverted else "trained",
             "seconds": round(self.seconds, 1),
         }
 
@@ -380,10 +382,20 @@ def make_students(
         before = held_out_kl(student, teacher, tok, held_out, batch_size)
         if log:
             log(f"distilled_model[{name}]: {len(keep)} of {total} blocks, held-out KL {before:.4f}")
+        untrained = {k: v.detach().clone() for k, v in student.state_dict().items()}
         history = distill(
             student, teacher, tok, pairs, config, steps, log=log, stage=f"distilled_model[{name}]"
         )
         after = held_out_kl(student, teacher, tok, held_out, batch_size)
+        reverted = steps > 0 and after > before
+        if reverted:  # training moved it away from the teacher: the untrained student is kept
+            student.load_state_dict(untrained)
+            if log:
+                log(
+                    f"distilled_model[{name}]: WARNING training raised the held-out KL "
+                    f"({before:.4f} -> {after:.4f}); the untrained student is kept"
+                )
+        del untrained
         folder = out_dir / name
         _save_beside_teacher(student, teacher_dir, folder)
         students[name] = Student(
@@ -397,8 +409,9 @@ def make_students(
             kl_after=after,
             seconds=time.monotonic() - start,
             history=history,
+            reverted=reverted,
         )
-        if log:
+        if log and not reverted:
             log(f"distilled_model[{name}]: held-out KL {before:.4f} -> {after:.4f}")
         del student
     result = StudentsResult(teacher_id, influence, students)

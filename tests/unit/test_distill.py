@@ -104,3 +104,20 @@ def test_activation_aware_scales_keep_the_function_and_cut_int4_error(teacher, r
     assert result.error_ratio <= 1.0  # alpha 0 (plain rounding) is always a candidate
     w = torch.randn(8, 64)
     assert (fake_int4(w, 32) - w).abs().max() <= w.abs().max() / 7 / 2 + 1e-6
+
+
+def test_training_that_drives_a_student_away_is_undone(teacher, runtime, prompts, tmp_path):
+    from lifecycle_dagster.ml.distill import held_out_kl
+
+    config = DistillConfig(prune_layers=1, heal_steps=3, learning_rate=5.0, examples=8)
+    result = make_students(
+        teacher, "t", tmp_path, prompts, prompts, config, runtime, max_new_tokens=8, batch_size=8
+    )
+    pruned = result.students["pruned"]
+    assert pruned.kl_after > pruned.kl_before and pruned.reverted and not pruned.learned
+    # What was saved is the untrained student: its KL is the one before training.
+    saved = load_causal_lm(read_students(tmp_path, "t")["pruned"], runtime)
+    model, tok = load_causal_lm(teacher, runtime), load_tokenizer(teacher)
+    answers = generate(model, tok, prompts, max_new_tokens=8, batch_size=8)
+    pairs = [(p, a) for p, a in zip(prompts, answers, strict=True) if a.strip()]
+    assert abs(held_out_kl(saved, model, tok, pairs, 8) - pruned.kl_before) < 1e-4
