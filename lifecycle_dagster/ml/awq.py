@@ -15,7 +15,6 @@ plain rounding, so a group the scaling does not help is left as it was.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,17 +152,14 @@ def scaled_copy(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lifecycle_dagster.ml.models import LOAD_KW, load_tokenizer
+    from lifecycle_dagster.ml.models import LOAD_KW, load_tokenizer, save_beside
 
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, use_safetensors=True, **LOAD_KW
     ).eval()
     tokenizer = load_tokenizer(model_dir)
     result = scale_model(model, tokenizer, texts, block_size, log)
-    shutil.copytree(
-        model_dir, out_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.*")
-    )
-    model.save_pretrained(out_dir, safe_serialization=True)
+    save_beside(model, model_dir, out_dir)
     (Path(out_dir) / AWQ_FILE).write_text(
         json.dumps({"error_ratio": result.error_ratio, "alphas": result.alphas}, indent=2)
     )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -424,7 +423,6 @@ def _save_beside_teacher(student, teacher_dir: Path, folder: Path) -> None:
     prompt format."""
     if not math.isfinite(sum(p.detach().float().abs().sum().item() for p in student.parameters())):
         raise ValueError(f"{folder.name}: the student's weights are not finite (lower the rate)")
-    shutil.copytree(
-        teacher_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.*")
-    )
-    student.save_pretrained(folder, safe_serialization=True)
+    from lifecycle_dagster.ml.models import save_beside
+
+    save_beside(student, teacher_dir, folder)

@@ -240,3 +240,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def save_beside(model, source_dir: Path, out_dir: Path) -> None:
+    """``model``'s weights (safetensors) in ``out_dir`` with everything else of ``source_dir``:
+    tokenizer, generation config, prompt format."""
+    import shutil
+
+    shutil.copytree(
+        source_dir, out_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.*")
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
