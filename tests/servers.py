@@ -307,9 +307,9 @@ class Deployment:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                if requests.get(url, timeout=2).ok:
+                if requests.get(url, timeout=10).ok:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # still starting
                 pass
             self.check_alive()
             if time.monotonic() > deadline:

@@ -18,7 +18,7 @@ import dagster as dg
 from lifecycle_dagster import settings
 from lifecycle_dagster.lib.partitions import ATTEMPT_TAG, REASON_TAG, STARTED_TAG, VERDICT_RUN_TAG
 from lifecycle_dagster.lib.render import png_markdown, render_png
-from lifecycle_dagster.ml.artifacts import dir_size, read_manifest
+from lifecycle_dagster.ml.artifacts import read_manifest
 from lifecycle_dagster.ml.objectstore import is_remote
 from lifecycle_dagster.ml.progress import Checkpoints
 from lifecycle_dagster.ml.usecase import UseCase
@@ -236,7 +236,8 @@ class Stage:
             "mlflow_run": dg.MetadataValue.url(self.run.url),
             "mlflow_run_id": self.run.run_id,
             "artifact_version": manifest["version"],
-            "artifact_bytes": dir_size(self.target),
+            # The files the manifest lists: its own timestamp is not part of the artifact.
+            "artifact_bytes": sum(f["bytes"] for f in manifest["files"].values()),
             "duration_s": round(seconds, 2),
             "attempt": attempt_of(self.context),
             "mlflow_attempt_run_id": self.attempt.run_id,

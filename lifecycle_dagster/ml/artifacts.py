@@ -27,10 +27,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 def build_manifest(root: Path, extra: dict | None = None) -> dict:
     files = {
         str(p.relative_to(root)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}

@@ -268,9 +268,9 @@ def test_serve_answers_with_the_champion(lifecycle_run, instance, tmp_path):
         while True:
             assert proc.poll() is None, log.read_text()
             try:
-                if requests.get(f"{url}/ready", timeout=2).ok:
+                if requests.get(f"{url}/ready", timeout=10).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # still starting
                 pass
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.5)

@@ -92,9 +92,9 @@ class Serve:
         while True:
             assert self.proc.poll() is None, self.log.read_text()
             try:
-                if requests.get(f"{self.url}/ready", timeout=2).ok:
+                if requests.get(f"{self.url}/ready", timeout=10).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # still starting
                 pass
             assert time.monotonic() < deadline, f"not ready in 120 s:\n{self.log.read_text()}"
             time.sleep(0.3)
