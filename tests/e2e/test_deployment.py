@@ -545,8 +545,8 @@ def test_the_dagster_ui_shows_the_lifecycle(deployment, two_runs):
 
             def visit(path: str, shot: str, *expected: str) -> None:
                 page.goto(f"{deployment.web_url}{path}", wait_until="domcontentloaded")
-                for text in expected:
-                    expect(page.get_by_text(text, exact=True).first).to_be_visible()
+                for text in expected:  # a loaded machine takes its time over a run's events
+                    expect(page.get_by_text(text, exact=True).first).to_be_visible(timeout=60_000)
                 page.wait_for_load_state("networkidle")
                 page.screenshot(path=str(UI_OUT / f"{shot}.png"), full_page=True)
                 body = page.inner_text("body")
