@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,3 +384,23 @@ def greedy_and_other(client, model: str, text: str, tries: int = 30):
         if other.choices[0].message.content != greedy.choices[0].message.content:
             return greedy, other
     raise AssertionError(f"{tries} sampled answers all equal the greedy one: {greedy}")
+
+
+@contextlib.contextmanager
+def in_process(app):
+    """``app`` under uvicorn in a thread of this process, on a free loopback port."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,9 +1,15 @@
 """Which dataset snapshots a use case's source files no longer match (the data sensor's question)."""
 
+import json
+from pathlib import Path
+
 import dagster as dg
 
 from lifecycle_dagster.ml.artifacts import file_sha256, read_manifest
+from lifecycle_dagster.ml.errors import InputError
 from lifecycle_dagster.ml.objectstore import IncompleteArtifactError
+from lifecycle_dagster.ml.retrieval import INDEX_FILE, load_documents
+from lifecycle_dagster.ml.retrieval import digest as documents_digest
 from lifecycle_dagster.ml.usecase import UseCase
 from lifecycle_dagster.resources.artifacts import resolve, select_record
 
@@ -59,4 +65,34 @@ def changed_datasets(
                     f"{source.name} changed (sha256 {digest[:12]}, snapshot {record.storage_id})"
                 )
                 break
+    index = changed_index(instance, hashes, use_case, uc)
+    if index:  # the rows' passages come from the index: the task data is re-made with it
+        changed = list(dict.fromkeys(["knowledge_index", "task_dataset", *changed]))
+        why.append(index)
     return changed, why
+
+
+def changed_index(instance: dg.DagsterInstance, hashes: dict, use_case: str, uc: UseCase) -> str:
+    """Why the use case's retrieval documents no longer match its latest index ('' if they do,
+    or it has none). The documents' digest is cached by their names, sizes and times."""
+    spec = uc.retrieval
+    record = select_record(instance, "knowledge_index", use_case=use_case)
+    if not spec.enabled or record is None or not Path(spec.documents).exists():
+        return ""
+    try:
+        index = resolve(str(record.asset_materialization.metadata["artifact_path"].value))
+        built = json.loads((index / INDEX_FILE).read_text()).get("digest")
+    except (AttributeError, KeyError, OSError, ValueError, IncompleteArtifactError):
+        return ""
+    files = [spec.documents] if spec.documents.is_file() else sorted(spec.documents.rglob("*"))
+    key = "docs:" + json.dumps(
+        [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    )
+    try:
+        now = hashes.get(key) or documents_digest(load_documents(spec.documents), spec)
+    except InputError as e:
+        return f"documents unreadable: {e}"
+    hashes[key] = now
+    if now == built:
+        return ""
+    return f"{spec.documents.name} changed (documents {now[:12]}, index {record.storage_id})"

@@ -60,6 +60,42 @@ def genai_evaluation(st: Stage, result: Assessment, split) -> dict[str, dict[str
     )
 
 
+def retrieval_gains(result: Assessment, retrieval: dict | None) -> list[dict]:
+    """Per model: the primary metric with its passages and without, and the groundedness of its
+    answers (empty without retrieval)."""
+    if not retrieval:
+        return []
+    m, rows = result.metric, []
+    for name, metrics in result.results.items():
+        without = result.results.get(f"{name}_without_retrieval")
+        if without is None:
+            continue
+        rows.append(
+            {
+                "model": name,
+                f"{m}_with_retrieval": round(metrics[m], 4),
+                f"{m}_without": round(without[m], 4),
+                "gain": round(metrics[m] - without[m], 4),
+                "groundedness": round(metrics["groundedness"], 4)
+                if metrics.get("groundedness") is not None
+                else None,
+            }
+        )
+    return rows
+
+
+def retrieval_metadata(result: Assessment, retrieval: dict | None) -> dict:
+    if not retrieval:
+        return {}
+    recall = retrieval.get("recall_at_k", {}).get("eval")
+    return {
+        "retrieval": dg.MetadataValue.md(md_table(retrieval_gains(result, retrieval))),
+        "retrieval_index_version": retrieval.get("index_version", ""),
+        "retrieval_top_k": retrieval.get("top_k", 0),
+        **({"eval_recall_at_k": recall} if recall is not None else {}),
+    }
+
+
 def evaluation_result(
     st: Stage,
     result: Assessment,
@@ -67,9 +103,11 @@ def evaluation_result(
     regression: dict,
     candidate: dict,
     genai: dict | None = None,
+    retrieval: dict | None = None,
 ) -> dg.MaterializeResult:
     """The evaluation's artifact (summary, per-example table), its MLflow run, the verdict, the
-    re-adaptation decision the sensor reads, and the four checks."""
+    re-adaptation decision the sensor reads, and the four checks; with ``retrieval`` (what the
+    dataset's passages came from), what retrieval bought each model."""
     st.reads(eval=("task_dataset", "eval.jsonl"))
     with st.write() as tmp:
         summary = {
@@ -78,6 +116,7 @@ def evaluation_result(
             "verdicts": result.verdicts,
             "passed": result.passed,
             "regression": regression,
+            "retrieval": retrieval_gains(result, retrieval),
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         (tmp / "per_example.jsonl").write_text(
@@ -115,6 +154,7 @@ def evaluation_result(
             "comparison": dg.MetadataValue.md(md_table(result.rows)),
             "mlflow_genai": dg.MetadataValue.json(genai or {}),
             "thresholds": table(result.verdicts) if result.verdicts else "none set",
+            **retrieval_metadata(result, retrieval),
             **{name: table(rows) for name, rows in result.tables.items() if rows},
         },
         check_results=[

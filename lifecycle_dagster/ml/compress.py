@@ -25,6 +25,7 @@ from pydantic import Field, model_validator
 from lifecycle_dagster.ml.export import ExportConfig, describe, export_onnx, export_students
 from lifecycle_dagster.ml.faithfulness import Faithfulness, verify_against_torch
 from lifecycle_dagster.ml.progress import Log
+from lifecycle_dagster.ml.retrieval import INDEX_DIR
 from lifecycle_dagster.ml.runtimes import GenaiGenerator, OrtDecoder, generate_texts
 
 SELECTED_FILE = "selected.json"
@@ -231,7 +232,8 @@ def compress(
     ``max_new_tokens`` bounds each eval-split generation. ``students`` (name -> a pruned or
     distilled model of the same tokenizer) are exported in ``student_variants`` too, checked
     against the same PyTorch model and scored alike, so the policy chooses among all of them.
-    ``calibration`` (train prompts) tunes the int4 export where the config asks (``int4_awq``).
+    ``calibration`` (train examples) tunes the int4 export where the config asks (``int4_awq``,
+    ``int4_gptq``).
     Writes ``selected.json`` and ``serving.json`` (what a server needs) to ``out_dir``.
     """
     from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
@@ -240,7 +242,14 @@ def compress(
     metric = uc.text_metric
     exported = export_onnx(model_dir, out_dir, config, log=log, calibration=list(calibration))
     if students:
-        exported = export_students(students, list(student_variants), exported, config, log=log)
+        exported = export_students(
+            students,
+            list(student_variants),
+            exported,
+            config,
+            log=log,
+            calibration=list(calibration),
+        )
     threads = runtime.ort_threads
     model, tok = load_causal_lm(model_dir, runtime), load_tokenizer(model_dir)
     scored: dict[str, tuple[Faithfulness, float, float | None, float, list[str]]] = {}
@@ -346,12 +355,23 @@ def compress(
     return result
 
 
-def serving_manifest(uc, source_model: Path, fmt=None) -> dict:
+def serving_manifest(uc, source_model: Path, fmt=None, index_version: str | None = None) -> dict:
     """What a server needs beside the ONNX folder to prompt the model as the lifecycle trained it:
-    the use case's template (labels filled in) and the model's prompt format (a ``PromptFormat``:
-    its chat template, if it is prompted through one)."""
+    the use case's template (labels filled in), the model's prompt format (a ``PromptFormat``:
+    its chat template, if it is prompted through one) and, with ``index_version``, how passages
+    from the index the artifact carries (``INDEX_DIR``) enter each task input."""
     labels = ", ".join(uc.task.labels)
+    retrieval = None
+    if index_version:
+        spec = uc.retrieval
+        retrieval = {
+            "index": INDEX_DIR,
+            "version": index_version,
+            "top_k": spec.top_k,
+            "template": spec.template,
+        }
     return {
+        "retrieval": retrieval,
         "use_case": uc.name,
         "prompt_template": uc.task.prompt_template.replace("{labels}", labels),
         "instruction": uc.task.instruction.replace("{labels}", labels),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lifecycle_dagster.ml.datafiles import has_split, read_table
 from lifecycle_dagster.ml.errors import InputError, collect
+from lifecycle_dagster.ml.retrieval import PASSAGES_FIELD, augment
 from lifecycle_dagster.ml.tasks import normalize_text
 from lifecycle_dagster.ml.usecase import UseCase
 
@@ -335,7 +336,7 @@ def check_token_lengths(uc: UseCase, splits: dict[str, Split], cache_dir: Path |
     task, errors, longest, cut = uc.task, [], 0, 0
     for name, split in splits.items():
         for i, row in enumerate(split.rows):
-            query = user_turn(uc, row[task.input_field])
+            query = user_turn(uc, input_text(uc, row))
             prompt = count(fmt.prompt([], query))
             answer = count(fmt.completion(query, row[task.target_field]))
             need = prompt + max(answer, uc.evaluation.max_new_tokens if name == "eval" else 0)
@@ -503,13 +504,27 @@ def user_turn(uc: UseCase, text: str) -> str:
     return template.format(instruction=instruction, input=text)
 
 
+def input_text(uc: UseCase, row: dict) -> str:
+    """A row's input as the model reads it: with the passages retrieval found for it (the
+    ``_passages`` task_dataset wrote), written in as ``retrieval.template`` says."""
+    text = row[uc.task.input_field]
+    passages = row.get(PASSAGES_FIELD)
+    if passages is None:
+        return text
+    return augment(uc.retrieval.template, text, passages)
+
+
+def without_passages(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != PASSAGES_FIELD} for r in rows]
+
+
 def format_prompt(
     uc: UseCase, text: str, examples: list[dict] | None = None, fmt: PromptFormat = PLAIN
 ) -> str:
     """The query for one input, with optional in-context examples (few-shot) before it, in the
     model's prompt format."""
     task = uc.task
-    turns = [(user_turn(uc, ex[task.input_field]), ex[task.target_field]) for ex in examples or []]
+    turns = [(user_turn(uc, input_text(uc, ex)), ex[task.target_field]) for ex in examples or []]
     return fmt.prompt(turns, user_turn(uc, text))
 
 
@@ -527,8 +542,8 @@ def sft_records(uc: UseCase, rows: list[dict], fmt: PromptFormat = PLAIN) -> lis
     task = uc.task
     return [
         {
-            "prompt": format_prompt(uc, r[task.input_field], fmt=fmt),
-            "completion": fmt.completion(user_turn(uc, r[task.input_field]), r[task.target_field]),
+            "prompt": format_prompt(uc, input_text(uc, r), fmt=fmt),
+            "completion": fmt.completion(user_turn(uc, input_text(uc, r)), r[task.target_field]),
         }
         for r in rows
     ]
@@ -554,7 +569,7 @@ def eval_rows(uc: UseCase, rows: list[dict]) -> list[dict]:
 def prompts_for(
     uc: UseCase, rows: list[dict], examples: list[dict] | None = None, fmt: PromptFormat = PLAIN
 ) -> list[str]:
-    return [format_prompt(uc, r[uc.task.input_field], examples, fmt) for r in rows]
+    return [format_prompt(uc, input_text(uc, r), examples, fmt) for r in rows]
 
 
 def references(uc: UseCase, rows: list[dict]) -> list[str]:
@@ -589,6 +604,16 @@ class EvalSplit:
     @property
     def prompts(self) -> list[str]:
         return prompts_for(self.use_case, self.rows, fmt=self.fmt)
+
+    @property
+    def retrieved(self) -> bool:
+        """Whether its rows carry the passages retrieval found for them."""
+        return any(PASSAGES_FIELD in r for r in self.rows)
+
+    def without_retrieval(self) -> EvalSplit:
+        """The same rows, prompted without their passages."""
+        rows = without_passages(self.rows)
+        return EvalSplit(self.use_case, rows, without_passages(self.all_rows or rows), self.fmt)
 
     def prompts_with(self, examples: list[dict]) -> list[str]:
         """The prompts with in-context examples before each (few-shot)."""

@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lifecycle_dagster.ml.awq import AWQ_FILE, scaled_copy
+from lifecycle_dagster.ml.gptq import refine
 from lifecycle_dagster.ml.progress import Log
 from lifecycle_dagster.ml.tunables import Tunables
 
@@ -86,8 +87,16 @@ class ExportConfig(Tunables):
         description="int4: fold activation-aware scales, searched on the use case's train "
         "prompts, into the norms before quantising (ml.awq).",
     )
+    int4_gptq: bool = Field(
+        True,
+        description="int4: re-round the exported codes by GPTQ on the use case's train prompts "
+        "(the builder's scales and zero points kept; ml.gptq).",
+    )
     calibration_prompts: int = Field(
-        32, gt=0, description="int4 with int4_awq: train prompts the scales are searched on."
+        32,
+        gt=0,
+        description="int4 with int4_awq or int4_gptq: train examples (prompt and reference "
+        "answer) calibrated on.",
     )
 
     @model_validator(mode="before")
@@ -129,8 +138,8 @@ def export_onnx(
     log: Log | None = None,
     calibration: list[str] | None = None,
 ) -> ExportResult:
-    """Write one runnable onnxruntime-genai folder per variant under ``out_dir``; int4 from a
-    copy scaled on ``calibration`` (texts) when ``config.int4_awq`` asks for it."""
+    """Write one runnable onnxruntime-genai folder per variant under ``out_dir``; int4 calibrated
+    on ``calibration`` (texts) as ``config`` asks (``int4_awq``, ``int4_gptq``)."""
     out_dir = Path(out_dir)
     variants: dict[str, Path] = {}
     seconds: dict[str, float] = {}
@@ -142,13 +151,8 @@ def export_onnx(
             log(f"onnx: exporting {name} ({VARIANTS[name]}, KV cache)")
         if name == "int8_dynamic":
             _quantize_dynamic(out_dir / "fp32", folder)
-        elif name == "int4" and config.int4_awq and calibration:
-            with tempfile.TemporaryDirectory(prefix="awq-") as tmp:
-                scaled_copy(model_dir, Path(tmp) / "model", calibration, config.block_size, log)
-                _build(Path(tmp) / "model", folder, name, _builder_options(name, config))
-                shutil.copy(Path(tmp) / "model" / AWQ_FILE, folder / AWQ_FILE)
         else:
-            _build(model_dir, folder, name, _builder_options(name, config))
+            _build_variant(model_dir, folder, name, config, calibration, log)
             if suppressed:
                 _mask_logits(folder, suppressed)
         _plain_bytelevel_decoder(folder)
@@ -168,6 +172,7 @@ def export_students(
     exported: ExportResult,
     config: ExportConfig,
     log: Log | None = None,
+    calibration: list[str] | None = None,
 ) -> ExportResult:
     """Each student model exported in each of ``precisions`` (quantised as ``config`` says) into
     ``exported``'s folder as variant ``<student>_<precision>``, added to ``exported``."""
@@ -179,7 +184,7 @@ def export_students(
             folder = exported.path / name
             if log:
                 log(f"onnx: exporting {name} ({describe(name)}, KV cache)")
-            _build(model_dir, folder, precision, _builder_options(precision, config))
+            _build_variant(model_dir, folder, precision, config, calibration, log)
             if suppressed:
                 _mask_logits(folder, suppressed)
             _plain_bytelevel_decoder(folder)
@@ -187,6 +192,32 @@ def export_students(
             exported.sizes[name] = onnx_bytes(folder)
             exported.seconds[name] = time.monotonic() - start
     return exported
+
+
+def _build_variant(
+    model_dir: Path,
+    folder: Path,
+    precision: str,
+    config: ExportConfig,
+    calibration: list[str] | None,
+    log: Log | None,
+) -> None:
+    """One variant by the model builder; int4 from a copy with activation-aware scales folded in
+    (``int4_awq``), its codes then re-rounded by GPTQ (``int4_gptq``), both on ``calibration``."""
+    options = _builder_options(precision, config)
+    if precision != "int4" or not calibration or not (config.int4_awq or config.int4_gptq):
+        _build(model_dir, folder, precision, options)
+        return
+    with tempfile.TemporaryDirectory(prefix="int4-") as tmp:
+        source = model_dir
+        if config.int4_awq:
+            source = Path(tmp) / "model"
+            scaled_copy(model_dir, source, calibration, config.block_size, log)
+        _build(source, folder, precision, options)
+        if config.int4_awq:
+            shutil.copy(source / AWQ_FILE, folder / AWQ_FILE)
+        if config.int4_gptq:
+            refine(source, folder, calibration, log)
 
 
 def suppressed_tokens(model_dir: Path) -> list[int]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import shutil
 import types
 import typing
 from collections.abc import Callable
@@ -284,13 +286,18 @@ def onnx_model(
     so are the pruned and distilled students in ``students`` (a ``distilled_model`` artifact).
     The comparison runs where onnxruntime runs: PyTorch on CPU in fp32."""
     from lifecycle_dagster.ml.compress import compress, serving_manifest
-    from lifecycle_dagster.ml.data import EvalSplit, prompts_for, read_rows
+    from lifecycle_dagster.ml.data import EvalSplit, read_rows, sft_records
     from lifecycle_dagster.ml.distill import read_students
+    from lifecycle_dagster.ml.retrieval import INDEX_DIR, RETRIEVAL_FILE
     from lifecycle_dagster.ml.reward import load_reward
     from lifecycle_dagster.ml.runtime import select_runtime
 
     runtime = select_runtime("cpu", uc.compute.torch_threads, uc.compute.ort_threads)
     split = EvalSplit.read(uc, data, source)
+    index_version = None
+    if (data / INDEX_DIR).is_dir():  # the export carries the index its prompts were made from
+        shutil.copytree(data / INDEX_DIR, Path(out) / INDEX_DIR)
+        index_version = json.loads((data / RETRIEVAL_FILE).read_text())["index_version"]
     return compress(
         source,
         out,
@@ -301,12 +308,14 @@ def onnx_model(
         split=split,
         reward=load_reward(reward, uc, runtime),
         reference=reference,
-        serving=serving_manifest(uc, Path(source_id), split.fmt),
+        serving=serving_manifest(uc, Path(source_id), split.fmt, index_version),
         students=read_students(students, source_id, log) if students else {},
         student_variants=uc.distillation.export,
-        calibration=prompts_for(uc, read_rows(data / "train.jsonl"), fmt=split.fmt)[
-            : uc.compression.calibration_prompts
-        ],
+        # train prompts with their reference answers: the tokens a served model reads and writes
+        calibration=[
+            r["prompt"] + r["completion"]
+            for r in sft_records(uc, read_rows(data / "train.jsonl"), fmt=split.fmt)
+        ][: uc.compression.calibration_prompts],
         log=log,
     )
 

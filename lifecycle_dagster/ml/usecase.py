@@ -21,6 +21,7 @@ from lifecycle_dagster.ml.align import AlignMethodConfig
 from lifecycle_dagster.ml.compress import CompressConfig
 from lifecycle_dagster.ml.distill import DistillConfig
 from lifecycle_dagster.ml.pretrain import PretrainConfig
+from lifecycle_dagster.ml.retrieval import RetrievalSpec
 from lifecycle_dagster.ml.reward import RewardMethodConfig
 from lifecycle_dagster.ml.sft import SFTMethodConfig
 from lifecycle_dagster.ml.suite import SuiteConfig
@@ -331,6 +332,7 @@ class UseCase(_Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     compression: CompressConfig = CompressConfig()
     distillation: DistillConfig = DistillConfig()
+    retrieval: RetrievalSpec = RetrievalSpec()
     readaptation: ReadaptationSpec = ReadaptationSpec()
     compute: ComputeSpec = ComputeSpec()
     feedback: FeedbackSpec = FeedbackSpec()

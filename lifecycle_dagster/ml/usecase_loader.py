@@ -146,6 +146,13 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
         for key in ("train", "eval", "preferences_train", "preferences_eval"):
             if isinstance(data.get(key), str):
                 data[key] = str((base_dir / _expand(data[key])).resolve())
+    retrieval = raw.get("retrieval")
+    if isinstance(retrieval, dict):
+        if isinstance(retrieval.get("documents"), str):
+            retrieval["documents"] = str((base_dir / _expand(retrieval["documents"])).resolve())
+        model = retrieval.get("embedding_model")
+        if isinstance(model, str) and not model.startswith("package:"):
+            retrieval["embedding_model"] = str((base_dir / _expand(model)).resolve())
     for section in ("base_model", "reward"):
         spec = raw.get(section)
         if isinstance(spec, dict) and isinstance(spec.get("path"), str):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from lifecycle_dagster.ml.data import EvalSplit
 from lifecycle_dagster.ml.evaluate import score_split
 from lifecycle_dagster.ml.progress import Log
+from lifecycle_dagster.ml.retrieval import mean_groundedness
 from lifecycle_dagster.ml.suite import SuiteConfig, bootstrap_interval, per_example_metric
 
 CANDIDATE = "aligned"
@@ -22,6 +23,7 @@ class Candidate:
     load: Callable[[], tuple]
     prompts: Sequence[str]
     perplexity: bool = True  # of the references, given its prompts (with the suite)
+    retrieval: bool = True  # its prompts carry the split's passages (when it has them)
 
 
 @dataclass
@@ -125,6 +127,9 @@ def assess(
         )
         del model
         results[name] = res.metrics()
+        grounded = mean_groundedness(res.predictions, split.rows) if cand.retrieval else None
+        if grounded is not None:  # how much of each answer its passages hold
+            results[name]["groundedness"] = grounded
         if name == CANDIDATE:
             tables = res.tables
         per_example += [{"model": name, **row} for row in res.per_example]

@@ -396,6 +396,7 @@ def build_app(
                     alias=model.alias,
                     variant=model.variant,
                     use_case=model.use_case,
+                    retrieval_index=model.index_version,
                 )
             ]
         )

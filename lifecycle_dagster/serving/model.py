@@ -1,6 +1,7 @@
 """The model a server runs: one registered version of a use case's ONNX artifact, loaded into
 onnxruntime-genai, with what it needs to prompt it as the lifecycle trained it (``serving.json``:
-the use case's template and the model's prompt format)."""
+the use case's template and the model's prompt format; with retrieval, the index the artifact
+carries, searched for every request's task input)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class ServedModel:
     serving: dict
     generator: GenaiGenerator
     tokenizer: object
+    retriever: object = None  # ml.retrieval.Retriever over the artifact's index, with retrieval
 
     @classmethod
     def from_registry(
@@ -50,20 +52,41 @@ class ServedModel:
         from tokenizers import Tokenizer
 
         folder = selected_folder(artifact)
+        serving = json.loads((Path(artifact) / SERVING_FILE).read_text())
+        retriever = None
+        if serving.get("retrieval"):
+            from lifecycle_dagster.ml.retrieval import Retriever
+
+            retriever = Retriever(Path(artifact) / serving["retrieval"]["index"])
         return cls(
             name=name,
             version=version,
             alias=alias,
             variant=folder.name,
             folder=folder,
-            serving=json.loads((Path(artifact) / SERVING_FILE).read_text()),
+            serving=serving,
             generator=GenaiGenerator(folder, threads),
             tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")),
+            retriever=retriever,
         )
 
     @property
     def use_case(self) -> str | None:
         return self.serving.get("use_case")
+
+    @property
+    def index_version(self) -> str | None:
+        return self.retriever.version if self.retriever is not None else None
+
+    def with_passages(self, text: str) -> str:
+        """A task input with the passages the index finds for it, as the lifecycle trained and
+        evaluated the model on them (unchanged without retrieval)."""
+        if self.retriever is None:
+            return text
+        from lifecycle_dagster.ml.retrieval import augment, passages_for
+
+        spec = self.serving["retrieval"]
+        return augment(spec["template"], text, passages_for(self.retriever, text, spec["top_k"]))
 
     @property
     def default_max_tokens(self) -> int:
@@ -97,8 +120,12 @@ class ServedModel:
                 "messages: an optional system message, then user and assistant messages "
                 "alternating, ending with a user message"
             )
+        last = len(messages) - 1  # the query gets passages; earlier turns are examples as given
         turn = [
-            self.task_turn(text, instruction) if role == "user" else text for role, text in messages
+            self.task_turn(self.with_passages(text) if i == last else text, instruction)
+            if role == "user"
+            else text
+            for i, (role, text) in enumerate(messages)
         ]
         fmt = PromptFormat(**self.serving.get("prompt_format", {}))
         return self.with_soft_prompt(
@@ -137,4 +164,5 @@ class ServedModel:
             "use_case": self.use_case,
             "context_length": self.generator.context_length,
             "soft_prompt_tokens": len(soft_tokens(self.tokenizer)),
+            "retrieval_index": self.index_version,
         }

@@ -131,6 +131,7 @@ class ModelCard(BaseModel):
     alias: str
     variant: str
     use_case: str | None
+    retrieval_index: str | None = None  # the index version prompts are augmented from
 
 
 class ModelList(BaseModel):

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 EXPECTED_ASSETS = {
     "use_case": "scope",
+    "knowledge_index": "data",
     "task_dataset": "data",
     "preference_dataset": "data",
     "base_model": "selection",
@@ -31,6 +32,7 @@ EXPECTED_ASSETS = {
 EXPECTED_CHECKS = {
     ("task_dataset", "no_train_eval_leakage"),
     ("task_dataset", "no_near_duplicates"),
+    ("task_dataset", "retrieval_finds_answers"),
     ("preference_dataset", "pairs_are_distinct"),
     ("preference_dataset", "no_task_eval_in_pairs"),
     ("preference_dataset", "no_train_eval_leakage"),
@@ -58,9 +60,14 @@ def test_assets_groups_and_lineage():
     upstream = graph.get(dg.AssetKey("onnx_model")).parent_keys
     assert {dg.AssetKey("aligned_model"), dg.AssetKey("distilled_model")} <= upstream
     ancestors = graph.upstream_key_iterator(dg.AssetKey("onnx_model"))
-    assert {"task_dataset", "preference_dataset", "base_model", "sft_adapter", "reward_model"} <= {
-        k.to_user_string() for k in ancestors
-    }
+    assert {
+        "knowledge_index",  # the passages every stage's prompts carry
+        "task_dataset",
+        "preference_dataset",
+        "base_model",
+        "sft_adapter",
+        "reward_model",
+    } <= {k.to_user_string() for k in ancestors}
     # Feedback from the deployed model's users flows back into the reward data.
     feedback = graph.get(dg.AssetKey("user_feedback"))
     assert not feedback.is_materializable

@@ -1,6 +1,8 @@
 """Each packaged task kind through the whole tiny lifecycle: the scope decides the metric every stage
 reports, the reward alignment optimises (the kind's verifiable reward: none of these use cases has
-preference files) and the quality budget of the ONNX artifact.
+preference files) and the quality budget of the ONNX artifact. The question answering runs as
+catalogue_qa, whose questions are answered from a document collection: its retrieval reaches
+every stage's prompts and the model server's.
 
 Each kind runs in its own partition of this module's instance. Thresholds are lowered to the
 primary metric > 0 (a 150k-parameter model learns these tasks only partly in a few hundred steps);
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import requests
 
 from lifecycle_dagster.definitions import defs
 from lifecycle_dagster.resources.artifacts import records_of
@@ -19,7 +22,7 @@ EXAMPLES = 24  # evaluated per stage
 KINDS = {
     "dialogue_intent": ("accuracy", {"format_ok": {"min": 0.0}}),
     "dialogue_slots": ("field_f1", {"json_valid": {"min": 0.0}}),
-    "dialogue_qa": ("token_f1", {}),
+    "catalogue_qa": ("token_f1", {}),  # question answering, with retrieval
 }
 
 
@@ -72,8 +75,8 @@ def test_a_kind_runs_the_whole_lifecycle_on_its_own_metric(instance, name):
     result = run_kind(instance, name)
     assert result.success
     assert (
-        len(result.get_asset_materialization_events()) == 13
-    )  # every asset, distilled_model included
+        len(result.get_asset_materialization_events()) == 14
+    )  # every asset, knowledge_index and distilled_model included
     m = {a: meta(instance, a, name) for a in ("prompt_baseline", "sft_adapter", "reward_model")}
     m |= {a: meta(instance, a, name) for a in ("aligned_model", "evaluation", "onnx_model")}
     # Fine-tuning beat prompting alone on the kind's primary metric.
@@ -112,3 +115,52 @@ def test_classification_reports_label_scoring_and_a_confusion_table(instance):
         "library renewal",
     }
     assert sum(v for r in confusion for k, v in r.data.items() if k != "reference") == EXAMPLES
+
+
+def test_retrieval_reaches_every_stage_and_the_served_model(instance):
+    """catalogue_qa: the index of its 60 documents, the passages in every row and so in the
+    prompts of prompting, fine-tuning and evaluation, each model scored with and without them,
+    and the exported artifact's server retrieving from the same index version per request."""
+    from servers import in_process
+
+    from lifecycle_dagster.ml.data import prompts_for, read_rows, sft_records
+    from lifecycle_dagster.ml.retrieval import PASSAGES_FIELD
+    from lifecycle_dagster.ml.usecase_loader import load_use_case
+    from lifecycle_dagster.serving import ServedModel, build_app
+    from lifecycle_dagster.serving.engine import Engine
+
+    name = "catalogue_qa"
+    if not records_of(instance, "evaluation", name, limit=1):
+        assert run_kind(instance, name).success
+    index = meta(instance, "knowledge_index", name)
+    assert index["documents"] == 60 and index["chunks"] >= 60 and index["index_bytes"] > 0
+    data = meta(instance, "task_dataset", name)
+    assert data["retrieval"] == index["index_version"]
+    assert data["eval_recall_at_k"] >= 0.9  # BM25 finds the product page for most questions
+    rows = read_rows(Path(data["artifact_path"]) / "eval.jsonl")
+    assert all(len(r[PASSAGES_FIELD]) == 2 for r in rows)
+    passage = rows[0][PASSAGES_FIELD][0]["text"]
+    uc = load_use_case(profile="tiny", use_case=name)
+    assert passage in prompts_for(uc, rows[:1])[0]  # prompting and evaluation
+    assert passage in sft_records(uc, rows[:1])[0]["prompt"]  # fine-tuning and alignment
+    evaluation = meta(instance, "evaluation", name)
+    for model in ("base", "sft", "aligned"):
+        assert f"{model}_without_retrieval_token_f1" in evaluation, sorted(evaluation)
+        assert 0 <= evaluation[f"{model}_groundedness"] <= 1
+    assert evaluation["eval_recall_at_k"] == data["eval_recall_at_k"]
+    assert "token_f1_with_retrieval" in evaluation["retrieval"]
+    # The server: the same index version, the same passages in the prompt it decodes.
+    artifact = Path(meta(instance, "onnx_model", name)["artifact_path"])
+    served = ServedModel.from_artifact(artifact, name, "1", "champion")
+    assert served.index_version == index["index_version"]
+    assert passage in served.chat_prompt([("user", rows[0]["question"])])
+    engine = Engine(served).start()
+    try:
+        with in_process(build_app(engine)) as url:
+            card = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+            assert card["retrieval_index"] == index["index_version"]
+            body = {"model": name, "messages": [{"role": "user", "content": rows[0]["question"]}]}
+            answer = requests.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+            assert answer.status_code == 200, answer.text
+    finally:
+        engine.stop()

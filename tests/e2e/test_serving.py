@@ -5,7 +5,6 @@ decoded together; a full queue answers 429, a client that goes away stops its de
 key; schemathesis finds no 5xx; the champion moves under streaming traffic; every answer is an
 MLflow trace and feedback on it is stored durably and shows as an assessment."""
 
-import contextlib
 import json
 import os
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from servers import free_port, greedy_and_other
+from servers import free_port, greedy_and_other, in_process
 
 from lifecycle_dagster.ml.compress import EVALUATED_FILE, SELECTED_FILE
 from lifecycle_dagster.ml.data import EvalSplit, format_prompt
@@ -384,26 +383,6 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     (generated, passed) = re.search(r"(\d+) generated, (\d+) passed", done.stdout).groups()
     assert int(generated) == int(passed) > 100, done.stdout[-2000:]
-
-
-@contextlib.contextmanager
-def in_process(app):
-    """``app`` under uvicorn in a thread of this process, on a free loopback port."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_a_full_queue_answers_429_and_a_client_gone_is_not_decoded(exported):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lifecycle_dagster.ml import datagen
+from lifecycle_dagster.ml import catalogue, datagen
 from lifecycle_dagster.ml.data import build_pairs, load_task_data
 from lifecycle_dagster.ml.errors import InputError
 from lifecycle_dagster.ml.reward import describe_reward, load_reward
@@ -16,6 +16,7 @@ KIND_OF = {
     "dialogue_intent": ("classification", "accuracy", "verifiable"),
     "dialogue_slots": ("extraction", "field_f1", "verifiable"),
     "dialogue_qa": ("question_answering", "token_f1", "verifiable"),
+    "catalogue_qa": ("question_answering", "token_f1", "verifiable"),
 }
 
 
@@ -41,6 +42,12 @@ def test_shipped_kind_data_is_what_the_generator_makes(tmp_path):
         for file, rows in files.items():
             shipped = (USECASES_DIR / name / "data" / file).read_text().splitlines()
             assert [json.loads(x) for x in shipped] == rows, f"{name}/{file}"
+    files = catalogue.generate()
+    for name, text in files.pop("docs").items():
+        assert (USECASES_DIR / "catalogue_qa" / "docs" / name).read_text() == text, name
+    for file, rows in files.items():
+        shipped = (USECASES_DIR / "catalogue_qa" / "data" / file).read_text().splitlines()
+        assert [json.loads(x) for x in shipped] == rows, f"catalogue_qa/{file}"
 
 
 def _use_case_file(tmp_path, name, replace=None, **data_rows):

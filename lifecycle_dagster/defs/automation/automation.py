@@ -181,10 +181,11 @@ def readaptation_sensor(context: dg.SensorEvaluationContext):
 
 
 @dg.sensor(
-    asset_selection=dg.AssetSelection.assets(*DATA_FILES),
+    asset_selection=dg.AssetSelection.assets(*DATA_FILES, "knowledge_index"),
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="A data file that differs from its latest snapshot re-materializes its dataset; "
+    description="A data file that differs from its latest snapshot re-materializes its dataset, "
+    "retrieval documents that differ from its latest index the index and the task data; "
     "adaptation and everything downstream follow by declarative automation.",
 )
 def data_change_sensor(context: dg.SensorEvaluationContext):

@@ -1,5 +1,6 @@
-"""Data: the task's train/eval splits and the preference pairs, validated and snapshotted. Each
-artifact holds the rows every later stage reads (targets as the task kind trains on them) and, under
+"""Data: the task's train/eval splits and the preference pairs, validated and snapshotted, and the
+index retrieval searches. Each dataset artifact holds the rows every later stage reads (targets as
+the task kind trains on them, with the passages retrieval found for each input) and, under
 ``source/``, the files they came from, which the data sensor compares with the files now."""
 
 import json
@@ -23,6 +24,18 @@ from lifecycle_dagster.ml.data import (
     write_rows,
 )
 from lifecycle_dagster.ml.feedback import feedback_pairs
+from lifecycle_dagster.ml.retrieval import (
+    INDEX_DIR,
+    INDEX_FILE,
+    PASSAGES_FIELD,
+    RETRIEVAL_FILE,
+    Retriever,
+    build_index,
+    chunk,
+    load_documents,
+    passages_for,
+    recall_at_k,
+)
 from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 
@@ -46,16 +59,109 @@ def snapshot(split, tmp, name: str, field: str) -> None:
 @dg.asset(
     group_name="data",
     partitions_def=USE_CASES,
+    kinds={"bm25", "mlflow"},
+    owners=OWNERS,
+    code_version="1",
+    deps=["use_case"],
+)
+def knowledge_index(
+    context: dg.AssetExecutionContext,
+    artifact_store: ArtifactStore,
+    mlflow_tracking: MlflowTracking,
+) -> dg.MaterializeResult:
+    """The use case's documents chunked and indexed for retrieval (BM25, or dense embeddings),
+    versioned by their digest; the data sensor rebuilds it when a document changes. A use case
+    without ``retrieval`` records that it has none, and its prompts stay as they are."""
+    with stage(context, "knowledge_index", artifact_store, mlflow_tracking) as st:
+        spec = st.use_case.retrieval
+        if not spec.enabled:
+            with st.write() as tmp:
+                (tmp / INDEX_FILE).write_text(json.dumps({"method": "none"}))
+            return st.result(metadata={"retrieval": "off: the use case declares no documents"})
+        docs = load_documents(spec.documents)
+        with st.write() as tmp:
+            info = build_index(docs, spec, tmp, st.log)
+        st.run.log_params({"retrieval." + k: v for k, v in spec.model_dump(mode="json").items()})
+        chunks = [c for d in docs[:4] for c in chunk(d, spec.chunk_words, spec.chunk_overlap)]
+        return st.result(
+            metrics={
+                "documents": info.documents,
+                "chunks": info.chunks,
+                "index_bytes": info.bytes,
+                "build_seconds": info.build_seconds,
+            },
+            metadata={
+                "index_version": info.digest,
+                "method": info.method,
+                "source": dg.MetadataValue.path(str(spec.documents)),
+                "first_chunks": table([{"chunk": c.id, "text": c.text[:160]} for c in chunks[:8]]),
+            },
+        )
+
+
+def retrieve_for(context, store: ArtifactStore, uc, splits, tmp, log) -> dict:
+    """Each row of ``splits`` given the passages the use case's index finds for its input, the
+    index copied into ``tmp`` (the dataset being written); what was used and how well it did
+    (recall@k where rows name their document)."""
+    if not uc.retrieval.enabled:
+        (tmp / RETRIEVAL_FILE).write_text("{}")
+        return {}
+    index = store.upstream(context, "knowledge_index")
+    retriever = Retriever(index)
+    shutil.copytree(index, tmp / INDEX_DIR)  # the dataset carries the index its passages are from
+    for split in splits.values():
+        for row in split.rows:
+            row[PASSAGES_FIELD] = passages_for(
+                retriever, row[uc.task.input_field], uc.retrieval.top_k
+            )
+    recall = {n: recall_at_k(s.rows, uc.retrieval.document_field) for n, s in splits.items()}
+    log(f"retrieval: top {uc.retrieval.top_k} passages per row, recall@k {recall}")
+    used = {
+        "index": str(index),
+        "index_version": retriever.version,
+        "top_k": uc.retrieval.top_k,
+        "recall_at_k": recall,
+    }
+    (tmp / RETRIEVAL_FILE).write_text(json.dumps(used, indent=2))
+    return used
+
+
+def write_splits(splits, tmp) -> None:
+    snapshot(splits["train"], tmp, "train.jsonl", "train")
+    if splits["eval"].split:  # held out of the train file: the rows are the snapshot
+        write_rows(tmp / "eval.jsonl", splits["eval"].rows)
+        (tmp / "split.json").write_text(json.dumps(splits["eval"].split, indent=2))
+    else:
+        snapshot(splits["eval"], tmp, "eval.jsonl", "eval")
+
+
+def recall_check(uc, retrieval: dict) -> dg.AssetCheckResult:
+    recall = retrieval.get("recall_at_k", {}).get("eval")
+    ok = recall is None or recall >= uc.retrieval.min_recall
+    why = "off" if not retrieval else "not measurable (no document field)"
+    meta = {"recall_at_k": recall, "min_recall": uc.retrieval.min_recall}
+    return check("retrieval_finds_answers", ok, meta if recall is not None else {"retrieval": why})
+
+
+@dg.asset(
+    group_name="data",
+    partitions_def=USE_CASES,
     kinds={"json", "mlflow"},
     owners=OWNERS,
-    code_version="2",
-    deps=["use_case"],
+    code_version="3",
+    deps=["use_case", "knowledge_index"],
     check_specs=[
         dg.AssetCheckSpec(
             "no_train_eval_leakage",
             asset="task_dataset",
             blocking=True,
             description="No eval input also occurs in the train split.",
+        ),
+        dg.AssetCheckSpec(
+            "retrieval_finds_answers",
+            asset="task_dataset",
+            description="Where the rows name the document that answers them, the eval rows' "
+            "passages include it at least as often as retrieval.min_recall (recall@k).",
         ),
         dg.AssetCheckSpec(
             "no_near_duplicates",
@@ -76,14 +182,10 @@ def task_dataset(
     with stage(context, "task_dataset", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
         splits, _ = validate_data(uc)
-        tokens = check_token_lengths(uc, splits, settings.state_home() / "cache" / "models")
         with artifact_store.write(st.target) as tmp:
-            snapshot(splits["train"], tmp, "train.jsonl", "train")
-            if splits["eval"].split:  # held out of the train file: the rows are the snapshot
-                write_rows(tmp / "eval.jsonl", splits["eval"].rows)
-                (tmp / "split.json").write_text(json.dumps(splits["eval"].split, indent=2))
-            else:
-                snapshot(splits["eval"], tmp, "eval.jsonl", "eval")
+            retrieval = retrieve_for(context, artifact_store, uc, splits, tmp, st.log)
+            tokens = check_token_lengths(uc, splits, settings.state_home() / "cache" / "models")
+            write_splits(splits, tmp)
         field = uc.task.input_field
         leaked = overlap(splits["train"].rows, splits["eval"].rows, field)
         near = near_duplicates(splits["train"].rows, splits["eval"].rows, field)
@@ -97,15 +199,18 @@ def task_dataset(
                 "eval_rows": len(splits["eval"].rows),
                 "leaked_rows": leaked,
                 "near_duplicates": len(near),
+                **{f"{n}_recall_at_k": r for n, r in retrieval.get("recall_at_k", {}).items()},
             },
             metadata={
                 "splits": table([{"split": n, **s.stats} for n, s in splits.items()]),
                 "source": dg.MetadataValue.path(str(uc.data.train)),
                 "eval_split": describe_split(splits["eval"]),
+                "retrieval": retrieval.get("index_version", "off"),
                 **tokens,
             },
             check_results=[
                 check("no_train_eval_leakage", leaked == 0, {"leaked_rows": leaked}, True),
+                recall_check(uc, retrieval),
                 check(
                     "no_near_duplicates",
                     not near,

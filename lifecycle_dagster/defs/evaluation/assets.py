@@ -13,6 +13,7 @@ from lifecycle_dagster.ml.data import EvalSplit, read_rows
 from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer, model_dir_of
 from lifecycle_dagster.ml.promotion import compare_with_champion
 from lifecycle_dagster.ml.readaptation import decide
+from lifecycle_dagster.ml.retrieval import RETRIEVAL_FILE
 from lifecycle_dagster.ml.reward import load_reward
 from lifecycle_dagster.ml.sft import SFTMethodConfig, load_sft
 from lifecycle_dagster.ml.verdict import CANDIDATE, Candidate, assess
@@ -43,7 +44,7 @@ def _candidates(context, store, uc, runtime, split) -> dict[str, Candidate]:
         store.upstream(context, "sft_adapter"),
         store.upstream(context, "aligned_model"),
     )
-    return {
+    candidates = {
         "base": Candidate(lambda: base_model, split.prompts),
         # The base model again, its prompts a few times longer: its perplexity is the base's.
         "prompt_baseline": Candidate(
@@ -57,6 +58,18 @@ def _candidates(context, store, uc, runtime, split) -> dict[str, Candidate]:
             split.prompts,
         ),
     }
+    if split.retrieved:  # what retrieval buys: each model again, its prompts without passages
+        plain = split.without_retrieval().prompts
+        for name in ("base", "sft", CANDIDATE):
+            candidates[f"{name}_without_retrieval"] = Candidate(
+                candidates[name].load, plain, perplexity=False, retrieval=False
+            )
+    return candidates
+
+
+def read_json(path) -> dict:
+    """A JSON file an upstream artifact may hold (an older one may not: then {})."""
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def trained_with(uc, sft_meta: dict) -> SFTMethodConfig:
@@ -102,10 +115,9 @@ def evaluation(
     verdict against the thresholds, and the comparison with the registry's champion."""
     with stage(context, "evaluation", artifact_store, mlflow_tracking) as st:
         uc, runtime = st.use_case, compute.runtime(st.use_case.compute)
+        data = artifact_store.upstream(context, "task_dataset")
         split = EvalSplit.read(
-            uc,
-            artifact_store.upstream(context, "task_dataset"),
-            model_dir_of(artifact_store.upstream(context, "base_model")),
+            uc, data, model_dir_of(artifact_store.upstream(context, "base_model"))
         )
         result = assess(
             _candidates(context, artifact_store, uc, runtime, split),
@@ -139,4 +151,5 @@ def evaluation(
             regression,
             upstream_metadata(context, "aligned_model"),
             genai=genai_evaluation(st, result, split),
+            retrieval=read_json(data / RETRIEVAL_FILE),
         )
