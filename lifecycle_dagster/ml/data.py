@@ -70,12 +70,13 @@ def load_rows(
     fmt: str | None = None,
     split: str = "train",
     check_rows: Callable[[dict], tuple[str, str] | None] | None = None,
+    keep: tuple[str, ...] = (),
 ) -> Split:
     """Read a data file whose rows hold non-empty string ``fields``, each read from the column
     ``columns`` maps it to (else the column of its own name). A field in ``convert`` is first
     turned into its string by that function (a ``ValueError`` names the fault); ``check_rows``
     returns a ``(field, reason)`` for a row it refuses. Without an ``id`` column, a row's id is
-    where it is in the file.
+    where it is in the file. Columns in ``keep`` are kept, as text, where a row has them.
 
     Refuses non-UTF-8 bytes, empty files, invalid JSON or CSV, missing columns, missing or mistyped
     fields, empty or over-long values, duplicate ids and duplicate rows; every fault in the file
@@ -148,6 +149,9 @@ def load_rows(
                     )
                 )
             row[name] = value
+        for name in keep:  # optional columns, e.g. the document that answers a row
+            if located.row.get(column(name)) is not None:
+                row[name] = str(located.row[column(name)])
         if not faults and check_rows and (refused := check_rows(row)):
             faults.append(located.error(path, refused[1], refused[0]))
         if not faults and "id" in fields:
@@ -225,6 +229,10 @@ def load_task_data(uc: UseCase) -> dict[str, Split]:
         "convert": {task.target_field: lambda value: uc.kind.target_text(value, task)},
         "columns": data.columns,
         "fmt": data.format,
+        # the column naming the document that answers a row: retrieval's recall@k
+        "keep": (uc.retrieval.document_field,)
+        if uc.retrieval.enabled and uc.retrieval.document_field
+        else (),
     }
     errors: list[InputError] = []
     splits: dict[str, Split] = {}
