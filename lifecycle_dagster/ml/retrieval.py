@@ -324,13 +324,11 @@ class Retriever:
                 return []
             ids, scores = self.index.retrieve(tokens, k=k, show_progress=False)
             found = zip(ids[0].tolist(), scores[0].tolist(), strict=True)
-        else:
-            import numpy as np
+            return [(self.chunks[i], s) for i, s in found if s > 0]  # 0: no word in common
+        import numpy as np
 
-            sims = self.vectors @ self.encoder.encode([query])[0]
-            best = np.argsort(-sims)[:k]
-            found = ((int(i), float(sims[i])) for i in best)
-        return [(self.chunks[i], s) for i, s in found if s > 0]
+        sims = self.vectors @ self.encoder.encode([query])[0]
+        return [(self.chunks[int(i)], float(sims[i])) for i in np.argsort(-sims)[:k]]
 
 
 def augment(template: str, text: str, passages: list[dict]) -> str:
