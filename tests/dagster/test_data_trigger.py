@@ -77,6 +77,39 @@ def test_changed_data_file_requests_its_dataset(tmp_path, instance):
     assert "train.jsonl changed" in request.tags["lifecycle/reason"]
 
 
+def test_a_changed_document_rebuilds_the_index_and_the_task_data(tmp_path, instance):
+    """catalogue_qa: its documents match the index until one changes; then the index and the
+    task data (whose rows carry the passages) are requested, the document folder named."""
+    from lifecycle_dagster.defs.automation.automation import data_change_sensor
+
+    uc = load_use_case(profile="tiny", use_case="catalogue_qa")
+    docs = tmp_path / "docs"
+    shutil.copytree(uc.retrieval.documents, docs)
+    instance.add_dynamic_partitions("use_cases", ["catalogue_qa"])
+    config = {"profile": "tiny", "use_case": "catalogue_qa"}
+    config["overrides"] = {"retrieval": {"documents": str(docs)}}
+    d = defs()
+    d.resolve_job_def("lifecycle_job").execute_in_process(
+        instance=instance,
+        partition_key="catalogue_qa",
+        asset_selection=[dg.AssetKey(k) for k in ("use_case", "knowledge_index", "task_dataset")],
+        run_config={"ops": {"use_case": {"config": config}}},
+    )
+
+    def tick(cursor=None):
+        ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=d)
+        return data_change_sensor(ctx)
+
+    unchanged = tick()
+    assert not unchanged.run_requests, unchanged.run_requests
+    page = sorted(docs.glob("*.md"))[0]
+    page.write_text(page.read_text().replace("Battery life", "Battery life (tested)"))
+    changed = tick(unchanged.cursor)
+    (request,) = [r for r in changed.run_requests if r.partition_key == "catalogue_qa"]
+    assert request.asset_selection == [dg.AssetKey("knowledge_index"), dg.AssetKey("task_dataset")]
+    assert "docs changed" in request.tags["lifecycle/reason"]
+
+
 def _materialize(instance, key: str, checks: dict[str, bool] | None = None) -> None:
     """A materialization of ``key`` (partition UC) and its check results, as one run would record
     them. Each call gets its own run id: the event log keys check executions by run and partition,
