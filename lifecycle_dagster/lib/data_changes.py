@@ -85,9 +85,10 @@ def changed_index(instance: dg.DagsterInstance, hashes: dict, use_case: str, uc:
     except (AttributeError, KeyError, OSError, ValueError, IncompleteArtifactError):
         return ""
     files = [spec.documents] if spec.documents.is_file() else sorted(spec.documents.rglob("*"))
-    key = "docs:" + json.dumps(
-        [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
-    )
+    settings = spec.model_dump(mode="json", include={"method", "embedding_model"})
+    settings |= {"chunk_words": spec.chunk_words, "chunk_overlap": spec.chunk_overlap}
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    key = "docs:" + json.dumps([settings, stats], sort_keys=True)
     try:
         now = hashes.get(key) or documents_digest(load_documents(spec.documents), spec)
     except InputError as e:

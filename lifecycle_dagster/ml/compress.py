@@ -355,20 +355,20 @@ def compress(
     return result
 
 
-def serving_manifest(uc, source_model: Path, fmt=None, index_version: str | None = None) -> dict:
+def serving_manifest(uc, source_model: Path, fmt=None, retrieval: dict | None = None) -> dict:
     """What a server needs beside the ONNX folder to prompt the model as the lifecycle trained it:
     the use case's template (labels filled in), the model's prompt format (a ``PromptFormat``:
-    its chat template, if it is prompted through one) and, with ``index_version``, how passages
-    from the index the artifact carries (``INDEX_DIR``) enter each task input."""
+    its chat template, if it is prompted through one) and, with ``retrieval`` (what the dataset's
+    passages came from), how passages from the index the artifact carries (``INDEX_DIR``) enter
+    each task input: the same template and count as in training."""
     labels = ", ".join(uc.task.labels)
-    retrieval = None
-    if index_version:
-        spec = uc.retrieval
+    retrieval = retrieval or None
+    if retrieval:
         retrieval = {
             "index": INDEX_DIR,
-            "version": index_version,
-            "top_k": spec.top_k,
-            "template": spec.template,
+            "version": retrieval["index_version"],
+            "top_k": retrieval["top_k"],
+            "template": retrieval.get("template", uc.retrieval.template),
         }
     return {
         "retrieval": retrieval,

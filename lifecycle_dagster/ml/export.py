@@ -217,7 +217,11 @@ def _build_variant(
         if config.int4_awq:
             shutil.copy(source / AWQ_FILE, folder / AWQ_FILE)
         if config.int4_gptq:
-            refine(source, folder, calibration, log)
+            try:
+                refine(source, folder, calibration, log)
+            except (ValueError, RuntimeError) as e:  # the builder's rounding stays in use
+                if log:
+                    log(f"gptq: skipped, the export keeps nearest rounding: {e}")
 
 
 def suppressed_tokens(model_dir: Path) -> list[int]:

@@ -28,15 +28,19 @@ MODEL_FILE = "model.onnx"
 DAMP = 0.01  # of the mean of diag(H), added to its diagonal
 COLUMNS = 128  # columns rounded before the rest are updated (lazy batch)
 NODE = re.compile(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight_Q4G\d+$")
-TORCH = {  # the builder's names for a block's matrices -> the torch modules they are made of
-    "qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "q_proj": ("self_attn.q_proj",),
-    "k_proj": ("self_attn.k_proj",),
-    "v_proj": ("self_attn.v_proj",),
-    "o_proj": ("self_attn.o_proj",),
-    "gate_proj": ("mlp.gate_proj",),
-    "up_proj": ("mlp.up_proj",),
-    "down_proj": ("mlp.down_proj",),
+TORCH = {  # the builder's names for a block's matrices -> the torch modules they may be made of
+    "qkv_proj": (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.qkv_proj",),  # fused (Phi-3)
+    ),
+    "q_proj": (("self_attn.q_proj",),),
+    "k_proj": (("self_attn.k_proj",),),
+    "v_proj": (("self_attn.v_proj",),),
+    "o_proj": (("self_attn.o_proj",),),
+    "gate_proj": (("mlp.gate_proj",),),
+    "up_proj": (("mlp.up_proj",),),
+    "gate_up_proj": (("mlp.gate_up_proj",),),
+    "down_proj": (("mlp.down_proj",),),
 }
 
 
@@ -101,15 +105,14 @@ def round_columns(weight, hessian, scale, zero, block_size: int):
     w = weight.clone().float()
     h = hessian.clone().float()
     columns = w.shape[1]
-    dead = torch.diag(h) == 0
+    dead = torch.diag(h) == 0  # inputs never seen: rounded to nearest, nothing to spread
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     order = torch.argsort(torch.diag(h), descending=True)
     group = order // block_size  # each column keeps the block (scale) it came from
     w, h = w[:, order], h[order][:, order]
-    h += DAMP * torch.mean(torch.diag(h)) * torch.eye(columns, dtype=h.dtype, device=h.device)
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    s, z = scale[:, group], zero[:, group]
+    inverse = _inverse_factor(h)
+    s, z = scale[:, group].clone(), zero[:, group]
+    s[s == 0] = 1.0  # an all-zero block: any code of its zero point is exact
     codes = torch.zeros_like(w, dtype=torch.int64)
     for start in range(0, columns, COLUMNS):
         end = min(start + COLUMNS, columns)
@@ -129,6 +132,21 @@ def round_columns(weight, hessian, scale, zero, block_size: int):
     return codes, *_errors(weight, hessian, codes, scale, zero, block_size)
 
 
+def _inverse_factor(h):
+    """The upper Cholesky factor of ``H^-1`` (damped); more damping until ``H`` factorises."""
+    import torch
+
+    eye = torch.eye(len(h), dtype=h.dtype, device=h.device)
+    mean = torch.mean(torch.diag(h))
+    for damp in (DAMP, 0.1, 1.0):
+        try:
+            chol = torch.linalg.cholesky(h + damp * mean * eye)
+            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise ValueError("the calibration inputs' second moments do not factorise")
+
+
 def _groups(columns: int, block_size: int, device):
     import torch
 
@@ -146,7 +164,7 @@ def _errors(weight, hessian, codes, scale, zero, block_size: int) -> tuple[float
 
     group = _groups(weight.shape[1], block_size, weight.device)
     s, z = scale[:, group], zero[:, group].float()
-    nearest = torch.clamp(torch.round(weight / s) + z, 0, 15)
+    nearest = torch.clamp(torch.round(weight / torch.where(s == 0, 1.0, s)) + z, 0, 15)
     found = []
     for c in (nearest, codes):
         e = weight - (c.float() - z) * s
@@ -169,13 +187,17 @@ def refine(model_dir: Path, folder: Path, texts: list[str], log: Log | None = No
     path = Path(folder) / MODEL_FILE
     graph = onnx.load(str(path))
     inits = {t.name: t for t in graph.graph.initializer}
-    matrices = _matrices(graph)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, use_safetensors=True, **LOAD_KW
     )
     model = model.to(device).eval()
     tokenizer = load_tokenizer(model_dir)
-    layers = model.model.layers
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{model_dir}: not a decoder whose blocks are model.model.layers")
+    matrices = _matrices(graph, layers[0])
+    if not matrices:
+        raise ValueError(f"{path}: no int4 matrix of a decoder block found to re-round")
     for m in (m for ms in matrices.values() for m in ms):
         out = sum(layers[0].get_submodule(n).weight.shape[0] for n in m.modules)
         blocks = numpy_helper.to_array(inits[m.scales]).reshape(out, -1).shape[1]
@@ -198,13 +220,12 @@ def refine(model_dir: Path, folder: Path, texts: list[str], log: Log | None = No
                     weight, hessians[m.modules[0]], m.scale, m.zero, m.block_size
                 )
                 result.matrices += 1
-                if not found < nearest:
+                if not found < nearest:  # the builder's own codes stay
                     result.kept_nearest += 1
                     found = nearest
-                    group = _groups(weight.shape[1], m.block_size, device)
-                    codes = torch.clamp(
-                        torch.round(weight / m.scale[:, group]) + m.zero[:, group], 0, 15
-                    ).long()
+                    own = numpy_helper.to_array(inits[m.codes])
+                    codes = torch.from_numpy(unpack_int4(own, weight.shape[1]).astype(np.int64))
+                    codes = codes.to(device)
                 b_block, a_block = b_block + nearest, a_block + found
                 new = dequantize(codes, m.scale, m.zero, m.block_size)
                 rows = 0
@@ -242,15 +263,28 @@ def refine(model_dir: Path, folder: Path, texts: list[str], log: Log | None = No
     return result
 
 
-def _matrices(graph) -> dict[int, list[_Matrix]]:
-    """The graph's int4 MatMulNBits weights that belong to a decoder block, by block."""
+def _matrices(graph, layer) -> dict[int, list[_Matrix]]:
+    """The graph's int4 MatMulNBits weights that belong to a decoder block and whose torch
+    modules ``layer`` (a block of the model) has, by block; any other keeps its rounding."""
     found: dict[int, list[_Matrix]] = {}
+
+    def modules_of(name: str) -> tuple[str, ...] | None:
+        for names in TORCH.get(name, ()):
+            try:
+                for n in names:
+                    layer.get_submodule(n)
+            except AttributeError:
+                continue
+            return names
+        return None
+
     for node in graph.graph.node:
         if node.op_type != "MatMulNBits" or len(node.input) < 3:
             continue
         attrs = {a.name: a.i for a in node.attribute}
         match = NODE.match(node.input[1])
-        if attrs.get("bits") != 4 or not match or match.group(3) not in TORCH:
+        modules = modules_of(match.group(3)) if match and attrs.get("bits") == 4 else None
+        if modules is None:
             continue
         layer = int(match.group(1))
         found.setdefault(layer, []).append(
@@ -259,7 +293,7 @@ def _matrices(graph) -> dict[int, list[_Matrix]]:
                 codes=node.input[1],
                 scales=node.input[2],
                 zero_points=node.input[3] if len(node.input) > 3 and node.input[3] else None,
-                modules=TORCH[match.group(3)],
+                modules=modules,
                 block_size=attrs["block_size"],
             )
         )

@@ -31,6 +31,7 @@ from lifecycle_dagster.ml.tunables import Tunables
 INDEX_FILE = "index.json"
 CHUNKS_FILE = "chunks.jsonl"
 VECTORS_FILE = "vectors.npy"
+ENCODER_DIR = "encoder"  # a dense index's copy of its embedding model
 SUFFIXES = (".md", ".txt", ".markdown")
 INDEX_DIR = "index"  # the index a dataset or export artifact carries (its rows' passages)
 RETRIEVAL_FILE = "retrieval.json"  # in a dataset artifact: the index its passages came from
@@ -209,9 +210,13 @@ def build_index(docs: list[Document], spec: RetrievalSpec, out: Path, log=None) 
         index.save(str(out / "bm25"))
         extra["vocabulary"] = len(index.vocab_dict)
     else:
+        import shutil
+
         import numpy as np
 
-        encoder = Encoder(spec.embedding_model)
+        # the index carries its encoder: queries are embedded wherever the index goes
+        shutil.copytree(resolve_model(spec.embedding_model), out / ENCODER_DIR)
+        encoder = Encoder(str(out / ENCODER_DIR))
         vectors = encoder.encode([c.text for c in chunks])
         np.save(out / VECTORS_FILE, vectors, allow_pickle=False)
         extra |= {"embedding_model": spec.embedding_model, "dimensions": int(vectors.shape[1])}
@@ -298,6 +303,11 @@ class Retriever:
     def __init__(self, folder: Path):
         folder = Path(folder)
         self.info = json.loads((folder / INDEX_FILE).read_text())
+        if self.info.get("method") == "none":
+            raise ValueError(
+                f"{folder}: this knowledge_index was built without retrieval; materialize "
+                "knowledge_index again with the use case's retrieval section"
+            )
         self.chunks = [
             Chunk(**json.loads(line))
             for line in (folder / CHUNKS_FILE).read_text(encoding="utf-8").splitlines()
@@ -310,7 +320,7 @@ class Retriever:
             import numpy as np
 
             self.vectors = np.load(folder / VECTORS_FILE, allow_pickle=False)
-            self.encoder = Encoder(self.info["extra"]["embedding_model"])
+            self.encoder = Encoder(str(folder / ENCODER_DIR))
 
     @property
     def version(self) -> str:

@@ -294,10 +294,10 @@ def onnx_model(
 
     runtime = select_runtime("cpu", uc.compute.torch_threads, uc.compute.ort_threads)
     split = EvalSplit.read(uc, data, source)
-    index_version = None
+    retrieval = None
     if (data / INDEX_DIR).is_dir():  # the export carries the index its prompts were made from
         shutil.copytree(data / INDEX_DIR, Path(out) / INDEX_DIR)
-        index_version = json.loads((data / RETRIEVAL_FILE).read_text())["index_version"]
+        retrieval = json.loads((data / RETRIEVAL_FILE).read_text())
     return compress(
         source,
         out,
@@ -308,7 +308,7 @@ def onnx_model(
         split=split,
         reward=load_reward(reward, uc, runtime),
         reference=reference,
-        serving=serving_manifest(uc, Path(source_id), split.fmt, index_version),
+        serving=serving_manifest(uc, Path(source_id), split.fmt, retrieval),
         students=read_students(students, source_id, log) if students else {},
         student_variants=uc.distillation.export,
         # train prompts with their reference answers: the tokens a served model reads and writes

@@ -120,6 +120,7 @@ def retrieve_for(context, store: ArtifactStore, uc, splits, tmp, log) -> dict:
         "index": str(index),
         "index_version": retriever.version,
         "top_k": uc.retrieval.top_k,
+        "template": uc.retrieval.template,
         "recall_at_k": recall,
     }
     (tmp / RETRIEVAL_FILE).write_text(json.dumps(used, indent=2))
