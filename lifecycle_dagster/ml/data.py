@@ -512,10 +512,11 @@ def user_turn(uc: UseCase, text: str) -> str:
     return template.format(instruction=instruction, input=text)
 
 
-def input_text(uc: UseCase, row: dict) -> str:
-    """A row's input as the model reads it: with the passages retrieval found for it (the
-    ``_passages`` task_dataset wrote), written in as ``retrieval.template`` says."""
-    text = row[uc.task.input_field]
+def input_text(uc: UseCase, row: dict, field: str | None = None) -> str:
+    """A row's input (``field``, the task's input field by default; a preference pair's is
+    ``prompt``) as the model reads it: with the passages retrieval found for it (the
+    ``_passages`` the data assets wrote), written in as ``retrieval.template`` says."""
+    text = row[field or uc.task.input_field]
     passages = row.get(PASSAGES_FIELD)
     if passages is None:
         return text
@@ -561,9 +562,9 @@ def preference_records(uc: UseCase, rows: list[dict], fmt: PromptFormat = PLAIN)
     """Prompt/chosen/rejected records in the model's prompt format (reward model, DPO)."""
     return [
         {
-            "prompt": format_prompt(uc, r["prompt"], fmt=fmt),
-            "chosen": fmt.completion(user_turn(uc, r["prompt"]), r["chosen"]),
-            "rejected": fmt.completion(user_turn(uc, r["prompt"]), r["rejected"]),
+            "prompt": format_prompt(uc, input_text(uc, r, "prompt"), fmt=fmt),
+            "chosen": fmt.completion(user_turn(uc, input_text(uc, r, "prompt")), r["chosen"]),
+            "rejected": fmt.completion(user_turn(uc, input_text(uc, r, "prompt")), r["rejected"]),
         }
         for r in rows
     ]

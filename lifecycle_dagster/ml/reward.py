@@ -194,7 +194,7 @@ def with_sft_rejections(
     needed. Only the first ``train_pairs`` train pairs are built (what the reward model's steps
     consume: no answer is generated for a pair it never reads). Returns the pairs and how many
     rejections are the SFT model's."""
-    from lifecycle_dagster.ml.data import format_prompt
+    from lifecycle_dagster.ml.data import format_prompt, input_text
     from lifecycle_dagster.ml.evaluate import generate
     from lifecycle_dagster.ml.tasks import normalize_text
 
@@ -210,7 +210,7 @@ def with_sft_rejections(
         answers = generate(
             model,
             tokenizer,
-            [format_prompt(uc, r["prompt"], fmt=fmt) for r in pairs],
+            [format_prompt(uc, input_text(uc, r, "prompt"), fmt=fmt) for r in pairs],
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             log=log,

@@ -123,7 +123,7 @@ def test_retrieval_reaches_every_stage_and_the_served_model(instance):
     and the exported artifact's server retrieving from the same index version per request."""
     from servers import in_process
 
-    from lifecycle_dagster.ml.data import prompts_for, read_rows, sft_records
+    from lifecycle_dagster.ml.data import preference_records, prompts_for, read_rows, sft_records
     from lifecycle_dagster.ml.retrieval import PASSAGES_FIELD
     from lifecycle_dagster.ml.usecase_loader import load_use_case
     from lifecycle_dagster.serving import ServedModel, build_app
@@ -143,6 +143,12 @@ def test_retrieval_reaches_every_stage_and_the_served_model(instance):
     uc = load_use_case(profile="tiny", use_case=name)
     assert passage in prompts_for(uc, rows[:1])[0]  # prompting and evaluation
     assert passage in sft_records(uc, rows[:1])[0]["prompt"]  # fine-tuning and alignment
+    pairs = read_rows(
+        Path(meta(instance, "preference_dataset", name)["artifact_path"])
+        / "preferences_train.jsonl"
+    )
+    pair_passage = pairs[0][PASSAGES_FIELD][0]["text"]
+    assert pair_passage in preference_records(uc, pairs[:1])[0]["prompt"]  # reward model, DPO
     evaluation = meta(instance, "evaluation", name)
     for model in ("base", "sft", "aligned"):
         assert f"{model}_without_retrieval_token_f1" in evaluation, sorted(evaluation)

@@ -40,6 +40,7 @@ from lifecycle_dagster.resources.artifacts import ArtifactStore
 from lifecycle_dagster.resources.mlflow import MlflowTracking
 
 BUILT = "built from the task data (reference vs another row's)"
+SPLITS = ("train", "eval")
 
 
 def snapshot(split, tmp, name: str, field: str) -> None:
@@ -99,6 +100,19 @@ def knowledge_index(
         )
 
 
+def attach_passages(retriever, uc, rows: list[dict], field: str) -> None:
+    for row in rows:
+        row[PASSAGES_FIELD] = passages_for(retriever, row[field], uc.retrieval.top_k)
+
+
+def pairs_with_passages(context, store: ArtifactStore, uc, rows: dict) -> None:
+    """Preference pairs' prompts given their passages, as the task rows' inputs are."""
+    if uc.retrieval.enabled:
+        retriever = Retriever(store.upstream(context, "knowledge_index"))
+        for pairs in rows.values():
+            attach_passages(retriever, uc, pairs, "prompt")
+
+
 def retrieve_for(context, store: ArtifactStore, uc, splits, tmp, log) -> dict:
     """Each row of ``splits`` given the passages the use case's index finds for its input, the
     index copied into ``tmp`` (the dataset being written); what was used and how well it did
@@ -110,10 +124,7 @@ def retrieve_for(context, store: ArtifactStore, uc, splits, tmp, log) -> dict:
     retriever = Retriever(index)
     shutil.copytree(index, tmp / INDEX_DIR)  # the dataset carries the index its passages are from
     for split in splits.values():
-        for row in split.rows:
-            row[PASSAGES_FIELD] = passages_for(
-                retriever, row[uc.task.input_field], uc.retrieval.top_k
-            )
+        attach_passages(retriever, uc, split.rows, uc.task.input_field)
     recall = {n: recall_at_k(s.rows, uc.retrieval.document_field) for n, s in splits.items()}
     log(f"retrieval: top {uc.retrieval.top_k} passages per row, recall@k {recall}")
     used = {
@@ -226,8 +237,8 @@ def task_dataset(
     partitions_def=USE_CASES,
     kinds={"json", "mlflow"},
     owners=OWNERS,
-    code_version="1",
-    deps=["use_case", "user_feedback"],
+    code_version="2",
+    deps=["use_case", "knowledge_index", "user_feedback"],
     check_specs=[
         dg.AssetCheckSpec(
             "pairs_are_distinct",
@@ -260,12 +271,10 @@ def preference_dataset(
     with stage(context, "preference_dataset", artifact_store, mlflow_tracking) as st:
         uc = st.use_case
         task, splits = validate_data(uc)
-        rows = {
-            n: splits[n].rows if splits else build_pairs(uc, task[n].rows)
-            for n in ("train", "eval")
-        }
+        rows = {n: splits[n].rows if splits else build_pairs(uc, task[n].rows) for n in SPLITS}
         feedback = feedback_pairs(uc, settings.feedback_url())  # users' pairs join the train ones
         rows["train"] = rows["train"] + feedback.rows
+        pairs_with_passages(context, artifact_store, uc, rows)
         with st.write() as tmp:
             for name in ("train", "eval"):
                 if splits:
