@@ -8,7 +8,7 @@ import dagster as dg
 from lifecycle_dagster.ml.artifacts import file_sha256, read_manifest
 from lifecycle_dagster.ml.errors import InputError
 from lifecycle_dagster.ml.objectstore import IncompleteArtifactError
-from lifecycle_dagster.ml.retrieval import INDEX_FILE, load_documents
+from lifecycle_dagster.ml.retrieval import INDEX_FILE, index_settings, load_documents
 from lifecycle_dagster.ml.retrieval import digest as documents_digest
 from lifecycle_dagster.ml.usecase import UseCase
 from lifecycle_dagster.resources.artifacts import resolve, select_record
@@ -85,10 +85,8 @@ def changed_index(instance: dg.DagsterInstance, hashes: dict, use_case: str, uc:
     except (AttributeError, KeyError, OSError, ValueError, IncompleteArtifactError):
         return ""
     files = [spec.documents] if spec.documents.is_file() else sorted(spec.documents.rglob("*"))
-    settings = spec.model_dump(mode="json", include={"method", "embedding_model"})
-    settings |= {"chunk_words": spec.chunk_words, "chunk_overlap": spec.chunk_overlap}
     stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
-    key = "docs:" + json.dumps([settings, stats], sort_keys=True)
+    key = "docs:" + json.dumps([index_settings(spec), stats], sort_keys=True)
     try:
         now = hashes.get(key) or documents_digest(load_documents(spec.documents), spec)
     except InputError as e:

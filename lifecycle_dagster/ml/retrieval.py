@@ -176,11 +176,16 @@ def chunk(doc: Document, words: int, overlap: int) -> list[Chunk]:
     return chunks
 
 
+def index_settings(spec: RetrievalSpec) -> dict:
+    """The settings an index depends on besides its documents (part of its version)."""
+    return spec.model_dump(
+        mode="json", include={"method", "embedding_model", "chunk_words", "chunk_overlap"}
+    )
+
+
 def digest(docs: list[Document], spec: RetrievalSpec) -> str:
     h = hashlib.blake2b(digest_size=8)
-    settings = spec.model_dump(mode="json", include={"method", "embedding_model"})
-    settings |= {"chunk_words": spec.chunk_words, "chunk_overlap": spec.chunk_overlap}
-    h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(json.dumps(index_settings(spec), sort_keys=True).encode())
     for d in docs:
         h.update(d.id.encode() + b"\0" + d.text.encode() + b"\0")
     return h.hexdigest()
@@ -345,6 +350,12 @@ def augment(template: str, text: str, passages: list[dict]) -> str:
     """``text`` (a task input) with ``passages`` written in as ``template`` says."""
     listed = "\n".join(f"[{n}] {p['text']}" for n, p in enumerate(passages, 1))
     return template.replace("{passages}", listed or "(none)").replace("{input}", text)
+
+
+def attach_passages(retriever: Retriever, rows: list[dict], field: str, k: int) -> None:
+    """Each row given the ``k`` passages its ``field`` retrieves (as ``PASSAGES_FIELD``)."""
+    for row in rows:
+        row[PASSAGES_FIELD] = passages_for(retriever, row[field], k)
 
 
 def passages_for(retriever: Retriever, query: str, k: int) -> list[dict]:

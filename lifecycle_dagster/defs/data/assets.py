@@ -27,13 +27,12 @@ from lifecycle_dagster.ml.feedback import feedback_pairs
 from lifecycle_dagster.ml.retrieval import (
     INDEX_DIR,
     INDEX_FILE,
-    PASSAGES_FIELD,
     RETRIEVAL_FILE,
     Retriever,
+    attach_passages,
     build_index,
     chunk,
     load_documents,
-    passages_for,
     recall_at_k,
 )
 from lifecycle_dagster.resources.artifacts import ArtifactStore
@@ -100,17 +99,12 @@ def knowledge_index(
         )
 
 
-def attach_passages(retriever, uc, rows: list[dict], field: str) -> None:
-    for row in rows:
-        row[PASSAGES_FIELD] = passages_for(retriever, row[field], uc.retrieval.top_k)
-
-
 def pairs_with_passages(context, store: ArtifactStore, uc, rows: dict) -> None:
     """Preference pairs' prompts given their passages, as the task rows' inputs are."""
     if uc.retrieval.enabled:
         retriever = Retriever(store.upstream(context, "knowledge_index"))
         for pairs in rows.values():
-            attach_passages(retriever, uc, pairs, "prompt")
+            attach_passages(retriever, pairs, "prompt", uc.retrieval.top_k)
 
 
 def retrieve_for(context, store: ArtifactStore, uc, splits, tmp, log) -> dict:
@@ -124,7 +118,7 @@ def retrieve_for(context, store: ArtifactStore, uc, splits, tmp, log) -> dict:
     retriever = Retriever(index)
     shutil.copytree(index, tmp / INDEX_DIR)  # the dataset carries the index its passages are from
     for split in splits.values():
-        attach_passages(retriever, uc, split.rows, uc.task.input_field)
+        attach_passages(retriever, split.rows, uc.task.input_field, uc.retrieval.top_k)
     recall = {n: recall_at_k(s.rows, uc.retrieval.document_field) for n, s in splits.items()}
     log(f"retrieval: top {uc.retrieval.top_k} passages per row, recall@k {recall}")
     used = {
