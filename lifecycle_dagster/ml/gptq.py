@@ -286,8 +286,7 @@ def _matrices(graph, layer) -> dict[int, list[_Matrix]]:
         modules = modules_of(match.group(3)) if match and attrs.get("bits") == 4 else None
         if modules is None:
             continue
-        layer = int(match.group(1))
-        found.setdefault(layer, []).append(
+        found.setdefault(int(match.group(1)), []).append(
             _Matrix(
                 node=node.name,
                 codes=node.input[1],
