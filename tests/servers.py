@@ -327,6 +327,22 @@ class Deployment:
                 raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
             time.sleep(every)
 
+    def cpu_seconds(self) -> dict[str, int]:
+        """CPU time each server and everything it started has used so far, for the log."""
+        import psutil
+
+        used = {}
+        for p in [*self.processes, *([Process("s3", self.s3.proc, None)] if self.s3.proc else [])]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc = psutil.Process(p.proc.pid)
+                total = 0.0
+                for q in [proc, *proc.children(recursive=True)]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        t = q.cpu_times()
+                        total += t.user + t.system + t.children_user + t.children_system
+                used[p.name] = round(total)
+        return used
+
     def stop(self) -> list[str]:
         """The daemon first (nothing new is launched or retried), runs still in flight killed (a
         run worker finishes its step before it honours SIGTERM), then SIGTERM to every process
@@ -334,6 +350,7 @@ class Deployment:
         that (none: everything it started is gone)."""
         import psutil
 
+        print(f"deployment: CPU seconds {self.cpu_seconds()}")
         for p in self.processes:
             if p.name == "daemon" and p.proc.poll() is None:
                 os.killpg(p.proc.pid, signal.SIGTERM)

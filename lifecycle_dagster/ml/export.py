@@ -1,7 +1,7 @@
 """Export to ONNX with KV cache and quantise.
 
 The export uses onnxruntime-genai's model builder (decoder-only transformers with a KV cache, fused
-attention), once per variant: fp32, weight-only int8 and int4 (MatMulNBits), and optionally
+attention; every variant of one export in one child process, ``ml.onnx_builder``): fp32, weight-only int8 and int4 (MatMulNBits), and optionally
 onnxruntime's dynamic int8. Running the artifact is ``ml.runtimes``; proving it against PyTorch is
 ``ml.faithfulness``.
 
@@ -141,28 +141,28 @@ def export_onnx(
     """Write one runnable onnxruntime-genai folder per variant under ``out_dir``; int4 calibrated
     on ``calibration`` (texts) as ``config`` asks (``int4_awq``, ``int4_gptq``)."""
     out_dir = Path(out_dir)
-    variants: dict[str, Path] = {}
-    seconds: dict[str, float] = {}
-    suppressed = suppressed_tokens(model_dir)
-    for name in config.variants:
+    built = [name for name in config.variants if name != "int8_dynamic"]
+    with tempfile.TemporaryDirectory(prefix="int4-") as tmp:
+        builds = [
+            _plan(model_dir, out_dir / name, name, name, config, calibration, Path(tmp), log)
+            for name in built
+        ]
+        seconds = _build_all(builds, log)
+        for b in builds:
+            seconds[b.name] += _finish(b, calibration, log)
+    if "int8_dynamic" in config.variants:  # from the fp32 export, its logits already masked
         start = time.monotonic()
-        folder = out_dir / name
         if log:
-            log(f"onnx: exporting {name} ({VARIANTS[name]}, KV cache)")
-        if name == "int8_dynamic":
-            _quantize_dynamic(out_dir / "fp32", folder)
-        else:
-            _build_variant(model_dir, folder, name, config, calibration, log)
-            if suppressed:
-                _mask_logits(folder, suppressed)
-        _plain_bytelevel_decoder(folder)
-        variants[name] = folder
-        seconds[name] = time.monotonic() - start
+            log(f"onnx: exporting int8_dynamic ({VARIANTS['int8_dynamic']})")
+        _quantize_dynamic(out_dir / "fp32", out_dir / "int8_dynamic")
+        _plain_bytelevel_decoder(out_dir / "int8_dynamic")
+        seconds["int8_dynamic"] = time.monotonic() - start
+    variants = {name: out_dir / name for name in config.variants}
     return ExportResult(
         path=out_dir,
         variants=variants,
         sizes={name: onnx_bytes(path) for name, path in variants.items()},
-        seconds=seconds,
+        seconds={name: seconds[name] for name in variants},
     )
 
 
@@ -176,52 +176,82 @@ def export_students(
 ) -> ExportResult:
     """Each student model exported in each of ``precisions`` (quantised as ``config`` says) into
     ``exported``'s folder as variant ``<student>_<precision>``, added to ``exported``."""
-    for student, model_dir in students.items():
-        suppressed = suppressed_tokens(model_dir)
-        for precision in precisions:
-            name = f"{student}_{precision}"
-            start = time.monotonic()
-            folder = exported.path / name
-            if log:
-                log(f"onnx: exporting {name} ({describe(name)}, KV cache)")
-            _build_variant(model_dir, folder, precision, config, calibration, log)
-            if suppressed:
-                _mask_logits(folder, suppressed)
-            _plain_bytelevel_decoder(folder)
-            exported.variants[name] = folder
-            exported.sizes[name] = onnx_bytes(folder)
-            exported.seconds[name] = time.monotonic() - start
+    with tempfile.TemporaryDirectory(prefix="int4-") as tmp:
+        builds = [
+            _plan(model_dir, exported.path / name, name, precision, config, calibration,
+                  Path(tmp), log)
+            for student, model_dir in students.items()
+            for precision in precisions
+            if (name := f"{student}_{precision}")
+        ]  # fmt: skip
+        seconds = _build_all(builds, log)
+        for b in builds:
+            seconds[b.name] += _finish(b, calibration, log)
+            exported.variants[b.name] = b.folder
+            exported.sizes[b.name] = onnx_bytes(b.folder)
+            exported.seconds[b.name] = seconds[b.name]
     return exported
 
 
-def _build_variant(
+@dataclass
+class _Build:
+    """One model-builder export: ``source`` (the model, or its activation-aware scaled copy)
+    written to ``folder`` in ``precision``; ``suppressed`` tokens masked in its logits after."""
+
+    name: str
+    source: Path
+    folder: Path
+    precision: str
+    options: dict
+    gptq: bool
+    suppressed: list[int]
+
+
+def _plan(
     model_dir: Path,
     folder: Path,
+    name: str,
     precision: str,
     config: ExportConfig,
     calibration: list[str] | None,
+    tmp: Path,
     log: Log | None,
-) -> None:
-    """One variant by the model builder; int4 from a copy with activation-aware scales folded in
-    (``int4_awq``), its codes then re-rounded by GPTQ (``int4_gptq``), both on ``calibration``."""
-    options = _builder_options(precision, config)
-    if precision != "int4" or not calibration or not (config.int4_awq or config.int4_gptq):
-        _build(model_dir, folder, precision, options)
-        return
-    with tempfile.TemporaryDirectory(prefix="int4-") as tmp:
-        source = model_dir
-        if config.int4_awq:
-            source = Path(tmp) / "model"
-            scaled_copy(model_dir, source, calibration, config.block_size, log)
-        _build(source, folder, precision, options)
-        if config.int4_awq:
-            shutil.copy(source / AWQ_FILE, folder / AWQ_FILE)
-        if config.int4_gptq:
-            try:
-                refine(source, folder, calibration, log)
-            except (ValueError, RuntimeError) as e:  # the builder's rounding stays in use
-                if log:
-                    log(f"gptq: skipped, the export keeps nearest rounding: {e}")
+) -> _Build:
+    """How variant ``name`` is built; int4 from a copy with activation-aware scales folded in
+    (``int4_awq``, made here in ``tmp``) and its codes re-rounded by GPTQ after (``int4_gptq``),
+    both on ``calibration``."""
+    calibrated = precision == "int4" and bool(calibration)
+    source = Path(model_dir)
+    if calibrated and config.int4_awq:
+        source = tmp / f"awq-{name}"
+        scaled_copy(model_dir, source, calibration, config.block_size, log)
+    return _Build(
+        name=name,
+        source=source,
+        folder=folder,
+        precision=precision,
+        options=_builder_options(precision, config),
+        gptq=calibrated and config.int4_gptq,
+        suppressed=suppressed_tokens(model_dir),
+    )
+
+
+def _finish(b: _Build, calibration: list[str] | None, log: Log | None) -> float:
+    """What follows the builder for one variant: GPTQ, the logit mask, the tokenizer's decoder.
+    Returns the seconds it took."""
+    start = time.monotonic()
+    if b.source.name.startswith("awq-"):
+        shutil.copy(b.source / AWQ_FILE, b.folder / AWQ_FILE)
+    if b.gptq:
+        try:
+            refine(b.source, b.folder, calibration or [], log)
+        except (ValueError, RuntimeError) as e:  # the builder's rounding stays in use
+            if log:
+                log(f"gptq: skipped, the export keeps nearest rounding: {e}")
+    if b.suppressed:
+        _mask_logits(b.folder, b.suppressed)
+    _plain_bytelevel_decoder(b.folder)
+    return time.monotonic() - start
 
 
 def suppressed_tokens(model_dir: Path) -> list[int]:
@@ -280,32 +310,53 @@ def _builder_options(variant: str, config: ExportConfig) -> dict:
     return options
 
 
-def _build(model_dir: Path, folder: Path, precision: str, extra: dict) -> None:
-    """onnxruntime-genai's model builder, in a subprocess (it holds the whole model in memory)."""
-    with tempfile.TemporaryDirectory(prefix="onnx-cache-") as cache:
-        cmd = [
-            sys.executable,
-            "-m",
-            "onnxruntime_genai.models.builder",
-            "-m",
-            str(model_dir),
-            "-o",
-            str(folder),
-            "-p",
-            precision,
-            "-e",
-            "cpu",
-            "-c",
-            cache,
-        ]
-        if extra:
-            cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra.items())]
-        env = {**os.environ, "TQDM_DISABLE": "1"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not (folder / MODEL_FILE).exists():
-        raise RuntimeError(
-            f"ONNX export ({precision}) of {model_dir} failed:\n{proc.stderr[-4000:]}"
+def _build_all(builds: list[_Build], log: Log | None) -> dict[str, float]:
+    """The model builder for every build in one child process (``ml.onnx_builder``: its imports
+    once; the memory of the models it held back when it ends). Returns seconds per variant."""
+    from lifecycle_dagster.ml.onnx_builder import MARK
+
+    seconds: dict[str, float] = {}
+    if not builds:
+        return seconds
+    if log:
+        log(
+            "onnx: exporting "
+            + "; ".join(f"{b.name} ({describe(b.name)})" for b in builds)
+            + " with the model builder (KV cache)"
         )
+    with tempfile.TemporaryDirectory(prefix="onnx-cache-") as cache:
+        commands = []
+        for b in builds:
+            args = ["-m", str(b.source), "-o", str(b.folder), "-p", b.precision, "-e", "cpu"]
+            args += ["-c", str(Path(cache) / b.name)]
+            if b.options:
+                args += ["--extra_options", *(f"{k}={v}" for k, v in b.options.items())]
+            commands.append(args)
+        spec = Path(cache) / "builds.json"
+        spec.write_text(json.dumps(commands))
+        cmd = [sys.executable, "-m", "lifecycle_dagster.ml.onnx_builder", str(spec)]
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        output: list[str] = []
+        with subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        ) as proc:
+            for line in proc.stdout or ():
+                output.append(line)
+                if line.startswith(f"{MARK} imported ") and log:
+                    log(f"onnx: model builder loaded in {float(line.split()[-1]):.1f} s")
+                if line.startswith(f"{MARK} built "):
+                    index, took = line.split()[-2:]
+                    b = builds[int(index)]
+                    seconds[b.name] = float(took)
+                    if log:
+                        log(f"onnx: built {b.name} in {float(took):.1f} s")
+        failed = next((b for b in builds if b.name not in seconds), None)
+    if proc.returncode != 0 or failed or any(not (b.folder / MODEL_FILE).exists() for b in builds):
+        what = f"{failed.precision}, {failed.name}" if failed else "every variant"
+        source = failed.source if failed else builds[0].source
+        tail = "".join(output)[-4000:]
+        raise RuntimeError(f"ONNX export ({what}) of {source} failed:\n{tail}")
+    return seconds
 
 
 def _quantize_dynamic(fp32: Path, folder: Path) -> None:

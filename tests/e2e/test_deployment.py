@@ -136,6 +136,10 @@ def two_runs(deployment, instance):
 
     runs = deployment.wait_for("both runs", finished, started + DEADLINE_S, every=5)
     print(f"\ndeployment: both runs ended {time.monotonic() - started:.0f} s after submission")
+    for uc, run_id in run_ids.items():  # where the time went, for whoever reads the log
+        stats = sorted(instance.get_run_step_stats(run_id), key=lambda s: s.start_time or 0)
+        steps = {s.step_key: round((s.end_time or 0) - (s.start_time or 0)) for s in stats}
+        print(f"deployment: {uc} step seconds {json.dumps(steps)}")
     return run_ids, runs
 
 
