@@ -177,13 +177,14 @@ def export_students(
     """Each student model exported in each of ``precisions`` (quantised as ``config`` says) into
     ``exported``'s folder as variant ``<student>_<precision>``, added to ``exported``."""
     with tempfile.TemporaryDirectory(prefix="int4-") as tmp:
-        builds = [
-            _plan(model_dir, exported.path / name, name, precision, config, calibration,
-                  Path(tmp), log)
-            for student, model_dir in students.items()
-            for precision in precisions
-            if (name := f"{student}_{precision}")
-        ]  # fmt: skip
+        builds = []
+        for student, model_dir in students.items():
+            for precision in precisions:
+                name = f"{student}_{precision}"
+                folder = exported.path / name
+                builds.append(
+                    _plan(model_dir, folder, name, precision, config, calibration, Path(tmp), log)
+                )
         seconds = _build_all(builds, log)
         for b in builds:
             seconds[b.name] += _finish(b, calibration, log)

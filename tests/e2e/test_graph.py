@@ -549,6 +549,7 @@ def test_a_prompt_tuned_use_case_runs_through_alignment_export_and_serving(
     overrides = (
         f"{{name: {name}, adaptation: {{method: prompt_tuning, num_virtual_tokens: 8, "
         "max_steps: 60, learning_rate: 0.03}, prompting: {shots: [0]}, reward: {max_steps: 40}, "
+        "alignment: {max_steps: 6}, "
         "compression: {variants: [fp32, int4]}, evaluation: {max_examples: 16, "
         "thresholds: {rouge_l: {min: 0.0}, harmless: {min: 0.0}}}, "
         "readaptation: {ladder: [{adaptation: {method: lora, learning_rate: 0.003}}]}}"
@@ -594,6 +595,8 @@ def test_pruned_and_distilled_students_are_exported_and_weighed(definitions, ins
     instance.add_dynamic_partitions("use_cases", [name])
     overrides = (
         f"{{name: {name}, base_model: {{scratch: {{num_layers: 4}}}}, prompting: {{shots: [0]}}, "
+        # The teacher as short as still makes one: the students are what this test is about.
+        "adaptation: {max_steps: 60}, reward: {max_steps: 40}, alignment: {max_steps: 6}, "
         "distillation: {prune_layers: 1, heal_steps: 10, student_layers: 2, student_steps: 20, "
         "learning_rate: 0.002, examples: 48}, compression: {variants: [fp32, int4], "
         "policy: best_within_budget, max_metric_drop: 1.0, max_reward_drop_pct: 1000000}, "
