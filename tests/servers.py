@@ -331,16 +331,17 @@ class Deployment:
         """CPU time each server and everything it started has used so far, for the log."""
         import psutil
 
+        servers = {p.name: p.proc for p in self.processes} | {"s3": self.s3.proc}
         used = {}
-        for p in [*self.processes, *([Process("s3", self.s3.proc, None)] if self.s3.proc else [])]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc = psutil.Process(p.proc.pid)
+        for name, popen in servers.items():
+            with contextlib.suppress(psutil.NoSuchProcess, AttributeError):  # gone, or never ran
+                proc = psutil.Process(popen.pid)
                 total = 0.0
                 for q in [proc, *proc.children(recursive=True)]:
                     with contextlib.suppress(psutil.NoSuchProcess):
                         t = q.cpu_times()
                         total += t.user + t.system + t.children_user + t.children_system
-                used[p.name] = round(total)
+                used[name] = round(total)
         return used
 
     def stop(self) -> list[str]:

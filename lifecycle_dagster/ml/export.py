@@ -1,8 +1,8 @@
 """Export to ONNX with KV cache and quantise.
 
 The export uses onnxruntime-genai's model builder (decoder-only transformers with a KV cache, fused
-attention; every variant of one export in one child process, ``ml.onnx_builder``): fp32, weight-only int8 and int4 (MatMulNBits), and optionally
-onnxruntime's dynamic int8. Running the artifact is ``ml.runtimes``; proving it against PyTorch is
+attention; every variant of one export in one child process, ``ml.onnx_builder``): fp32,
+weight-only int8 and int4 (MatMulNBits), and optionally onnxruntime's dynamic int8. Running the artifact is ``ml.runtimes``; proving it against PyTorch is
 ``ml.faithfulness``.
 
 Tokens the source model's generation config suppresses (a baked soft prompt's, see ``ml.soft_prompt``)
@@ -142,14 +142,9 @@ def export_onnx(
     on ``calibration`` (texts) as ``config`` asks (``int4_awq``, ``int4_gptq``)."""
     out_dir = Path(out_dir)
     built = [name for name in config.variants if name != "int8_dynamic"]
-    with tempfile.TemporaryDirectory(prefix="int4-") as tmp:
-        builds = [
-            _plan(model_dir, out_dir / name, name, name, config, calibration, Path(tmp), log)
-            for name in built
-        ]
-        seconds = _build_all(builds, log)
-        for b in builds:
-            seconds[b.name] += _finish(b, calibration, log)
+    seconds = _export_all(
+        [(model_dir, out_dir / name, name, name) for name in built], config, calibration, log
+    )
     if "int8_dynamic" in config.variants:  # from the fp32 export, its logits already masked
         start = time.monotonic()
         if log:
@@ -176,22 +171,35 @@ def export_students(
 ) -> ExportResult:
     """Each student model exported in each of ``precisions`` (quantised as ``config`` says) into
     ``exported``'s folder as variant ``<student>_<precision>``, added to ``exported``."""
+    specs = [
+        (model_dir, exported.path / f"{student}_{precision}", f"{student}_{precision}", precision)
+        for student, model_dir in students.items()
+        for precision in precisions
+    ]
+    for name, took in _export_all(specs, config, calibration, log).items():
+        exported.variants[name] = exported.path / name
+        exported.sizes[name] = onnx_bytes(exported.path / name)
+        exported.seconds[name] = took
+    return exported
+
+
+def _export_all(
+    specs: list[tuple[Path, Path, str, str]],
+    config: ExportConfig,
+    calibration: list[str] | None,
+    log: Log | None,
+) -> dict[str, float]:
+    """Each (model directory, folder, variant name, precision) exported: planned, built in one
+    model-builder process, finished. Returns seconds per variant."""
     with tempfile.TemporaryDirectory(prefix="int4-") as tmp:
-        builds = []
-        for student, model_dir in students.items():
-            for precision in precisions:
-                name = f"{student}_{precision}"
-                folder = exported.path / name
-                builds.append(
-                    _plan(model_dir, folder, name, precision, config, calibration, Path(tmp), log)
-                )
+        builds = [
+            _plan(model_dir, folder, name, precision, config, calibration, Path(tmp), log)
+            for model_dir, folder, name, precision in specs
+        ]
         seconds = _build_all(builds, log)
         for b in builds:
             seconds[b.name] += _finish(b, calibration, log)
-            exported.variants[b.name] = b.folder
-            exported.sizes[b.name] = onnx_bytes(b.folder)
-            exported.seconds[b.name] = seconds[b.name]
-    return exported
+    return seconds
 
 
 @dataclass
@@ -204,6 +212,7 @@ class _Build:
     folder: Path
     precision: str
     options: dict
+    awq: bool
     gptq: bool
     suppressed: list[int]
 
@@ -222,8 +231,9 @@ def _plan(
     (``int4_awq``, made here in ``tmp``) and its codes re-rounded by GPTQ after (``int4_gptq``),
     both on ``calibration``."""
     calibrated = precision == "int4" and bool(calibration)
+    awq = calibrated and config.int4_awq
     source = Path(model_dir)
-    if calibrated and config.int4_awq:
+    if awq:
         source = tmp / f"awq-{name}"
         scaled_copy(model_dir, source, calibration, config.block_size, log)
     return _Build(
@@ -232,6 +242,7 @@ def _plan(
         folder=folder,
         precision=precision,
         options=_builder_options(precision, config),
+        awq=awq,
         gptq=calibrated and config.int4_gptq,
         suppressed=suppressed_tokens(model_dir),
     )
@@ -241,7 +252,7 @@ def _finish(b: _Build, calibration: list[str] | None, log: Log | None) -> float:
     """What follows the builder for one variant: GPTQ, the logit mask, the tokenizer's decoder.
     Returns the seconds it took."""
     start = time.monotonic()
-    if b.source.name.startswith("awq-"):
+    if b.awq:
         shutil.copy(b.source / AWQ_FILE, b.folder / AWQ_FILE)
     if b.gptq:
         try:

@@ -6,10 +6,9 @@ it held back when it ends:
     python -m lifecycle_dagster.ml.onnx_builder BUILDS.json
 
 BUILDS.json is a list of the builder's command lines (argument lists, as `python -m
-onnxruntime_genai.models.builder` takes them). After the builder's imports a line ``<MARK>
-imported <seconds>``, after each build a line ``<MARK> built <index>
-<seconds>``; the first build that fails ends the process with status 1 after ``<MARK> failed
-<index>`` and its traceback."""
+onnxruntime_genai.models.builder` takes them). It prints ``<MARK> imported <seconds>`` after the
+builder's imports and ``<MARK> built <index> <seconds>`` after each build; the first build that
+fails ends the process with status 1 after its traceback and ``<MARK> failed <index>``."""
 
 from __future__ import annotations
 
