@@ -232,8 +232,9 @@ def compress(
     ``max_new_tokens`` bounds each eval-split generation. ``students`` (name -> a pruned or
     distilled model of the same tokenizer) are exported in ``student_variants`` too, checked
     against the same PyTorch model and scored alike, so the policy chooses among all of them.
-    ``calibration`` (train examples) tunes the int4 export where the config asks (``int4_awq``,
-    ``int4_gptq``).
+    ``calibration`` (the train examples, prompt and answer) tunes the int4 export where the config
+    asks (``int4_awq`` and ``int4_gptq`` on the first ``calibration_prompts``; ``lm_head_tokens``
+    on all).
     Writes ``selected.json`` and ``serving.json`` (what a server needs) to ``out_dir``.
     """
     from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -98,6 +98,13 @@ class ExportConfig(Tunables):
         description="int4 with int4_awq or int4_gptq: train examples (prompt and reference "
         "answer) calibrated on.",
     )
+    lm_head_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="int4: keep only the LM head rows of the use case's train tokens, the "
+        "special tokens and this many of the vocabulary's first (most frequent) ids; the "
+        "others are never generated (ml.lm_head). None keeps the whole vocabulary.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -139,7 +146,9 @@ def export_onnx(
     calibration: list[str] | None = None,
 ) -> ExportResult:
     """Write one runnable onnxruntime-genai folder per variant under ``out_dir``; int4 calibrated
-    on ``calibration`` (texts) as ``config`` asks (``int4_awq``, ``int4_gptq``)."""
+    on the first ``calibration_prompts`` of ``calibration`` (the use case's train texts) as
+    ``config`` asks (``int4_awq``, ``int4_gptq``), its LM head trimmed to their tokens
+    (``lm_head_tokens``)."""
     out_dir = Path(out_dir)
     built = [name for name in config.variants if name != "int8_dynamic"]
     seconds = _export_all(
@@ -198,7 +207,7 @@ def _export_all(
         ]
         seconds = _build_all(builds, log)
         for b in builds:
-            seconds[b.name] += _finish(b, calibration, log)
+            seconds[b.name] += _finish(b, config, calibration, log)
     return seconds
 
 
@@ -215,6 +224,7 @@ class _Build:
     awq: bool
     gptq: bool
     suppressed: list[int]
+    trim: bool  # the LM head cut to the use case's tokens
 
 
 def _plan(
@@ -235,7 +245,9 @@ def _plan(
     source = Path(model_dir)
     if awq:
         source = tmp / f"awq-{name}"
-        scaled_copy(model_dir, source, calibration, config.block_size, log)
+        scaled_copy(
+            model_dir, source, calibration[: config.calibration_prompts], config.block_size, log
+        )
     return _Build(
         name=name,
         source=source,
@@ -245,25 +257,43 @@ def _plan(
         awq=awq,
         gptq=calibrated and config.int4_gptq,
         suppressed=suppressed_tokens(model_dir),
+        trim=precision == "int4" and config.lm_head_tokens is not None,
     )
 
 
-def _finish(b: _Build, calibration: list[str] | None, log: Log | None) -> float:
-    """What follows the builder for one variant: GPTQ, the logit mask, the tokenizer's decoder.
-    Returns the seconds it took."""
+def _finish(b: _Build, config: ExportConfig, texts: list[str] | None, log: Log | None) -> float:
+    """What follows the builder for one variant: GPTQ, the LM head's trim, the logit mask, the
+    tokenizer's decoder. Returns the seconds it took."""
     start = time.monotonic()
     if b.awq:
         shutil.copy(b.source / AWQ_FILE, b.folder / AWQ_FILE)
     if b.gptq:
         try:
-            refine(b.source, b.folder, calibration or [], log)
+            refine(b.source, b.folder, (texts or [])[: config.calibration_prompts], log)
         except (ValueError, RuntimeError) as e:  # the builder's rounding stays in use
             if log:
                 log(f"gptq: skipped, the export keeps nearest rounding: {e}")
+    if b.trim:
+        _trim_head(b, texts or [], config.lm_head_tokens or 0, log)
     if b.suppressed:
         _mask_logits(b.folder, b.suppressed)
     _plain_bytelevel_decoder(b.folder)
     return time.monotonic() - start
+
+
+def _trim_head(b: _Build, texts: list[str], frequent: int, log: Log | None) -> None:
+    from lifecycle_dagster.ml.lm_head import TRIM_FILE, kept_tokens, trim_lm_head
+    from lifecycle_dagster.ml.models import load_tokenizer
+
+    keep = kept_tokens(load_tokenizer(b.source), texts, frequent)
+    result = trim_lm_head(b.folder, keep, SUPPRESSED_LOGIT)
+    (b.folder / TRIM_FILE).write_text(json.dumps(asdict(result) | {"frequent": frequent}))
+    if log:
+        log(
+            f"lm_head: {b.name} keeps {result.kept} of {result.vocabulary} tokens "
+            f"({len(texts)} train texts' and the first {frequent}); the head reads "
+            f"{result.bytes_after / 1e6:.1f} MB a token instead of {result.bytes_before / 1e6:.1f}"
+        )
 
 
 def suppressed_tokens(model_dir: Path) -> list[int]:

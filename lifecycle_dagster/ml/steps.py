@@ -315,7 +315,7 @@ def onnx_model(
         calibration=[
             r["prompt"] + r["completion"]
             for r in sft_records(uc, read_rows(data / "train.jsonl"), fmt=split.fmt)
-        ][: uc.compression.calibration_prompts],
+        ],
         log=log,
     )
 

@@ -169,3 +169,43 @@ def test_a_re_rounded_export_runs_closer_to_its_model(tiny_base, prompts, runtim
         for name, decoder in decoders.items():
             gaps[name] += float(((decoder.prefill_logits(ids) - ref) ** 2).mean())
     assert gaps["gptq"] < gaps["plain"], gaps
+
+
+def test_a_trimmed_lm_head_keeps_its_tokens_logits_and_never_writes_the_others(
+    tiny_base, prompts, tmp_path
+):
+    """lm_head_tokens: the int4 head keeps the rows of the train texts' tokens and the first ids;
+    their logits are the full head's, the others' are masked, greedy decoding writes only kept
+    tokens, and the head reads fewer bytes."""
+    import json
+    import shutil
+
+    from lifecycle_dagster.ml.export import SUPPRESSED_LOGIT, ExportConfig, export_onnx
+    from lifecycle_dagster.ml.lm_head import TRIM_FILE, kept_tokens, trim_lm_head
+    from lifecycle_dagster.ml.runtimes import GenaiGenerator, OrtDecoder
+
+    tok = load_tokenizer(tiny_base)
+    texts = prompts[:4]
+    config = ExportConfig(variants=["fp32", "int4"], int4_keep_int8="lm_head", int4_gptq=False)
+    full = export_onnx(tiny_base, tmp_path / "full", config).variants["int4"]
+    trimmed = tmp_path / "trimmed"
+    shutil.copytree(full, trimmed)
+    keep = kept_tokens(tok, texts, frequent=16)
+    assert set(range(16)) <= set(keep) and len(keep) < len(tok)
+    result = trim_lm_head(trimmed, keep, SUPPRESSED_LOGIT)
+    assert result.kept == len(keep) and result.bytes_after < result.bytes_before
+    dropped = np.setdiff1d(np.arange(len(tok)), keep)
+    for prompt in prompts[4:]:  # prompts the kept set was not made from
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        a, b = OrtDecoder(full).prefill_logits(ids), OrtDecoder(trimmed).prefill_logits(ids)
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b[:, keep], a[:, keep], atol=1e-4)
+        assert (b[:, dropped] == SUPPRESSED_LOGIT).all()
+        written = GenaiGenerator(trimmed).generate(ids, 12)
+        assert set(written) <= set(keep)
+
+    config = config.model_copy(update={"lm_head_tokens": 16})
+    exported = export_onnx(tiny_base, tmp_path / "config", config, calibration=texts)
+    record = json.loads((exported.variants["int4"] / TRIM_FILE).read_text())
+    assert record["kept"] == len(keep) and record["frequent"] == 16
+    assert not (exported.variants["fp32"] / TRIM_FILE).exists()  # fp32 stays PyTorch's match
