@@ -224,6 +224,7 @@ def compress(
     students: dict[str, Path] | None = None,
     student_variants: Sequence[str] = ("int4",),
     calibration: Sequence[str] = (),
+    prompts: Sequence[str] = (),
     log: Log | None = None,
 ) -> CompressionResult:
     """Export, verify, score on ``split`` (an ``EvalSplit``) with its use case's task kind, and
@@ -234,14 +235,16 @@ def compress(
     against the same PyTorch model and scored alike, so the policy chooses among all of them.
     ``calibration`` (the train examples, prompt and answer) tunes the int4 export where the config
     asks (``int4_awq`` and ``int4_gptq`` on the first ``calibration_prompts``; ``lm_head_tokens``
-    on all).
+    on all, with the tokens the variant writes after the train ``prompts``).
     Writes ``selected.json`` and ``serving.json`` (what a server needs) to ``out_dir``.
     """
     from lifecycle_dagster.ml.models import load_causal_lm, load_tokenizer
 
     uc = split.use_case
     metric = uc.text_metric
-    exported = export_onnx(model_dir, out_dir, config, log=log, calibration=list(calibration))
+    exported = export_onnx(
+        model_dir, out_dir, config, log=log, calibration=list(calibration), prompts=list(prompts)
+    )
     if students:
         exported = export_students(
             students,
@@ -250,6 +253,7 @@ def compress(
             config,
             log=log,
             calibration=list(calibration),
+            prompts=list(prompts),
         )
     threads = runtime.ort_threads
     model, tok = load_causal_lm(model_dir, runtime), load_tokenizer(model_dir)

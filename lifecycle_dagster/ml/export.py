@@ -144,15 +144,20 @@ def export_onnx(
     config: ExportConfig,
     log: Log | None = None,
     calibration: list[str] | None = None,
+    prompts: list[str] | None = None,
 ) -> ExportResult:
     """Write one runnable onnxruntime-genai folder per variant under ``out_dir``; int4 calibrated
     on the first ``calibration_prompts`` of ``calibration`` (the use case's train texts) as
-    ``config`` asks (``int4_awq``, ``int4_gptq``), its LM head trimmed to their tokens
-    (``lm_head_tokens``)."""
+    ``config`` asks (``int4_awq``, ``int4_gptq``), its LM head trimmed to their tokens and those
+    it writes after the train ``prompts`` (``lm_head_tokens``)."""
     out_dir = Path(out_dir)
     built = [name for name in config.variants if name != "int8_dynamic"]
     seconds = _export_all(
-        [(model_dir, out_dir / name, name, name) for name in built], config, calibration, log
+        [(model_dir, out_dir / name, name, name) for name in built],
+        config,
+        calibration,
+        log,
+        prompts,
     )
     if "int8_dynamic" in config.variants:  # from the fp32 export, its logits already masked
         start = time.monotonic()
@@ -177,6 +182,7 @@ def export_students(
     config: ExportConfig,
     log: Log | None = None,
     calibration: list[str] | None = None,
+    prompts: list[str] | None = None,
 ) -> ExportResult:
     """Each student model exported in each of ``precisions`` (quantised as ``config`` says) into
     ``exported``'s folder as variant ``<student>_<precision>``, added to ``exported``."""
@@ -185,7 +191,7 @@ def export_students(
         for student, model_dir in students.items()
         for precision in precisions
     ]
-    for name, took in _export_all(specs, config, calibration, log).items():
+    for name, took in _export_all(specs, config, calibration, log, prompts).items():
         exported.variants[name] = exported.path / name
         exported.sizes[name] = onnx_bytes(exported.path / name)
         exported.seconds[name] = took
@@ -197,6 +203,7 @@ def _export_all(
     config: ExportConfig,
     calibration: list[str] | None,
     log: Log | None,
+    prompts: list[str] | None = None,
 ) -> dict[str, float]:
     """Each (model directory, folder, variant name, precision) exported: planned, built in one
     model-builder process, finished. Returns seconds per variant."""
@@ -207,7 +214,7 @@ def _export_all(
         ]
         seconds = _build_all(builds, log)
         for b in builds:
-            seconds[b.name] += _finish(b, config, calibration, log)
+            seconds[b.name] += _finish(b, config, calibration, log, prompts)
     return seconds
 
 
@@ -261,7 +268,13 @@ def _plan(
     )
 
 
-def _finish(b: _Build, config: ExportConfig, texts: list[str] | None, log: Log | None) -> float:
+def _finish(
+    b: _Build,
+    config: ExportConfig,
+    texts: list[str] | None,
+    log: Log | None,
+    prompts: list[str] | None = None,
+) -> float:
     """What follows the builder for one variant: GPTQ, the LM head's trim, the logit mask, the
     tokenizer's decoder. Returns the seconds it took."""
     start = time.monotonic()
@@ -274,24 +287,30 @@ def _finish(b: _Build, config: ExportConfig, texts: list[str] | None, log: Log |
             if log:
                 log(f"gptq: skipped, the export keeps nearest rounding: {e}")
     if b.trim:
-        _trim_head(b, texts or [], config.lm_head_tokens or 0, log)
+        _trim_head(b, texts or [], prompts or [], config.lm_head_tokens or 0, log)
     if b.suppressed:
         _mask_logits(b.folder, b.suppressed)
     _plain_bytelevel_decoder(b.folder)
     return time.monotonic() - start
 
 
-def _trim_head(b: _Build, texts: list[str], frequent: int, log: Log | None) -> None:
-    from lifecycle_dagster.ml.lm_head import TRIM_FILE, kept_tokens, trim_lm_head
+def _trim_head(
+    b: _Build, texts: list[str], prompts: list[str], frequent: int, log: Log | None
+) -> None:
+    from lifecycle_dagster.ml.lm_head import TRIM_FILE, kept_tokens, trim_lm_head, written_tokens
     from lifecycle_dagster.ml.models import load_tokenizer
 
-    keep = kept_tokens(load_tokenizer(b.source), texts, frequent)
+    tokenizer = load_tokenizer(b.source)
+    written = written_tokens(b.folder, tokenizer, prompts) if prompts else set()
+    keep = kept_tokens(tokenizer, texts, frequent, written)
     result = trim_lm_head(b.folder, keep, SUPPRESSED_LOGIT)
-    (b.folder / TRIM_FILE).write_text(json.dumps(asdict(result) | {"frequent": frequent}))
+    record = asdict(result) | {"frequent": frequent, "written": len(written)}
+    (b.folder / TRIM_FILE).write_text(json.dumps(record))
     if log:
         log(
             f"lm_head: {b.name} keeps {result.kept} of {result.vocabulary} tokens "
-            f"({len(texts)} train texts' and the first {frequent}); the head reads "
+            f"({len(texts)} train texts', the {len(written)} it writes after train prompts and "
+            f"the first {frequent}); the head reads "
             f"{result.bytes_after / 1e6:.1f} MB a token instead of {result.bytes_before / 1e6:.1f}"
         )
 

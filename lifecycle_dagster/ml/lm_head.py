@@ -5,19 +5,22 @@ keep only the head's rows for those: the tokens of the use case's train texts (p
 a line and as it would follow a space),
 the most frequent ``frequent`` ids of the vocabulary (byte-level BPE numbers its merges in the order
 they were learnt, so the first ids are the bytes and the commonest words: any text stays writable)
-and every special token. The graph then scatters the kept logits back into the full vocabulary,
+every special token, and the tokens the quantised model itself writes, greedy, on the first
+``OWN_PROMPTS`` train prompts (its habits: words no train text holds). The graph then scatters the kept logits back into the full vocabulary,
 the others at ``SUPPRESSED_LOGIT``, so the runtime, the sampler and the server see the same logits
 width as before and never pick a trimmed token.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 HEAD_NODE_PREFIX = "/lm_head/MatMul"
+OWN_PROMPTS = 64
 TRIM_FILE = "lm_head.json"  # in a trimmed variant's folder: what its head kept
 
 
@@ -29,11 +32,29 @@ class TrimResult:
     bytes_after: int
 
 
-def kept_tokens(tokenizer, texts: Sequence[str], frequent: int) -> list[int]:
+def written_tokens(
+    folder: Path, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32
+) -> set:
+    """The ids the ONNX model in ``folder`` writes, greedy, after the first ``OWN_PROMPTS``
+    ``prompts``."""
+    from lifecycle_dagster.ml.runtimes import GenaiGenerator
+
+    generator = GenaiGenerator(Path(folder), max(1, min(4, os.cpu_count() or 1)))
+    written: set[int] = set()
+    for prompt in prompts[:OWN_PROMPTS]:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        written.update(generator.generate(ids, max_new_tokens))
+    return written
+
+
+def kept_tokens(
+    tokenizer, texts: Sequence[str], frequent: int, written: set[int] | None = None
+) -> list[int]:
     """The token ids an export keeps in its LM head: those of ``texts``, the first ``frequent``
-    ids and the tokenizer's special tokens."""
+    ids, the tokenizer's special tokens and ``written`` (``written_tokens``)."""
     vocabulary = len(tokenizer)
     ids = set(range(min(frequent, vocabulary))) | set(tokenizer.all_special_ids)
+    ids |= set(written or ())
     words = set()
     for text in texts:
         ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -286,7 +286,7 @@ def onnx_model(
     so are the pruned and distilled students in ``students`` (a ``distilled_model`` artifact).
     The comparison runs where onnxruntime runs: PyTorch on CPU in fp32."""
     from lifecycle_dagster.ml.compress import compress, serving_manifest
-    from lifecycle_dagster.ml.data import EvalSplit, read_rows, sft_records
+    from lifecycle_dagster.ml.data import EvalSplit, prompts_for, read_rows, sft_records
     from lifecycle_dagster.ml.distill import read_students
     from lifecycle_dagster.ml.retrieval import INDEX_DIR, RETRIEVAL_FILE
     from lifecycle_dagster.ml.reward import load_reward
@@ -294,6 +294,7 @@ def onnx_model(
 
     runtime = select_runtime("cpu", uc.compute.torch_threads, uc.compute.ort_threads)
     split = EvalSplit.read(uc, data, source)
+    train = read_rows(data / "train.jsonl")
     retrieval = None
     if (data / INDEX_DIR).is_dir():  # the export carries the index its prompts were made from
         shutil.copytree(data / INDEX_DIR, Path(out) / INDEX_DIR)
@@ -312,10 +313,8 @@ def onnx_model(
         students=read_students(students, source_id, log) if students else {},
         student_variants=uc.distillation.export,
         # train prompts with their reference answers: the tokens a served model reads and writes
-        calibration=[
-            r["prompt"] + r["completion"]
-            for r in sft_records(uc, read_rows(data / "train.jsonl"), fmt=split.fmt)
-        ],
+        calibration=[r["prompt"] + r["completion"] for r in sft_records(uc, train, fmt=split.fmt)],
+        prompts=prompts_for(uc, train, fmt=split.fmt),
         log=log,
     )
 

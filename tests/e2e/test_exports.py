@@ -174,14 +174,14 @@ def test_a_re_rounded_export_runs_closer_to_its_model(tiny_base, prompts, runtim
 def test_a_trimmed_lm_head_keeps_its_tokens_logits_and_never_writes_the_others(
     tiny_base, prompts, tmp_path
 ):
-    """lm_head_tokens: the int4 head keeps the rows of the train texts' tokens and the first ids;
-    their logits are the full head's, the others' are masked, greedy decoding writes only kept
-    tokens, and the head reads fewer bytes."""
+    """lm_head_tokens: the int4 head keeps the rows of the train texts' tokens, the first ids and
+    what the model writes after train prompts; their logits are the full head's, the others' are
+    masked, greedy decoding writes only kept tokens, and the head reads fewer bytes."""
     import json
     import shutil
 
     from lifecycle_dagster.ml.export import SUPPRESSED_LOGIT, ExportConfig, export_onnx
-    from lifecycle_dagster.ml.lm_head import TRIM_FILE, kept_tokens, trim_lm_head
+    from lifecycle_dagster.ml.lm_head import TRIM_FILE, kept_tokens, trim_lm_head, written_tokens
     from lifecycle_dagster.ml.runtimes import GenaiGenerator, OrtDecoder
 
     tok = load_tokenizer(tiny_base)
@@ -204,8 +204,18 @@ def test_a_trimmed_lm_head_keeps_its_tokens_logits_and_never_writes_the_others(
         written = GenaiGenerator(trimmed).generate(ids, 12)
         assert set(written) <= set(keep)
 
+    # Through the config, with what the int4 model writes after train prompts kept too.
+    written = written_tokens(full, tok, prompts[:4])
+    assert written
     config = config.model_copy(update={"lm_head_tokens": 16})
-    exported = export_onnx(tiny_base, tmp_path / "config", config, calibration=texts)
+    exported = export_onnx(
+        tiny_base, tmp_path / "config", config, calibration=texts, prompts=prompts[:4]
+    )
     record = json.loads((exported.variants["int4"] / TRIM_FILE).read_text())
-    assert record["kept"] == len(keep) and record["frequent"] == 16
+    assert record["kept"] == len(set(keep) | written) and record["frequent"] == 16
+    assert record["written"] == len(written)
+    for prompt in prompts[:4]:  # after those prompts it writes what it wrote untrimmed
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        untrimmed = GenaiGenerator(full).generate(ids, 32)
+        assert GenaiGenerator(exported.variants["int4"]).generate(ids, 32) == untrimmed
     assert not (exported.variants["fp32"] / TRIM_FILE).exists()  # fp32 stays PyTorch's match
