@@ -101,9 +101,10 @@ class ExportConfig(Tunables):
     lm_head_tokens: int | None = Field(
         None,
         gt=0,
-        description="int4: keep only the LM head rows of the use case's train tokens, the "
-        "special tokens and this many of the vocabulary's first (most frequent) ids; the "
-        "others are never generated (ml.lm_head). None keeps the whole vocabulary.",
+        description="int4: keep only the LM head rows of the use case's train tokens, those "
+        "the variant writes after train prompts, the special tokens and this many of the "
+        "vocabulary's first (most frequent) ids; the others are never generated (ml.lm_head). "
+        "None keeps the whole vocabulary.",
     )
 
     @model_validator(mode="before")

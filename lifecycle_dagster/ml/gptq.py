@@ -241,7 +241,7 @@ def refine(model_dir: Path, folder: Path, texts: list[str], log: Log | None = No
             if log and (i + 1) % 8 == 0:
                 log(f"gptq: {i + 1}/{len(layers)} blocks rounded")
     result.error_ratio = after / before if before else 1.0
-    _save(graph, path)
+    save_whole(graph, path)
     (Path(folder) / GPTQ_FILE).write_text(
         json.dumps(
             {
@@ -356,7 +356,7 @@ def _hessians(layer, hidden, kwargs, matrices: list[_Matrix]) -> dict[str, objec
     return {n: sums[n] / counts[n] for n in names}
 
 
-def _save(graph, path: Path) -> None:
+def save_whole(graph, path: Path) -> None:
     """The graph and its weights written whole in a folder beside them, then moved over them."""
     import os
     import shutil

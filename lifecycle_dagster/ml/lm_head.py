@@ -1,19 +1,18 @@
 """The LM head trimmed to the tokens a use case can need. At batch 1 a decoded token reads every
 weight once, and the LM head (vocabulary x hidden) is the largest single matrix: a third of the
 bytes of an int4 SmolLM2. A narrow use case writes few of the vocabulary's tokens, so an export can
-keep only the head's rows for those: the tokens of the use case's train texts (prompts and answers; each word also as it would start
-a line and as it would follow a space),
-the most frequent ``frequent`` ids of the vocabulary (byte-level BPE numbers its merges in the order
-they were learnt, so the first ids are the bytes and the commonest words: any text stays writable)
-every special token, and the tokens the quantised model itself writes, greedy, on the first
-``OWN_PROMPTS`` train prompts (its habits: words no train text holds). The graph then scatters the kept logits back into the full vocabulary,
-the others at ``SUPPRESSED_LOGIT``, so the runtime, the sampler and the server see the same logits
-width as before and never pick a trimmed token.
+keep only the head's rows for those: the tokens of the use case's train texts (prompts and answers;
+each word also as it would start a line and as it would follow a space), the first ``frequent``
+ids of the vocabulary (byte-level BPE numbers its merges in the order they were learnt, so the
+first ids are the bytes and the commonest words: any text stays writable), every special token,
+and the tokens the quantised model itself writes, greedy, after the first ``OWN_PROMPTS`` train
+prompts (its habits: words no train text holds). The graph then scatters the kept logits back into
+the full vocabulary, the others at a fill value (``SUPPRESSED_LOGIT``), so the runtime, the sampler
+and the server see logits of the same width as before and never pick a trimmed token.
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,9 +36,10 @@ def written_tokens(
 ) -> set:
     """The ids the ONNX model in ``folder`` writes, greedy, after the first ``OWN_PROMPTS``
     ``prompts``."""
+    from lifecycle_dagster.ml.runtime import available_cores
     from lifecycle_dagster.ml.runtimes import GenaiGenerator
 
-    generator = GenaiGenerator(Path(folder), max(1, min(4, os.cpu_count() or 1)))
+    generator = GenaiGenerator(Path(folder), available_cores())
     written: set[int] = set()
     for prompt in prompts[:OWN_PROMPTS]:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -73,7 +73,7 @@ def trim_lm_head(folder: Path, keep: Sequence[int], fill: float) -> TrimResult:
     import onnx
     from onnx import helper, numpy_helper
 
-    from lifecycle_dagster.ml.gptq import _save
+    from lifecycle_dagster.ml.gptq import save_whole
 
     path = Path(folder) / "model.onnx"
     model = onnx.load(str(path))
@@ -146,5 +146,5 @@ def trim_lm_head(folder: Path, keep: Sequence[int], fill: float) -> TrimResult:
             ),
         ]
     )
-    _save(model, path)
+    save_whole(model, path)
     return TrimResult(int(rows.size), vocab, before, after)
