@@ -16,7 +16,9 @@ decode rate as a fraction of the bound that bandwidth sets.
 
 Each engine runs in a process of its own (``--worker``): llama.cpp's OpenMP runtime never shares a
 process with PyTorch's, and an engine that crashes is reported and left out while the others are
-measured. Prints a markdown table (and writes it to bench/results/compression.md, the figures to
+measured. Prefill and decode are measured in ``--rounds`` rounds (3), every engine once a round,
+and reported as medians: this machine's speed drifts by 15% and more between minutes, and a
+ratio from one pass can be its drift. Prints a markdown table (and writes it to bench/results/compression.md, the figures to
 compression.json) with ratios from this run. llama.cpp (llama-cpp-python, built from source)
 lives in the bench environment only: the ``$LIFECYCLE_HOME/bench/site`` folder that
 ``make bench-env`` fills; the project never imports it.
@@ -57,6 +59,7 @@ BATCH = 8
 BATCH_PROMPT_TOKENS = 64
 BATCH_DECODE_TOKENS = 32
 ANSWER_TOKENS = 32
+SPEED = ("prefill_ms", "prefill_uc_ms", "decode_b1", "decode_b8")  # measured again each round
 LLAMA_BITS = {
     "q8_0": "int8 (block 32)",
     "q4_0": "int4 (block 32)",
@@ -144,6 +147,9 @@ class Row:
     rouge_l: float = float("nan")
     agreement: float = float("nan")
     deployed: bool = False
+    # each speed figure in every round (SPEED keys), the row's figure being their median
+    rounds: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    worker: dict = field(default_factory=dict, repr=False)  # what measured it: kind and path
     predictions: list[list[int]] = field(default_factory=list, repr=False)
     texts: list[str] = field(default_factory=list, repr=False)
 
@@ -399,6 +405,8 @@ def measure(engine, spec: dict, log) -> dict:
     tokens = engine.greedy(fixed[:16], DECODE_TOKENS, None)
     out["decode_b1"] = len(tokens) / max(time.perf_counter() - t - prefill, 1e-9)
     out["decode_b8"] = BATCH * BATCH_DECODE_TOKENS / engine.batch_decode(batch, BATCH_DECODE_TOKENS)
+    if spec.get("speed_only"):
+        return out
     out["predictions"], seconds = [], []
     for i, ids in enumerate(prompts_ids, 1):
         t = time.perf_counter()
@@ -465,6 +473,9 @@ def main() -> None:
     parser.add_argument("--model", help="HF folder to benchmark (default: the deployed model's)")
     parser.add_argument("--examples", type=int, default=32, help="eval examples for quality")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="speed rounds, every engine once per round"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compression.md"))
     parser.add_argument("--with-dynamic", action="store_true", help="also export int8_dynamic")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -501,6 +512,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=BENCH if BENCH.exists() else None))
     try:
         rows = measure_all(model_dir, artifact, uc, args, common, work, log)
+        more_rounds(rows, common, work, args.rounds, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # GBs of exports and GGUF files
     ref = rows[0]
@@ -521,7 +533,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report + "\n")
-    skip = ("predictions", "texts")
+    skip = ("predictions", "texts", "worker")
     records = [{k: v for k, v in r.__dict__.items() if k not in skip} for r in rows]
     out.with_suffix(".json").write_text(json.dumps(records, indent=2))
     log(f"wrote {out}")
@@ -544,6 +556,8 @@ def measure_all(model_dir: Path, artifact: Path | None, uc, args, common, work, 
             return
         for key, value in figures.items():
             setattr(row, key, value)
+        row.rounds = {k: [figures[k]] for k in SPEED}
+        row.worker = {"kind": kind, "path": str(path), "engine": row.engine}
         rows.append(row)
         log(f"{row.engine}: {row.decode_b1:.1f} tok/s at batch 1, {row.decode_b8:.0f} at batch 8")
 
@@ -583,6 +597,22 @@ def measure_all(model_dir: Path, artifact: Path | None, uc, args, common, work, 
         row.weight_mb_per_token = row.size_mb  # tied embedding: read whole as the LM head
         add(row, "llama", Path(path))
     return rows
+
+
+def more_rounds(rows: list[Row], common, work, rounds: int, log) -> None:
+    """The speed figures of every engine measured ``rounds - 1`` times more, engine after engine
+    in each round, so that a slow spell of the machine falls on all of them; each figure is then
+    the median of its rounds."""
+    for n in range(2, rounds + 1):
+        log(f"speed round {n}/{rounds}")
+        for row in rows:
+            spec = {**common, **row.worker, "speed_only": True}
+            figures = run_worker(work, "again", spec, log)
+            for key in SPEED if figures else ():
+                row.rounds[key].append(figures[key])
+    for row in rows:
+        for key, values in row.rounds.items():
+            setattr(row, key, median(values))
 
 
 def onnx_variants(
@@ -636,7 +666,8 @@ def render(rows: list[Row], bandwidth: float, label: str, args, uc, uc_tokens: i
         deployed = min(fit, key=lambda r: r.size_mb) if fit else None
     notes = [
         "",
-        f"Model: {label}. Each engine in a process of its own, {args.threads} threads each. "
+        f"Model: {label}. Each engine in a process of its own, {args.threads} threads each; "
+        f"prefill and decode are the medians of {args.rounds} rounds, every engine once a round. "
         f"Quality: {len(ref.predictions)} eval prompts (median {uc_tokens} tokens), greedy, up to "
         f"{ANSWER_TOKENS} new tokens; answer ms is the mean time of one. Decode: "
         f"{DECODE_TOKENS} new tokens after a 16-token prompt (b1), {BATCH_DECODE_TOKENS} after "
@@ -660,7 +691,13 @@ def render(rows: list[Row], bandwidth: float, label: str, args, uc, uc_tokens: i
             f"{lc.prefill_uc_ms / deployed.prefill_uc_ms:.2f}x its prefill speed at "
             f"{uc_tokens} tokens, {deployed.weight_mb_per_token / lc.weight_mb_per_token:.2f}x "
             f"its weight bytes per token; ROUGE-L {100 * (deployed.rouge_l - lc.rouge_l):+.2f} "
-            f"pts against it ({lc.engine} is {'within' if within(lc) else 'outside'} the budget)."
+            f"pts against it ({lc.engine} is {'within' if within(lc) else 'outside'} the budget). "
+            "Batch-1 ratio round by round: "
+            + ", ".join(
+                f"{a / b:.2f}x"
+                for a, b in zip(deployed.rounds["decode_b1"], lc.rounds["decode_b1"], strict=False)
+            )
+            + "."
         )
     return "\n".join(lines + notes)
 

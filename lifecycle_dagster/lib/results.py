@@ -221,7 +221,12 @@ def onnx_result(st: Stage, result, source, split) -> dg.MaterializeResult:
             **({f"onnx_{chosen.metric}": chosen.quality, "bytes": chosen.bytes} if chosen else {}),
         },
     )
-    budget = {"max_metric_drop": c.max_metric_drop, "max_reward_drop_pct": c.max_reward_drop_pct}
+    against = "the aligned model (PyTorch)" if result.reference_source == "pytorch" else "fp32"
+    budget = {
+        "max_metric_drop": c.max_metric_drop,
+        "max_reward_drop_pct": c.max_reward_drop_pct,
+        "judged_against": f"{against} on {result.examples} eval rows",
+    }
     within = ", ".join(n for n, r in result.variants.items() if r.within_budget) or "none"
     points = {
         n: {
@@ -242,6 +247,7 @@ def onnx_result(st: Stage, result, source, split) -> dg.MaterializeResult:
         metadata={
             "selected_variant": result.selected or "none",
             "policy": c.policy,
+            "judged_against": budget["judged_against"],
             "registered_model": registered,
             "registered_version": version,
             "source_model": str(source),

@@ -9,7 +9,8 @@ Three gates decide whether the artifact may ship:
   recomputation gives (an export that drops or misaligns its cache fails).
 - the chosen variant is within the quality budget: the use case's primary metric and mean reward on
   the eval split lose at most ``max_metric_drop`` and ``max_reward_drop_pct`` against the aligned
-  model in PyTorch.
+  model in PyTorch (on the evaluation's rows), or against the fp32 export, proven equal to it,
+  when the variants are scored on more rows (``eval_examples``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ class CompressConfig(ExportConfig):
     check_prompts: int = Field(4, gt=0, description="Eval prompts used by the faithfulness check.")
     logits_atol: float = Field(1e-3, gt=0, description="fp32 export: max |logit difference|.")
     max_new_tokens: int = Field(16, gt=0, description="Tokens per faithfulness-check prompt.")
+    eval_examples: int | None = Field(
+        None,
+        gt=0,
+        description="Eval rows every variant is scored on: the first N of the whole split, "
+        "judged against the fp32 export (proven equal to PyTorch) on the same rows. None: the "
+        "evaluation's rows (evaluation.max_examples), judged against its PyTorch scores. A "
+        "1-point budget needs more rows than a quick evaluation scores.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -112,6 +121,10 @@ class CompressionResult:
     cache_in_use: bool
     export_seconds: dict[str, float]
     source_bytes: int = 0  # the PyTorch weights exported (safetensors)
+    # what the drops are measured against: "pytorch" (the evaluation's scores of the aligned
+    # model) or "fp32" (the fp32 export's, on the rows the variants were scored on)
+    reference_source: str = "pytorch"
+    examples: int = 0  # eval rows each variant was scored on
 
     @property
     def deployable(self) -> bool:
@@ -126,6 +139,7 @@ class CompressionResult:
             "torch_tokens_per_s": fp32.faithfulness.torch_tokens_per_s,
             "max_abs_logit_diff_fp32": fp32.faithfulness.max_abs_logit_diff,
             f"reference_{self.metric}": self.reference[self.metric],
+            "scored_examples": self.examples,
             "reference_mean_reward": self.reference.get("mean_reward"),
             **{f"export_seconds_{n}": s for n, s in self.export_seconds.items()},
         }
@@ -229,7 +243,7 @@ def compress(
 ) -> CompressionResult:
     """Export, verify, score on ``split`` (an ``EvalSplit``) with its use case's task kind, and
     select. ``reference`` holds the PyTorch model's primary metric and ``mean_reward`` on the same
-    prompts (from evaluation); without it the fp32 export's scores are the reference.
+    prompts (from evaluation); without it the fp32 export's scores on ``split`` are the reference.
     ``max_new_tokens`` bounds each eval-split generation. ``students`` (name -> a pruned or
     distilled model of the same tokenizer) are exported in ``student_variants`` too, checked
     against the same PyTorch model and scored alike, so the policy chooses among all of them.
@@ -290,9 +304,10 @@ def compress(
                 f"onnx[{name}]: {exported.sizes[name] / 1e6:.1f} MB, {metric} {quality:.4f}, "
                 f"{tps:.1f} tok/s, token agreement {faith.token_agreement:.2f}"
             )
+    reference_source = "pytorch"
     if reference is None or reference.get(metric) is None:
         fp32 = scored["fp32"]
-        reference = {metric: fp32[1], "mean_reward": fp32[2]}
+        reference, reference_source = {metric: fp32[1], "mean_reward": fp32[2]}, "fp32"
     reports = {}
     fp32_scores = per_example_scores(uc, scored["fp32"][4], split.references, metric)
     for name, (faith, quality, mean_reward, tps, preds) in scored.items():
@@ -332,6 +347,8 @@ def compress(
         cache_in_use=all(r.faithfulness.cache_consistent for r in reports.values()),
         export_seconds=exported.seconds,
         source_bytes=sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")),
+        reference_source=reference_source,
+        examples=len(split.rows),
     )
     (Path(out_dir) / SELECTED_FILE).write_text(
         json.dumps(
@@ -340,6 +357,8 @@ def compress(
                 "policy": result.policy,
                 "metric": metric,
                 "reference": reference,
+                "reference_source": reference_source,
+                "examples": len(split.rows),
                 "variants": {n: r.row() for n, r in reports.items()},
                 "descriptions": {n: describe(n) for n in reports},
             },
@@ -358,6 +377,12 @@ def compress(
     if serving is not None:
         (Path(out_dir) / SERVING_FILE).write_text(json.dumps(serving, indent=2))
     return result
+
+
+def scored_split(split, config: CompressConfig):
+    """The rows every variant is scored on (an ``EvalSplit``): the evaluation's ``split``, or the
+    first ``config.eval_examples`` of the whole split."""
+    return split.first(config.eval_examples) if config.eval_examples else split
 
 
 def serving_manifest(uc, source_model: Path, fmt=None, retrieval: dict | None = None) -> dict:

@@ -248,6 +248,8 @@ def _plan(
     """How variant ``name`` is built; int4 from a copy with activation-aware scales folded in
     (``int4_awq``, made here in ``tmp``) and its codes re-rounded by GPTQ after (``int4_gptq``),
     both on ``calibration``."""
+    if precision == "int4" and config.int4_algorithm == "k_quant":
+        _check_k_quant_blocks(model_dir, config.block_size)
     calibrated = precision == "int4" and bool(calibration)
     awq = calibrated and config.int4_awq
     source = Path(model_dir)
@@ -267,6 +269,21 @@ def _plan(
         suppressed=suppressed_tokens(model_dir),
         trim=precision == "int4" and config.lm_head_tokens is not None,
     )
+
+
+def _check_k_quant_blocks(model_dir: Path, block_size: int) -> None:
+    """onnxruntime's k-quant packs a row's zero points two blocks a byte and fails on an odd
+    number of blocks: refused here, before anything is built, with the settings that work."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    for name in ("hidden_size", "intermediate_size"):
+        blocks = -(-cfg.get(name, 0) // block_size)
+        if blocks % 2:
+            raise ValueError(
+                f"{Path(model_dir) / 'config.json'}: {name} {cfg[name]} is {blocks} blocks of "
+                f"compression.block_size {block_size}, an odd count that "
+                "compression.int4_algorithm k_quant cannot pack: use int4_algorithm rtn (GPTQ-"
+                "rounded by int4_gptq) or a block size that halves the count"
+            )
 
 
 def _finish(

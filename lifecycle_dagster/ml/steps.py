@@ -284,8 +284,10 @@ def onnx_model(
     """``source`` (the candidate the evaluation passed, recorded as ``source_id``) exported to
     ONNX in ``out`` in every variant, each proven against PyTorch and scored on the eval split;
     so are the pruned and distilled students in ``students`` (a ``distilled_model`` artifact).
-    The comparison runs where onnxruntime runs: PyTorch on CPU in fp32."""
-    from lifecycle_dagster.ml.compress import compress, serving_manifest
+    The comparison runs where onnxruntime runs: PyTorch on CPU in fp32. ``reference`` (the
+    evaluation's PyTorch scores) holds for the evaluation's rows only: on others
+    (``compression.eval_examples``) the fp32 export's scores are the reference."""
+    from lifecycle_dagster.ml.compress import compress, scored_split, serving_manifest
     from lifecycle_dagster.ml.data import EvalSplit, prompts_for, read_rows, sft_records
     from lifecycle_dagster.ml.distill import read_students
     from lifecycle_dagster.ml.retrieval import INDEX_DIR, RETRIEVAL_FILE
@@ -293,7 +295,10 @@ def onnx_model(
     from lifecycle_dagster.ml.runtime import select_runtime
 
     runtime = select_runtime("cpu", uc.compute.torch_threads, uc.compute.ort_threads)
-    split = EvalSplit.read(uc, data, source)
+    evaluated = EvalSplit.read(uc, data, source)
+    split = scored_split(evaluated, uc.compression)
+    if split.ids != evaluated.ids:
+        reference = {}
     train = read_rows(data / "train.jsonl")
     retrieval = None
     if (data / INDEX_DIR).is_dir():  # the export carries the index its prompts were made from

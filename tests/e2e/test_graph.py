@@ -204,8 +204,16 @@ def test_onnx_artifact_runs_in_onnxruntime_and_matches(lifecycle_run, instance, 
     assert m["selected_variant"] in {"fp32", "int8", "int4"}
     assert m["max_abs_logit_diff_fp32"] < 1e-3
     assert m["rouge_l_drop"] <= use_case.compression.max_metric_drop + 1e-9
-    assert m["size_ratio"] > 1 and m["onnx_bytes"] < m["pytorch_bytes"]
+    # Scored on the whole split (the evaluation scored its first 48), hence judged against the
+    # fp32 export on the same 80 rows: fp32 loses nothing against itself.
+    assert use_case.evaluation.max_examples < use_case.compression.eval_examples == 80
+    assert m["scored_examples"] == 80 and m["judged_against"] == "fp32 on 80 eval rows"
     selected = json.loads((Path(m["artifact_path"]) / "selected.json").read_text())
+    assert selected["reference_source"] == "fp32" and selected["examples"] == 80
+    assert selected["variants"]["fp32"]["rouge_l_drop"] == 0.0
+    fp32_score = selected["variants"]["fp32"]["rouge_l"]
+    assert m["reference_rouge_l"] == pytest.approx(fp32_score, abs=1e-4)
+    assert m["size_ratio"] > 1 and m["onnx_bytes"] < m["pytorch_bytes"]
     assert set(selected["variants"]) == {"fp32", "int8", "int4"}
     deploy = Path(m["deploy_path"])
     tok = load_tokenizer(Path(meta(instance, "aligned_model")["artifact_path"]) / "model")

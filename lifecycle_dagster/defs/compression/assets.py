@@ -10,6 +10,7 @@ from lifecycle_dagster.lib.k8s import training_op_tags
 from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES, follows_upstream
 from lifecycle_dagster.lib.results import onnx_result, students_result
 from lifecycle_dagster.lib.stage import stage
+from lifecycle_dagster.ml.compress import scored_split
 from lifecycle_dagster.ml.data import EvalSplit
 from lifecycle_dagster.resources.artifacts import ArtifactStore, newest_metadata, resolve
 from lifecycle_dagster.resources.compute import Compute
@@ -137,4 +138,5 @@ def onnx_model(
                     "mean_reward": verdict.get("aligned_mean_reward"),
                 },
             )
-        return onnx_result(st, result, source_id, EvalSplit.read(uc, data, source))
+        split = scored_split(EvalSplit.read(uc, data, source), uc.compression)
+        return onnx_result(st, result, source_id, split)
