@@ -47,6 +47,7 @@ from lifecycle_dagster.ml.data import PromptFormat, load_task_data, prompts_for,
 from lifecycle_dagster.ml.evaluate import clean_completion
 from lifecycle_dagster.ml.export import VARIANTS, export_onnx, onnx_bytes
 from lifecycle_dagster.ml.runtimes import GenaiGenerator
+from lifecycle_dagster.ml.suite import paired_bootstrap
 from lifecycle_dagster.ml.tasks.summarisation import rouge_scores
 from lifecycle_dagster.ml.usecase_loader import load_use_case
 
@@ -152,6 +153,7 @@ class Row:
     rounds: dict[str, list[float]] = field(default_factory=dict, repr=False)
     worker: dict = field(default_factory=dict, repr=False)  # what measured it: kind and path
     predictions: list[list[int]] = field(default_factory=list, repr=False)
+    rouge_each: list[float] = field(default_factory=list, repr=False)  # per eval prompt
     texts: list[str] = field(default_factory=list, repr=False)
 
 
@@ -530,8 +532,8 @@ def main() -> None:
         row.texts = [
             clean_completion(tok.decode(p, skip_special_tokens=True)) for p in row.predictions
         ]
-        scores = rouge_scores(row.texts, refs, ("rouge_l",))["rouge_l"]
-        row.rouge_l = sum(scores) / len(scores)
+        row.rouge_each = rouge_scores(row.texts, refs, ("rouge_l",))["rouge_l"]
+        row.rouge_l = sum(row.rouge_each) / len(row.rouge_each)
         same = total = 0
         for a, b in zip(ref.predictions, row.predictions, strict=True):
             same += sum(1 for x, y in zip(a, b, strict=False) if x == y)
@@ -543,7 +545,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report + "\n")
-    skip = ("predictions", "texts", "worker")
+    skip = ("predictions", "texts", "worker", "rouge_each")
     records = [{k: v for k, v in r.__dict__.items() if k not in skip} for r in rows]
     out.with_suffix(".json").write_text(json.dumps(records, indent=2))
     log(f"wrote {out}")
@@ -695,20 +697,24 @@ def render(rows: list[Row], bandwidth: float, label: str, args, uc, uc_tokens: i
         f"smaller, ROUGE-L {100 * (deployed.rouge_l - ref.rouge_l):+.2f} pts "
         f"(budget -{100 * budget.max_metric_drop:g})."
     )
+
+    def per_round(key: str, lc: Row) -> str:
+        pairs = zip(deployed.rounds[key], lc.rounds[key], strict=False)
+        return ", ".join(f"{a / b:.2f}x" for a, b in pairs)
+
     for lc in (r for r in rows if r.engine.startswith("llama.cpp")):
+        paired = paired_bootstrap(
+            dict(enumerate(deployed.rouge_each)), dict(enumerate(lc.rouge_each)), "rouge_l"
+        )
         notes.append(
             f"Against {lc.engine}: {deployed.decode_b1 / lc.decode_b1:.2f}x its batch-1 decode, "
             f"{deployed.decode_b8 / lc.decode_b8:.2f}x its batch-8 decode, "
             f"{lc.prefill_uc_ms / deployed.prefill_uc_ms:.2f}x its prefill speed at "
             f"{uc_tokens} tokens, {deployed.weight_mb_per_token / lc.weight_mb_per_token:.2f}x "
             f"its weight bytes per token; ROUGE-L {100 * (deployed.rouge_l - lc.rouge_l):+.2f} "
-            f"pts against it ({lc.engine} is {'within' if within(lc) else 'outside'} the budget). "
-            "Batch-1 ratio round by round: "
-            + ", ".join(
-                f"{a / b:.2f}x"
-                for a, b in zip(deployed.rounds["decode_b1"], lc.rounds["decode_b1"], strict=False)
-            )
-            + "."
+            f"pts against it (95% interval {100 * paired.low:+.2f} to {100 * paired.high:+.2f}; "
+            f"{lc.engine} is {'within' if within(lc) else 'outside'} the budget). Round by round: "
+            f"batch 1 {per_round('decode_b1', lc)}; batch 8 {per_round('decode_b8', lc)}."
         )
     return "\n".join(lines + notes)
 
