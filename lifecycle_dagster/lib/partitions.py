@@ -1,6 +1,8 @@
 """The experiment's coordinates: one partition per use case, the run tags of an attempt, and the
 automation condition every downstream asset follows. Light: sensors import it (no torch, no ml/)."""
 
+import warnings
+
 import dagster as dg
 
 ATTEMPT_TAG = "lifecycle/attempt"
@@ -16,6 +18,17 @@ OWNERS = ["team:ml-platform"]
 # when a use case is first launched (`lifecycle run`, or "Add partition" in the UI); attempts
 # within it are runs tagged with ATTEMPT_TAG.
 USE_CASES = dg.DynamicPartitionsDefinition(name="use_cases")
+
+
+def use_case_check(name: str, asset: str, **kwargs) -> dg.AssetCheckSpec:
+    """A check of a use case's asset, recorded and judged per use case (partition). A check
+    without partitions has one latest result for every use case: two use cases writing the same
+    asset side by side then read each other's result, so one's failed gate could let the other's
+    graph run on, and one's passed gate could stop the other's for good. (Partitioned checks are a
+    Dagster preview: its warning is silenced here, the one place they are made.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return dg.AssetCheckSpec(name, asset=asset, partitions_def=USE_CASES, **kwargs)
 
 
 # Downstream of the data: re-run when an upstream asset is updated (new data, a new base model),

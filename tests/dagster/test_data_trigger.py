@@ -110,45 +110,60 @@ def test_a_changed_document_rebuilds_the_index_and_the_task_data(tmp_path, insta
     assert "docs changed" in request.tags["lifecycle/reason"]
 
 
-def _materialize(instance, key: str, checks: dict[str, bool] | None = None) -> None:
-    """A materialization of ``key`` (partition UC) and its check results, as one run would record
-    them. Each call gets its own run id: the event log keys check executions by run and partition,
-    so runless partitioned check results would collide."""
+def _materialize(instance, key: str, checks: dict[str, bool] | None = None, uc: str = UC) -> None:
+    """A materialization of ``key`` (partition ``uc``) and its check results, as one run would
+    record them: each check names the materialization it judged, which is how the event log
+    tells a partition's current check result from a stale one."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData,
+    )
     from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
+    from dagster._core.storage.event_log.base import AssetRecordsFilter
 
     run_id = str(uuid.uuid4())
-    events = [
-        (
-            DagsterEventType.ASSET_MATERIALIZATION,
-            StepMaterializationData(dg.AssetMaterialization(asset_key=key, partition=UC)),
-        )
-    ]
-    for name, passed in (checks or {}).items():
-        evaluation = dg.AssetCheckEvaluation(
-            asset_key=dg.AssetKey(key),
-            check_name=name,
-            partition=UC,
-            passed=passed,
-            severity=dg.AssetCheckSeverity.ERROR,
-        )
-        events.append((DagsterEventType.ASSET_CHECK_EVALUATION, evaluation))
-    for kind, data in events:
+
+    def report(kind: DagsterEventType, data) -> None:
         instance.report_dagster_event(
             DagsterEvent(event_type_value=kind.value, event_specific_data=data, job_name="test"),
             run_id=run_id,
         )
 
+    materialization = dg.AssetMaterialization(asset_key=key, partition=uc)
+    report(DagsterEventType.ASSET_MATERIALIZATION, StepMaterializationData(materialization))
+    (record,) = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[uc]), limit=1
+    ).records
+    target = AssetCheckEvaluationTargetMaterializationData(
+        storage_id=record.storage_id, run_id=run_id, timestamp=record.timestamp
+    )
+    for name, passed in (checks or {}).items():
+        evaluation = dg.AssetCheckEvaluation(
+            asset_key=dg.AssetKey(key),
+            check_name=name,
+            partition=uc,
+            passed=passed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            target_materialization_data=target,
+        )
+        report(DagsterEventType.ASSET_CHECK_EVALUATION, evaluation)
 
-def test_new_dataset_carries_down_the_graph_but_not_past_a_failed_gate(instance):
-    d = defs()
+
+def _blocking_checks(d) -> dict[str, dict[str, bool]]:
+    """Each asset's blocking checks, all passing."""
     graph = d.resolve_asset_graph()
-    blocking = {}
-    for key in graph.get_all_asset_keys():
-        blocking[key.to_user_string()] = {
+    return {
+        key.to_user_string(): {
             c.name: True
             for c in graph.asset_check_keys
             if c.asset_key == key and graph.get_check_spec(c).blocking
         }
+        for key in graph.get_all_asset_keys()
+    }
+
+
+def test_new_dataset_carries_down_the_graph_but_not_past_a_failed_gate(instance):
+    d = defs()
+    blocking = _blocking_checks(d)
     order = [
         "use_case",
         "task_dataset",
@@ -189,3 +204,29 @@ def test_new_dataset_carries_down_the_graph_but_not_past_a_failed_gate(instance)
     gated = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=settled.cursor)
     for key in ("onnx_model", "champion_model", "lifecycle_report"):
         assert gated.get_num_requested(dg.AssetKey(key)) == 0, key
+
+
+def test_one_use_cases_gate_neither_blocks_nor_opens_another_use_cases_graph(instance):
+    """Two use cases write their datasets side by side; one dataset fails its blocking leakage
+    check, the other passes, and the other's check lands last. Checks are judged per use case
+    (partition): the passing use case's graph carries on, the failing one's stops at the gate,
+    whichever order the results arrived in."""
+    d = defs()
+    blocking = _blocking_checks(d)
+    other = "dialogue_intent"
+    instance.add_dynamic_partitions("use_cases", [other])
+    for uc in (UC, other):
+        for key in ["use_case", "task_dataset", "preference_dataset", "base_model", *DOWNSTREAM]:
+            _materialize(instance, key, blocking[key], uc=uc)
+    quiet = dg.evaluate_automation_conditions(defs=d, instance=instance)
+    assert quiet.total_requested == 0
+
+    leaked = {**blocking["task_dataset"], "no_train_eval_leakage": False}
+    _materialize(instance, "task_dataset", leaked, uc=UC)
+    _materialize(instance, "task_dataset", blocking["task_dataset"], uc=other)
+    result = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=quiet.cursor)
+    requested = {
+        key: {k for k in result.get_requested_partitions(dg.AssetKey(key))} for key in DOWNSTREAM
+    }
+    assert requested["prompt_baseline"] == {other}, requested
+    assert all(UC not in partitions for partitions in requested.values()), requested

@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from lifecycle_dagster.lib.k8s import training_op_tags
-from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES, follows_upstream
+from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES, follows_upstream, use_case_check
 from lifecycle_dagster.lib.results import onnx_result, students_result
 from lifecycle_dagster.lib.stage import stage
 from lifecycle_dagster.ml.compress import scored_split
@@ -56,7 +56,7 @@ def passed_candidate(context, asset: str) -> tuple[dict, str, Path]:
     pool="train",
     op_tags=training_op_tags(),
     check_specs=[
-        dg.AssetCheckSpec(
+        use_case_check(
             "students_learn",
             asset="distilled_model",
             description="Every student ends closer to the teacher than it began: its KL "
@@ -103,7 +103,7 @@ def distilled_model(
     pool="train",
     op_tags=training_op_tags(),  # its pod on Kubernetes: GPU limit, placement, secrets
     check_specs=[
-        dg.AssetCheckSpec(name, asset="onnx_model", blocking=True, description=text)
+        use_case_check(name, asset="onnx_model", blocking=True, description=text)
         for name, text in CHECKS.items()
     ],
 )

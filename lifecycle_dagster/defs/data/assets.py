@@ -9,7 +9,7 @@ import shutil
 import dagster as dg
 
 from lifecycle_dagster import settings
-from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES
+from lifecycle_dagster.lib.partitions import OWNERS, USE_CASES, use_case_check
 from lifecycle_dagster.lib.render import table
 from lifecycle_dagster.lib.results import check
 from lifecycle_dagster.lib.stage import stage
@@ -157,19 +157,19 @@ def recall_check(uc, retrieval: dict) -> dg.AssetCheckResult:
     code_version="3",
     deps=["use_case", "knowledge_index"],
     check_specs=[
-        dg.AssetCheckSpec(
+        use_case_check(
             "no_train_eval_leakage",
             asset="task_dataset",
             blocking=True,
             description="No eval input also occurs in the train split.",
         ),
-        dg.AssetCheckSpec(
+        use_case_check(
             "retrieval_finds_answers",
             asset="task_dataset",
             description="Where the rows name the document that answers them, the eval rows' "
             "passages include it at least as often as retrieval.min_recall (recall@k).",
         ),
-        dg.AssetCheckSpec(
+        use_case_check(
             "no_near_duplicates",
             asset="task_dataset",
             description="No eval input matches a train input once normalised (case, punctuation, "
@@ -234,19 +234,19 @@ def task_dataset(
     code_version="2",
     deps=["use_case", "knowledge_index", "user_feedback"],
     check_specs=[
-        dg.AssetCheckSpec(
+        use_case_check(
             "pairs_are_distinct",
             asset="preference_dataset",
             blocking=True,
             description="In every pair the chosen and rejected responses differ.",
         ),
-        dg.AssetCheckSpec(
+        use_case_check(
             "no_task_eval_in_pairs",
             asset="preference_dataset",
             blocking=True,
             description="No task eval input is a preference training prompt (reward leakage).",
         ),
-        dg.AssetCheckSpec(
+        use_case_check(
             "no_train_eval_leakage",
             asset="preference_dataset",
             blocking=True,

@@ -6,7 +6,7 @@ import time
 import dagster as dg
 
 from lifecycle_dagster.lib.k8s import training_op_tags
-from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES
+from lifecycle_dagster.lib.partitions import FOLLOWS_UPSTREAM, OWNERS, USE_CASES, use_case_check
 from lifecycle_dagster.lib.results import evaluation_result, genai_evaluation
 from lifecycle_dagster.lib.stage import attempt_of, attempt_started_at, stage
 from lifecycle_dagster.ml.data import EvalSplit, read_rows
@@ -98,9 +98,7 @@ def trained_with(uc, sft_meta: dict) -> SFTMethodConfig:
     pool="train",
     op_tags=training_op_tags(),  # its pod on Kubernetes: GPU limit, placement, secrets
     check_specs=[
-        dg.AssetCheckSpec(
-            name, asset="evaluation", blocking=name == "meets_thresholds", description=d
-        )
+        use_case_check(name, asset="evaluation", blocking=name == "meets_thresholds", description=d)
         for name, d in CHECKS.items()
     ],
 )
