@@ -617,9 +617,9 @@ def more_rounds(rows: list[Row], common, work, rounds: int, log) -> None:
     the median of its rounds."""
     for n in range(2, rounds + 1):
         log(f"speed round {n}/{rounds}")
-        for row in rows:
+        for i, row in enumerate(rows):
             spec = {**common, **row.worker, "speed_only": True}
-            figures = run_worker(work, "again", spec, log)
+            figures = run_worker(work, f"round{n}-engine{i}", spec, log)
             for key in SPEED if figures else ():
                 row.rounds[key].append(figures[key])
     for row in rows:
