@@ -85,7 +85,12 @@ def test_instance_configs_validate_against_dagster_and_keep_the_ui_quiet(
 
 def test_production_instance_keeps_everything_in_postgresql_with_credentials_from_env():
     config = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
-    db = config["storage"]["postgres"]["postgres_db"]
+    storage = config["storage"]["custom"]  # dagster-postgres's, pool claims serialised
+    assert (storage["module"], storage["class"]) == (
+        "lifecycle_dagster.lib.pg_storage",
+        "SerialClaimPostgresStorage",
+    )
+    db = storage["config"]["postgres_db"]
     for field in ("hostname", "port", "db_name", "username", "password"):
         assert set(db[field]) == {"env"}, field  # every connection field from the environment
     assert db["scheme"] == "postgresql+psycopg2"  # the driver dagster-postgres depends on
