@@ -185,6 +185,8 @@ def trainer_kwargs(
         "report_to": "none",
         "seed": seed,
         "bf16": runtime.bf16,
+        # trl turns it on by default; the runtime decides (compute.activation_checkpointing).
+        "activation_checkpointing": runtime.activation_checkpointing,
         "use_cpu": runtime.device == "cpu",
         "disable_tqdm": True,
         "dataloader_num_workers": 0,

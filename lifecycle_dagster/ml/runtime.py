@@ -12,6 +12,9 @@ class Runtime:
     dtype: str  # "float32" or "bfloat16"
     torch_threads: int
     ort_threads: int
+    # Recompute activations in the backward pass instead of keeping them: less memory, about a
+    # fifth more compute (``select_runtime`` resolves "auto").
+    activation_checkpointing: bool = False
 
     @property
     def bf16(self) -> bool:
@@ -29,9 +32,12 @@ class RuntimeRequest:
     device: str = "auto"
     torch_threads: int | None = None
     ort_threads: int | None = None
+    activation_checkpointing: str = "auto"
 
     def resolve(self) -> Runtime:
-        return select_runtime(self.device, self.torch_threads, self.ort_threads)
+        return select_runtime(
+            self.device, self.torch_threads, self.ort_threads, self.activation_checkpointing
+        )
 
 
 def available_cores() -> int:
@@ -46,12 +52,17 @@ def available_cores() -> int:
 
 
 def select_runtime(
-    device: str = "auto", torch_threads: int | None = None, ort_threads: int | None = None
+    device: str = "auto",
+    torch_threads: int | None = None,
+    ort_threads: int | None = None,
+    activation_checkpointing: str = "auto",
 ) -> Runtime:
     """CUDA when present (bf16 where supported), Apple MPS next, else CPU; threads set explicitly.
 
     On small hosts torch and onnxruntime threads fight each other, so both counts are set here and
     applied once (torch.set_num_threads) rather than left to each library's default.
+    Activation checkpointing "auto" is on for an accelerator (its memory is what runs out) and
+    off on CPU (its compute is: checkpointing made the demo's training steps a fifth slower).
     """
     import torch
 
@@ -70,4 +81,17 @@ def select_runtime(
     ort_threads = ort_threads or cores
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
-    return Runtime(device=device, dtype=dtype, torch_threads=torch_threads, ort_threads=ort_threads)
+    if activation_checkpointing not in ("auto", "on", "off"):
+        raise ValueError(
+            f"compute.activation_checkpointing is {activation_checkpointing!r}: auto, on or off"
+        )
+    checkpointing = (
+        device != "cpu" if activation_checkpointing == "auto" else activation_checkpointing == "on"
+    )
+    return Runtime(
+        device=device,
+        dtype=dtype,
+        torch_threads=torch_threads,
+        ort_threads=ort_threads,
+        activation_checkpointing=checkpointing,
+    )

@@ -22,6 +22,7 @@ class Compute(dg.ConfigurableResource):
             device,
             self.torch_threads or (spec.torch_threads if spec else None),
             self.ort_threads or (spec.ort_threads if spec else None),
+            spec.activation_checkpointing if spec else "auto",
         )
 
     def runtime(self, spec=None) -> Runtime:
