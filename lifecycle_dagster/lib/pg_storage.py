@@ -18,7 +18,6 @@ from contextlib import contextmanager
 
 import sqlalchemy as db
 from dagster._core.storage.base_storage import DagsterStorage
-from dagster._core.storage.config import pg_config
 from dagster._serdes import ConfigurableClassData
 from dagster_postgres import (
     DagsterPostgresStorage,
@@ -97,10 +96,6 @@ class SerialClaimPostgresStorage(DagsterPostgresStorage):
             postgres_url, should_autocreate_tables, token_provider=token_provider
         )
         DagsterStorage.__init__(self)
-
-    @classmethod
-    def config_type(cls):
-        return pg_config()
 
     @classmethod
     def from_config_value(cls, inst_data, config_value):

@@ -12,8 +12,8 @@ class Runtime:
     dtype: str  # "float32" or "bfloat16"
     torch_threads: int
     ort_threads: int
-    # Recompute activations in the backward pass instead of keeping them: less memory, about a
-    # fifth more compute (``select_runtime`` resolves "auto").
+    # Recompute activations in the backward pass instead of keeping them: less memory, more
+    # compute (``select_runtime`` resolves "auto").
     activation_checkpointing: bool = False
 
     @property
@@ -62,7 +62,7 @@ def select_runtime(
     On small hosts torch and onnxruntime threads fight each other, so both counts are set here and
     applied once (torch.set_num_threads) rather than left to each library's default.
     Activation checkpointing "auto" is on for an accelerator (its memory is what runs out) and
-    off on CPU (its compute is: checkpointing made the demo's training steps a fifth slower).
+    off on CPU (its compute is: checkpointing made the demo's LoRA steps take 1.5x as long).
     """
     import torch
 

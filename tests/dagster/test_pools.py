@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import threading
 import uuid
-from pathlib import Path
 
 import dagster as dg
 import pytest
-from servers import Postgres
+from servers import ROOT, Postgres
 
 from lifecycle_dagster.lib.pg_storage import SerialClaimEventLogStorage, SerialClaimPostgresStorage
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKERS, ROUNDS = 8, 10
 
 
